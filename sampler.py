@@ -1,0 +1,126 @@
+"""SD v1's noise schedule, the edit-friendly DDPM inversion and the batched modulation sampler.
+
+EmerDiff (Sec. 3.3 of the paper) regenerates the image from a noised latent many times, each time
+with a small offset added to one attention layer at the first step, and compares the results. To
+make the unmodulated regeneration reproduce the image exactly, the noise of every DDPM step is
+taken from the edit-friendly DDPM inversion of Huberman-Spiegelglas et al. (CVPR 2024):
+`invert` finds noise maps z_t such that the stochastic sampler `regenerate` walks back to x0.
+
+All scheduler arithmetic is fp32 whatever the model's dtype; the UNet sees its own dtype.
+"""
+import torch
+
+from unet import MODULATED_LAYER, AttentionHooks
+
+TRAIN_STEPS = 1000
+
+
+def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """alpha_bar_t for t = 0..999 of SD's "scaled linear" schedule: betas linear in sqrt space."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, TRAIN_STEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+ALPHAS_CUMPROD = alphas_cumprod()
+
+
+def timestep_grid(steps: int = 50) -> list[int]:
+    """The `steps`-step grid with "leading" spacing and offset 1, descending (50: 981, 961, ..., 1)."""
+    ratio = TRAIN_STEPS // steps
+    return [i * ratio + 1 for i in reversed(range(steps))]
+
+
+def alpha_bars(timesteps: list[int]) -> list[tuple[float, float]]:
+    """(alpha_bar_t, alpha_bar_prev) for each step of a descending run of grid timesteps ending
+    at t = 1. The previous timestep is the next one in the run; after t = 1 it is alphas_cumprod[0]
+    (SD v1 does not set the final alpha_bar to one)."""
+    ab = ALPHAS_CUMPROD
+    return [(ab[t].item(), ab[t_prev].item()) for t, t_prev in zip(timesteps, [*timesteps[1:], 0])]
+
+
+def ddpm_mean(x_t, eps, alpha_bar, alpha_bar_prev):
+    """mu_t and sigma_t of the eta = 1 DDPM step x_{t-1} = mu_t + sigma_t z (DDIM's Eq. 12 form)."""
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+    x0_hat = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+    mu = alpha_bar_prev ** 0.5 * x0_hat + (1 - alpha_bar_prev - variance) ** 0.5 * eps
+    return mu, variance ** 0.5
+
+
+def predict_noise(unet, x, t, context, hooks, step):
+    """One UNet call in the model's dtype; fp32 noise back. Hooks learn the step index first."""
+    if hooks is not None:
+        hooks.step = step
+    dtype = next(unet.parameters()).dtype
+    return unet(x.to(dtype), t, context.to(dtype), hooks).float()
+
+
+@torch.no_grad()
+def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=None, hooks=None):
+    """Edit-friendly DDPM inversion of latent x0 (1, 4, h, w) from t = `until` down to 1.
+
+    Returns (timesteps, x_start, zs): the grid timesteps from `until` to 1, the latent x_until and
+    the noise maps (len(timesteps), 1, 4, h, w). Each x_t is drawn independently around x0; then
+    z_t = (x_{t-1} - mu_t(x_t)) / sigma_t. Only those steps call the UNet (15 for the defaults).
+    """
+    timesteps = [t for t in timestep_grid(steps) if t <= until]
+    if timesteps[0] != until:
+        raise ValueError(f"t = {until} is not on the {steps}-step grid (it holds 1, "
+                         f"{1 + TRAIN_STEPS // steps}, ...); pick a timestep on it")
+    x0 = x0.float()
+    device = generator.device if generator is not None else x0.device
+    xs = [ALPHAS_CUMPROD[t].item() ** 0.5 * x0 + (1 - ALPHAS_CUMPROD[t].item()) ** 0.5
+          * torch.randn(x0.shape, generator=generator, device=device).to(x0.device) for t in timesteps]
+    xs.append(x0)  # x_{t-1} after the last step (t = 1) is x0 itself
+    x, zs = xs[0], []
+    for i, (t, (ab, ab_prev)) in enumerate(zip(timesteps, alpha_bars(timesteps))):
+        mu, sigma = ddpm_mean(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
+        zs.append((xs[i + 1] - mu) / sigma)
+        x = mu + sigma * zs[-1]  # equals xs[i + 1] up to rounding; the regeneration computes the same
+    return timesteps, xs[0], torch.stack(zs)
+
+
+@torch.no_grad()
+def regenerate(unet, x_start, zs, timesteps, context, *, hooks=None):
+    """The stochastic DDPM sampler with stored noise: x_{t-1} = mu_t(x_t) + sigma_t z_t.
+
+    x_start may carry a batch of B runs, or hooks may create one (a per-run offset); all runs
+    share zs (T, 1, 4, h, w) and context by broadcasting. Returns the final latents (B, 4, h, w).
+    """
+    x = x_start.float()
+    for i, (t, (ab, ab_prev)) in enumerate(zip(timesteps, alpha_bars(timesteps))):
+        mu, sigma = ddpm_mean(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
+        x = mu + sigma * zs[i]
+    return x
+
+
+class AttentionRecord(AttentionHooks):
+    """Records the queries and keys of every attention layer at every step (batch 1)."""
+
+    def __init__(self):
+        self.qks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def qk(self, name, q, k):
+        self.qks[self.step, name] = (q, k)
+        return q, k
+
+
+class Modulation(AttentionHooks):
+    """The modulated regeneration's hooks (paper Sec. 3.3, Eq. 5).
+
+    At step 0 (t_m) the modulated layer's output gets `offsets` (B, tokens) added, broadcast over
+    channels: o' = f(softmax(QK^T / sqrt(d)) V) + c M, one run per row. With a `record`, every
+    attention layer at every step uses the recorded queries and keys ("attention injection"),
+    so the modulated images stay aligned with the original.
+    """
+
+    def __init__(self, offsets: torch.Tensor, record: AttentionRecord | None = None,
+                 layer: str = MODULATED_LAYER):
+        self.offsets, self.record, self.layer = offsets, record, layer
+
+    def qk(self, name, q, k):
+        return (q, k) if self.record is None else self.record.qks[self.step, name]
+
+    def out(self, name, o):
+        if self.step == 0 and name == self.layer:
+            return o + self.offsets[:, :, None].to(o.dtype)
+        return o

@@ -1,0 +1,65 @@
+"""Shared test set-up: the project's modules live at the repository's top level."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def _openai_bytes_to_unicode() -> list[str]:
+    """OpenAI CLIP's byte -> unicode table, as the list of its 256 values in vocabulary order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    extra = [b for b in range(256) if b not in bs]
+    return [chr(c) for c in cs] + [chr(256 + n) for n in range(len(extra))]
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_dir(tmp_path_factory):
+    """Folder with the real CLIP `vocab.json` + `merges.txt` (as on the hub's SD v1.5 `tokenizer/`).
+
+    Built from `bpe_simple_vocab_16e6.txt.gz` shipped in the `open_clip_torch` wheel, the way OpenAI's
+    SimpleTokenizer builds its encoder. The package is located without importing it (its import needs
+    torchvision).
+    """
+    import gzip
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("open_clip_torch is not installed: pip install --no-deps open_clip_torch==3.3.0")
+    gz = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(gz.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_symbols = _openai_bytes_to_unicode()
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    out = tmp_path_factory.mktemp("clip_vocab")
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), "utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reference():
+    """The reference implementations' tiny random-weight (unet, vae, text_encoder)."""
+    from tiny_models import tiny_reference_models
+    return tiny_reference_models()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory, clip_vocab_dir, tiny_reference):
+    """A diffusers-layout folder (saved by diffusers/transformers) holding the tiny models."""
+    from tiny_models import save_diffusers_folder
+    return save_diffusers_folder(tmp_path_factory.mktemp("tiny_sd"), clip_vocab_dir, tiny_reference)

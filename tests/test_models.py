@@ -1,0 +1,81 @@
+"""Our UNet, VAE and CLIP text encoder against diffusers/transformers with the same weights."""
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig as RefCLIPConfig
+from transformers import CLIPTextModel as RefCLIPTextModel
+
+from clip_text import CLIPTextConfig, CLIPTextModel
+from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_UNET
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+from weights import config_from_dict, load_stable_diffusion
+
+
+def assert_close(ours, ref, rel=1e-4):
+    """max |ours - ref| <= rel * max |ref| (fp32 parity relative to the output's scale)."""
+    assert ours.shape == ref.shape
+    error, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+    assert scale > 0 and error <= rel * scale, f"max abs error {error:.3g} at output scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_sd_dir):
+    return load_stable_diffusion(tiny_sd_dir)
+
+
+@pytest.mark.parametrize("latent_hw", [(8, 12), (9, 13)])  # non-square; odd sides round up on the way down
+def test_unet_matches_diffusers(ours, tiny_reference, latent_hw):
+    ref = tiny_reference[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, *latent_hw, generator=g)
+    t = torch.tensor([981, 281, 1])
+    context = torch.randn(3, 77, TINY_UNET["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        assert_close(ours.unet(x, t, context), ref(x, t, context).sample)
+        assert_close(ours.unet(x, 21, context), ref(x, 21, context).sample)  # an int timestep
+
+
+def test_vae_matches_diffusers(ours, tiny_reference):
+    ref = tiny_reference[1]
+    image = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        ref_latent = ref.encode(image).latent_dist.mean * ref.config.scaling_factor
+        latent = ours.vae.encode(image)
+        assert_close(latent, ref_latent)
+        assert_close(ours.vae.decode(ref_latent), ref.decode(ref_latent / ref.config.scaling_factor).sample)
+
+
+def test_text_encoder_matches_transformers(ours, tiny_reference):
+    tokens = ours.tokenizer(["", "a photograph of an astronaut riding a horse", "two cats, 3 dogs!"])
+    with torch.no_grad():
+        assert_close(ours.text_encoder(tokens), tiny_reference[2](tokens).last_hidden_state)
+
+
+def layout(model):
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("ref_build, ours_build", [
+    (lambda: UNet2DConditionModel(**SD15_UNET), lambda: UNet(config_from_dict(UNetConfig, SD15_UNET))),
+    (lambda: AutoencoderKL(**SD15_VAE), lambda: VAE(config_from_dict(VAEConfig, SD15_VAE))),
+    (lambda: RefCLIPTextModel(RefCLIPConfig(**SD15_CLIP)), lambda: CLIPTextModel(CLIPTextConfig(**SD15_CLIP))),
+], ids=["unet", "vae", "text_encoder"])
+def test_sd15_layout_is_exactly_the_references(ref_build, ours_build):
+    """At full SD v1.5 size (on the meta device: no memory, no time): same names, same shapes."""
+    with torch.device("meta"):
+        ref, ours = layout(ref_build()), layout(ours_build())
+    ref.pop("text_model.embeddings.position_ids", None)  # a buffer, never in the hub's files
+    if "embeddings.token_embedding.weight" in ref:  # transformers >= 5 drops the hub files' `text_model.`
+        ref = {"text_model." + k: v for k, v in ref.items()}
+    assert sorted(set(ref) - set(ours)) == [] and sorted(set(ours) - set(ref)) == []
+    assert {k: v for k, v in ours.items() if ref[k] != v} == {}
+
+
+def test_sd15_defaults_are_the_hub_configs():
+    assert UNetConfig() == config_from_dict(UNetConfig, SD15_UNET)
+    assert VAEConfig() == config_from_dict(VAEConfig, SD15_VAE)
+    assert CLIPTextConfig() == CLIPTextConfig(**SD15_CLIP)
+    assert dataclasses.asdict(UNetConfig())["attention_head_dim"] == 8
