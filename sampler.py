@@ -55,12 +55,13 @@ def predict_noise(unet, x, t, context, hooks, step):
 
 
 @torch.no_grad()
-def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=None, hooks=None):
+def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=None, hooks=None, progress=iter):
     """Edit-friendly DDPM inversion of latent x0 (1, 4, h, w) from t = `until` down to 1.
 
     Returns (timesteps, x_start, zs): the grid timesteps from `until` to 1, the latent x_until and
     the noise maps (len(timesteps), 1, 4, h, w). Each x_t is drawn independently around x0; then
     z_t = (x_{t-1} - mu_t(x_t)) / sigma_t. Only those steps call the UNet (15 for the defaults).
+    `progress` wraps the step loop (e.g. tqdm).
     """
     timesteps = [t for t in timestep_grid(steps) if t <= until]
     if timesteps[0] != until:
@@ -72,7 +73,7 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
           * torch.randn(x0.shape, generator=generator, device=device).to(x0.device) for t in timesteps]
     xs.append(x0)  # x_{t-1} after the last step (t = 1) is x0 itself
     x, zs = xs[0], []
-    for i, (t, (ab, ab_prev)) in enumerate(zip(timesteps, alpha_bars(timesteps))):
+    for i, (t, (ab, ab_prev)) in progress(list(enumerate(zip(timesteps, alpha_bars(timesteps))))):
         mu, sigma = ddpm_mean(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
         zs.append((xs[i + 1] - mu) / sigma)
         x = mu + sigma * zs[-1]  # equals xs[i + 1] up to rounding; the regeneration computes the same
@@ -105,10 +106,10 @@ class AttentionRecord(AttentionHooks):
 
 
 class Modulation(AttentionHooks):
-    """The modulated regeneration's hooks (paper Sec. 3.3, Eq. 5).
+    """The modulated regeneration's hooks (paper Sec. 3.3).
 
     At step 0 (t_m) the modulated layer's output gets `offsets` (B, tokens) added, broadcast over
-    channels: o' = f(softmax(QK^T / sqrt(d)) V) + c M, one run per row. With a `record`, every
+    channels: f(softmax(QK^T / sqrt(d)) V) + c M, one run per row. With a `record`, every
     attention layer at every step uses the recorded queries and keys ("attention injection"),
     so the modulated images stay aligned with the original.
     """

@@ -1,0 +1,599 @@
+"""EmerDiff: pixel-level semantic segmentation read out of Stable Diffusion, without training.
+
+Namekata, Sabour, Fidler, Kim, "EmerDiff: Emerging Pixel-level Semantic Knowledge in Diffusion
+Models", ICLR 2024 (arXiv 2401.11739). Read top to bottom, this file is the method, one function
+per step of the paper's Sec. 3, in its order:
+
+  Step 0  load_image, encode              the image into SD's latent space
+  Step 1  extract_features, kmeans,       low-resolution masks: k-means on the 16x16 query
+          low_resolution_masks            features of the first up16 cross-attention (Sec. 3.2)
+  Step 2  invert                          edit-friendly DDPM inversion, attention recorded (Sec. 3.3)
+  Step 3  modulated_latents               denoise again with +-lambda added on each mask at t_m (Sec. 3.3)
+  Step 4  difference_maps, assign_labels  ||I- - I+|| per mask, blurred; argmax over masks (Sec. 3.3)
+          segment                         all of it;  main: the command line
+
+Defaults are the paper's (Sec. 4.1) and, where it is silent, the authors' example notebook:
+K = 25 masks, lambda = 10, t_m = 281, t_f = 1, 100 feature draws, 50-step grid, seed 42.
+"""
+import argparse
+import colorsys
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+import sampler
+from sampler import ALPHAS_CUMPROD, AttentionRecord, Modulation, predict_noise, regenerate
+from unet import FEATURE_LAYER, AttentionHooks
+
+LATENT_FACTOR = 8  # image side / latent side (the VAE)
+GRID_FACTOR = 32  # image side / side of the 16x16 ("up16") feature grid
+SIZE_MULTIPLE = 64  # the UNet halves the latent three times: image sides are multiples of 64
+MAX_SIDE = 2048  # an explicit --size beyond this does not fit a GPU
+MAX_MASKS = 256  # labels.png is a palette image
+
+
+class EmerDiffError(Exception):
+    """Bad input to the method; the message is one line that says what to do."""
+
+
+# ---- Step 0: the image in SD's latent space ----
+
+def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Image -> ((1, 3, H, W) in [-1, 1], the input's own (width, height)).
+
+    `image` is a path, a PIL image or a (3, H, W) / (1, 3, H, W) tensor in [0, 1]. Any mode is
+    converted to RGB (alpha over white, 16-bit scaled), EXIF rotation is honoured. The working
+    size H, W is a multiple of 64: by default of area about 512x512 with the input's aspect
+    ratio (the notebook's rule); `size` may also be an int (square) or (width, height).
+    """
+    if isinstance(image, torch.Tensor):
+        pixels = image.float().reshape(-1, *image.shape[-3:])[:1]
+        pil = None
+    else:
+        pil = to_rgb(open_image(image) if isinstance(image, (str, Path)) else image)
+        pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    height, width = pixels.shape[-2:]
+    if min(width, height) < SIZE_MULTIPLE:
+        raise EmerDiffError(f"the image is {width}x{height}: at least {SIZE_MULTIPLE} px per side is needed")
+    target = working_size(width, height, size)
+    if pil is not None:  # Lanczos, as the notebook resizes
+        pixels = torch.from_numpy(np.asarray(pil.resize(target, Image.LANCZOS), dtype=np.float32) / 255)
+        pixels = pixels.permute(2, 0, 1)[None]
+    elif target != (width, height):
+        pixels = F.interpolate(pixels, size=target[::-1], mode="bicubic", antialias=True).clamp(0, 1)
+    return pixels * 2 - 1, (width, height)
+
+
+def open_image(path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise EmerDiffError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise EmerDiffError(f"{path}: not an image that Pillow can read") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise EmerDiffError(f"{path}: cannot decode the image ({e})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any Pillow mode: EXIF rotation applied, alpha composited on white, 16-bit scaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        scale = 1 / 257 if image.mode != "F" else 255
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
+    """(W, H) to run at: multiples of 64; "auto" keeps the aspect ratio at an area of about 512^2."""
+    if size == "auto":
+        scale = math.sqrt(512 * 512 / (width * height))
+        return tuple(max(SIZE_MULTIPLE, -(-int(side * scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE)
+                     for side in (width, height))
+    target = (size, size) if isinstance(size, int) else tuple(size)
+    if any(side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE for side in target):
+        raise EmerDiffError(f"size {target[0]}x{target[1]}: each side must be a multiple of {SIZE_MULTIPLE} "
+                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}")
+    return target
+
+
+def model_device_dtype(sd) -> tuple[torch.device, torch.dtype]:
+    parameter = next(sd.unet.parameters())
+    return parameter.device, parameter.dtype
+
+
+@torch.no_grad()
+def encode(sd, image: torch.Tensor) -> torch.Tensor:
+    """x0 = VAE encoder mean x 0.18215, (1, 4, H/8, W/8) in fp32."""
+    device, dtype = model_device_dtype(sd)
+    return sd.vae.encode(image.to(device, dtype)).float()
+
+
+@torch.no_grad()
+def embed_prompt(sd, prompt: str = "") -> torch.Tensor:
+    """The CLIP embedding (1, 77, 768) of `prompt`; EmerDiff uses the empty prompt everywhere."""
+    device, _ = model_device_dtype(sd)
+    return sd.text_encoder(sd.tokenizer(prompt).to(device))
+
+
+# ---- Step 1: low-resolution masks (Sec. 3.2) ----
+
+class FeatureCapture(AttentionHooks):
+    """Adds up the feature layer's queries over a batch, then stops the UNet: nothing after that
+    layer is needed."""
+
+    class Done(Exception):
+        pass
+
+    def __init__(self, layer: str = FEATURE_LAYER):
+        self.layer, self.total = layer, 0
+
+    def qk(self, name, q, k):
+        if name == self.layer:
+            self.total = self.total + q.float().sum(0)  # (h*w, C)
+            raise FeatureCapture.Done
+        return q, k
+
+
+@torch.no_grad()
+def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None, batch_size: int = 8,
+                     progress: bool = False) -> torch.Tensor:
+    """The mean query vectors (h*w, C) of the feature layer over `samples` noise draws at t_f.
+
+    Each draw is x = sqrt(ab) x0 + sqrt(1 - ab) eps at t_f ("minimum noise", t_f = 1 in the paper)
+    through the UNet with the empty prompt, `batch_size` draws per UNet call.
+    """
+    alpha_bar = ALPHAS_CUMPROD[t_f].item()
+    noise = torch.randn((samples, *x0.shape[1:]), generator=generator).to(x0.device)  # drawn at once: batch-size free
+    context = embed_prompt(sd)
+    capture = FeatureCapture()
+    for start in tqdm(range(0, samples, batch_size), desc="features", disable=not progress, leave=False):
+        x = alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise[start:start + batch_size]
+        try:
+            predict_noise(sd.unet, x, t_f, context, capture, step=0)
+        except FeatureCapture.Done:
+            pass
+    return capture.total / samples
+
+
+def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """||x_n - c_rj||^2 for points x (N, D) and R sets of centers (R, k, D) -> (R, N, k)."""
+    cross = torch.matmul(x, centers.transpose(1, 2))  # (R, N, k)
+    return (x.pow(2).sum(1)[None, :, None] - 2 * cross + centers.pow(2).sum(2)[:, None, :]).clamp_min(0)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, restarts: int, generator=None) -> torch.Tensor:
+    """Greedy k-means++ seeding (scikit-learn's) for `restarts` independent runs at once: (R, k, D).
+
+    The first center is a uniformly drawn point. For each next one, 2 + ln(k) candidates are drawn
+    with probability proportional to their squared distance to the nearest center so far, and the
+    one that lowers the total squared distance most is kept. Random numbers come from the (CPU)
+    generator, so the result is the same on every device.
+    """
+    n, trials = len(x), 2 + int(math.log(k))
+    chosen = torch.randint(n, (restarts,), generator=generator).to(x.device)
+    centers = x[chosen][:, None]  # (R, 1, D)
+    nearest = squared_distances(x, centers)[..., 0]  # (R, N)
+    for _ in range(1, k):
+        cumulative = nearest.double().cumsum(1)
+        u = torch.rand(restarts, trials, generator=generator, dtype=torch.float64).to(x.device)
+        candidates = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).clamp_max(n - 1)  # (R, L)
+        if_chosen = torch.minimum(nearest[:, :, None], squared_distances(x, x[candidates]))  # (R, N, L)
+        best = if_chosen.sum(1).argmin(1)  # (R,)
+        runs = torch.arange(restarts, device=x.device)
+        centers = torch.cat([centers, x[candidates[runs, best]][:, None]], dim=1)
+        nearest = if_chosen[runs, :, best]
+    return centers
+
+
+def kmeans(x: torch.Tensor, k: int, *, n_init: int = 100, iters: int = 300, tol: float = 1e-4,
+           generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means (Euclidean, raw features), greedy k-means++ seeding -> (labels (N,), centers (k', D)).
+
+    All `n_init` restarts run together as one batched computation, on x's device; the restart of
+    lowest inertia is returned. A cluster that empties is re-seeded at the point farthest from its
+    center. With fewer distinct points than k, k' is that number; otherwise k' = k. A run stops
+    when the centers move less than tol x the mean feature variance (scikit-learn's rule).
+    """
+    x = x.float()
+    k = min(k, len(torch.unique(x, dim=0)))
+    centers = kmeans_plus_plus(x, k, n_init, generator)
+    threshold = tol * x.var(0).mean()
+    for _ in range(iters):
+        distances = squared_distances(x, centers)  # (R, N, k)
+        labels = distances.argmin(2)  # (R, N)
+        moved = cluster_means(x, labels, k, distances.gather(2, labels[..., None])[..., 0], centers)
+        shift = (moved - centers).pow(2).sum((1, 2)).max()
+        centers = moved
+        if shift <= threshold:
+            break
+    distances = squared_distances(x, centers)
+    inertia, labels = distances.min(2)  # (R, N) each
+    best = inertia.sum(1).argmin()
+    return labels[best], centers[best]
+
+
+def cluster_means(x, labels, k, distances, centers) -> torch.Tensor:
+    """The mean of each cluster (R, k, D); an empty cluster gets the farthest point of its run."""
+    one_hot = F.one_hot(labels, k).to(x.dtype)  # (R, N, k)
+    counts = one_hot.sum(1)  # (R, k)
+    means = one_hot.transpose(1, 2) @ x / counts.clamp_min(1)[..., None]
+    for run in torch.nonzero((counts == 0).any(1)).flatten().tolist():  # rare: a loop is fine
+        empty = torch.nonzero(counts[run] == 0).flatten()
+        means[run, empty] = x[distances[run].topk(len(empty)).indices]
+    return means
+
+
+def low_resolution_masks(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cluster labels (h*w,) -> one boolean mask per cluster (K, h, w): the paper's M_i."""
+    k = int(labels.max()) + 1
+    return labels.reshape(grid)[None] == torch.arange(k, device=labels.device)[:, None, None]
+
+
+# ---- Step 2: edit-friendly DDPM inversion (Sec. 3.3) ----
+
+@dataclass
+class Inversion:
+    """What the modulated runs share: the start x_{t_m}, the noise maps, the prompt, the attention."""
+    timesteps: list[int]  # t_m, t_m - 20, ..., 1
+    x_start: torch.Tensor  # (1, 4, h, w)
+    zs: torch.Tensor  # (steps, 1, 4, h, w)
+    context: torch.Tensor  # (1, 77, 768), the empty prompt
+    record: AttentionRecord  # queries and keys of every attention layer at every step
+
+
+def invert(sd, x0, *, t_m: int = 281, generator=None, progress: bool = False) -> Inversion:
+    """Invert x0 from t_m down to 1 (spec step 2) and record the attention on the way.
+
+    The inversion's UNet inputs are those of the unmodulated regeneration, so the record taken
+    here is what attention injection replays: no separate recording pass.
+    """
+    context, record = embed_prompt(sd), AttentionRecord()
+    timesteps, x_start, zs = sampler.invert(
+        sd.unet, x0, context, until=t_m, generator=generator, hooks=record,
+        progress=lambda steps: tqdm(steps, desc="inversion", disable=not progress, leave=False))
+    return Inversion(timesteps, x_start, zs, context, record)
+
+
+# ---- Step 3: modulated denoising (Sec. 3.3) ----
+
+def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
+    """The offsets c M_i of all 2K runs, (2K, h*w): run 2i adds -lambda on mask i, run 2i+1 +lambda."""
+    flat = masks.flatten(1).float()  # (K, h*w)
+    return torch.stack([-lam * flat, lam * flat], dim=1).flatten(0, 1)
+
+
+@torch.no_grad()
+def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, injection: bool = True,
+                      batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Regenerate from x_{t_m} once per row of offsets, `batch_size` runs per UNet batch -> (R, 4, h, w).
+
+    At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M; with injection,
+    every attention layer at every step takes the recorded Q and K of the unmodulated pass.
+    """
+    record = inversion.record if injection else None
+    latents = []
+    for batch in tqdm(offsets.split(batch_size), desc="modulated runs", disable=not progress, leave=False):
+        latents.append(regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
+                                  inversion.context, hooks=Modulation(batch, record)))
+    return torch.cat(latents)
+
+
+# ---- Step 4: difference maps and labels (Sec. 3.3) ----
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding (as torchvision's, which the
+    notebook uses; its default sigma for kernel 3 is 0.8)."""
+    offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - (kernel_size - 1) / 2
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    channels, pad = images.shape[1], kernel_size // 2
+    x = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, kernel.reshape(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, kernel.reshape(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+@torch.no_grad()
+def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float = 10.0, injection: bool = True,
+                    batch_size: int = 8, blur=(3, 0.8), progress: bool = False) -> torch.Tensor:
+    """d_i = || blur(I-_i - I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32.
+
+    All 2K runs go through the UNet and then the VAE decoder in batches of `batch_size` runs
+    (rounded down to whole +- pairs). The blur is linear, so blurring the difference is blurring
+    both images.
+    """
+    pairs = max(1, batch_size // 2)
+    latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection,
+                                batch_size=2 * pairs, progress=progress)
+    _, dtype = model_device_dtype(sd)
+    maps = []
+    for batch in tqdm(latents.split(2 * pairs), desc="decoding", disable=not progress, leave=False):
+        images = sd.vae.decode(batch.to(dtype)).float()  # (2m, 3, H, W): I-, I+, I-, I+, ...
+        maps.append(gaussian_blur(images[0::2] - images[1::2], *blur).norm(dim=1))
+    return torch.cat(maps)
+
+
+def assign_labels(maps: torch.Tensor) -> torch.Tensor:
+    """Label(x, y) = argmax_i d_i(x, y): each pixel joins the mask that moved it most. (H, W)."""
+    return maps.argmax(0)
+
+
+# ---- The whole method ----
+
+@dataclass
+class Segmentation:
+    labels: np.ndarray  # (H0, W0) uint8 at the input image's own size
+    low_res_labels: np.ndarray  # (h, w) uint8 on the 16x16 feature grid
+    difference_maps: torch.Tensor  # (K, H, W) at the working size
+    options: dict
+    seconds: dict = field(default_factory=dict)  # per stage
+
+
+DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_restarts=100, seed=42,
+                size="auto", injection=True, batch_size=8)
+
+
+def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
+    """EmerDiff on one image (a path, a PIL image or a tensor in [0, 1]). `sd` is a loaded model
+    (weights.load_stable_diffusion); without one the default weights are loaded on the best device.
+    Options and their defaults: DEFAULTS."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    o = DEFAULTS | options
+    check_options(o)
+    if sd is None:
+        from weights import load_stable_diffusion
+        device = pick_device("auto")
+        sd = load_stable_diffusion(device=device, dtype=pick_dtype("auto", device))
+    seconds, clock = {}, time.perf_counter()
+
+    def lap(stage):
+        nonlocal clock
+        seconds[stage], clock = time.perf_counter() - clock, time.perf_counter()
+
+    def generator():  # every stage draws from its own generator seeded alike, as the notebook does
+        return torch.Generator().manual_seed(o["seed"])
+
+    pixels, (width, height) = load_image(image, o["size"])
+    grid = (pixels.shape[-2] // GRID_FACTOR, pixels.shape[-1] // GRID_FACTOR)
+    if o["masks"] > grid[0] * grid[1]:
+        raise EmerDiffError(f"{o['masks']} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
+                            "feature grid: lower --masks or raise --size")
+    x0 = encode(sd, pixels)
+    features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
+                                batch_size=o["batch_size"], progress=progress)
+    lap("features")
+    low_res, _ = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
+    masks = low_resolution_masks(low_res, grid)
+    lap("k-means")
+    inversion = invert(sd, x0, t_m=o["t_m"], generator=generator(), progress=progress)
+    lap("inversion")
+    maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
+                           batch_size=o["batch_size"], progress=progress)
+    lap("modulation")
+    labels = F.interpolate(assign_labels(maps)[None, None].float(), size=(height, width), mode="nearest-exact")
+    return Segmentation(labels=labels[0, 0].to(torch.uint8).cpu().numpy(),
+                        low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
+                        difference_maps=maps.cpu(), options=o, seconds=seconds)
+
+
+def check_options(o: dict):
+    grid = sampler.timestep_grid()
+    checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
+              (o["t_m"] in grid, f"t_m = {o['t_m']} is not on the 50-step grid (1, 21, ..., 981)"),
+              (0 <= o["t_f"] < sampler.TRAIN_STEPS, "t_f must be a timestep in 0..999"),
+              (o["feature_samples"] >= 1, "feature samples must be at least 1"),
+              (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
+              (o["batch_size"] >= 1, "batch size must be at least 1")]
+    for ok, message in checks:
+        if not ok:
+            raise EmerDiffError(message)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; a named device must be available."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EmerDiffError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise EmerDiffError(f"device {name!r} is not available here: use --device auto or cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": fp16 on a GPU (SD v1.5's usual precision), fp32 on the CPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ---- Outputs ----
+
+def palette(k: int) -> np.ndarray:
+    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio."""
+    hues = (np.arange(k) * 0.618033988749895) % 1
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], dtype=np.uint8)
+
+
+def overlay(image: Image.Image, labels: np.ndarray, colours: np.ndarray) -> Image.Image:
+    """The image half-tinted by segment colour, with segment borders drawn in white."""
+    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * colours[labels]).astype(np.uint8)
+    border = np.zeros(labels.shape, dtype=bool)
+    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    border[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    blend[border] = 255
+    return Image.fromarray(blend)
+
+
+def diffmap_grid(maps: torch.Tensor, tile: int = 256) -> Image.Image:
+    """The K difference maps side by side, each scaled to its own maximum (white = most change)."""
+    k, h, w = maps.shape
+    scale = min(1.0, tile / max(h, w))
+    maps = F.interpolate(maps[:, None], scale_factor=scale, mode="area")[:, 0] if scale < 1 else maps
+    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    columns = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / columns)
+    th, tw = maps.shape[1:]
+    canvas = torch.zeros(rows * (th + 2), columns * (tw + 2))
+    for i, m in enumerate(maps):
+        r, c = divmod(i, columns)
+        canvas[r * (th + 2):r * (th + 2) + th, c * (tw + 2):c * (tw + 2) + tw] = m
+    return Image.fromarray((canvas.numpy() * 255).astype(np.uint8))
+
+
+def atomic_save(path: Path, write):
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_outputs(seg: Segmentation, image: Image.Image, out_dir: Path, save_diffmaps: bool = False):
+    """labels.png (palette PNG, value = segment), labels.npy, overlay.png, lowres.png[, diffmaps.png]."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = palette(MAX_MASKS)
+    labels_png = Image.fromarray(seg.labels, mode="P")
+    labels_png.putpalette(colours.flatten().tolist())
+    lowres = Image.fromarray(colours[seg.low_res_labels]).resize(image.size, Image.NEAREST)
+    images = {"labels.png": labels_png, "overlay.png": overlay(image, seg.labels, colours), "lowres.png": lowres}
+    if save_diffmaps:
+        images["diffmaps.png"] = diffmap_grid(seg.difference_maps)
+    for name, picture in images.items():
+        atomic_save(out_dir / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+
+    def save_npy(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, seg.labels)
+    atomic_save(out_dir / "labels.npy", save_npy)
+
+
+# ---- The command line ----
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="emerdiff.py", description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. "
+        "Writes labels.png, labels.npy, overlay.png and lowres.png per image.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image", action="append", required=True,
+                   help="an image file or a folder of images; give it several times for several")
+    p.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="SD v1.x: hub repo id, diffusers folder or single .safetensors file (see weights.md)")
+    p.add_argument("--config-dir", help="for a single-file --weights: a diffusers folder with the tokenizer/configs")
+    p.add_argument("--out", default="emerdiff_out", help="output folder; one subfolder per image")
+    p.add_argument("--masks", type=int, default=DEFAULTS["masks"], help="K, the number of low-resolution masks")
+    p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda, the modulation strength")
+    p.add_argument("--tm", type=int, default=DEFAULTS["t_m"], help="t_m, the modulation timestep (on the 50-step grid)")
+    p.add_argument("--tf", type=int, default=DEFAULTS["t_f"], help="t_f, the feature timestep (the notebook uses 0)")
+    p.add_argument("--feature-samples", type=int, default=DEFAULTS["feature_samples"],
+                   help="noise draws averaged for the features")
+    p.add_argument("--kmeans-restarts", type=int, default=DEFAULTS["kmeans_restarts"], help="k-means++ restarts")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of every random draw")
+    p.add_argument("--size", default="auto",
+                   help="working size: auto (area ~512x512, aspect kept, sides multiples of 64), N or WxH")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="model precision; auto: float16 on a GPU, float32 on the CPU")
+    p.add_argument("--no-injection", action="store_true", help="turn attention injection off")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="denoising runs (and decodes) per batch; lower it when GPU memory runs out")
+    p.add_argument("--save-diffmaps", action="store_true", help="also write diffmaps.png, a grid of the K maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def parse_size(text: str):
+    """--size: "auto", "N" (N x N) or "WxH", checked before any model is loaded."""
+    parts = text.lower().split("x")
+    if text == "auto":
+        return "auto"
+    if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
+        raise EmerDiffError(f"--size {text}: use auto, N or WxH")
+    size = (int(parts[0]), int(parts[-1]))
+    return working_size(*size, size)
+
+
+def image_paths(given: list[str]) -> list[Path]:
+    paths = []
+    for name in given:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise EmerDiffError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise EmerDiffError(f"{path}: no such file or folder")
+    return paths
+
+
+def run(args) -> None:
+    from weights import load_stable_diffusion
+    paths = image_paths(args.image)
+    options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
+                   kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
+                   injection=not args.no_injection, batch_size=args.batch_size)
+    check_options(DEFAULTS | options)
+    device = pick_device(args.device)
+    sd = load_stable_diffusion(args.weights, device=device, dtype=pick_dtype(args.dtype, device),
+                               config_dir=args.config_dir)
+    used = set()
+    for path in paths:
+        name = path.stem if path.stem not in used else f"{path.stem}-{path.suffix[1:]}"
+        used.add(name)
+        image = to_rgb(open_image(path))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seg = segment(image, sd, progress=not args.quiet, **options)
+        clock = time.perf_counter()
+        save_outputs(seg, image, Path(args.out) / name, args.save_diffmaps)
+        seg.seconds["saving"] = time.perf_counter() - clock
+        stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
+        memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                  if device.type == "cuda" else "")
+        print(f"{path}: {int(seg.labels.max()) + 1} segments -> {Path(args.out) / name}/ ({stages}{memory})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from weights import WeightsError
+    try:
+        run(args)
+    except (EmerDiffError, WeightsError) as e:
+        print(f"emerdiff: error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print(f"emerdiff: error: out of GPU memory at --batch-size {args.batch_size}: lower it "
+              f"(e.g. --batch-size {max(1, args.batch_size // 2)}) or the --size", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

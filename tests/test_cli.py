@@ -1,0 +1,189 @@
+"""The command line end to end on the example image with a tiny model, and every bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import emerdiff
+from conftest import ROOT
+from emerdiff import atomic_save, load_image, main
+
+EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
+FAST = ["--size", "128", "--masks", "4", "--feature-samples", "2", "--kmeans-restarts", "5", "--quiet"]
+
+
+def run_cli(tiny_sd_dir, out, *args):
+    return main(["--weights", str(tiny_sd_dir), "--out", str(out), *FAST, *args])
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_sd_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert run_cli(tiny_sd_dir, out, "--image", str(EXAMPLE), "--save-diffmaps") == 0
+    return out / "chelsea"
+
+
+def test_every_output_file_at_the_input_size(outputs):
+    labels = np.load(outputs / "labels.npy")
+    assert labels.shape == (300, 451) and labels.dtype == np.uint8
+    assert labels.max() < 4 and len(np.unique(labels)) > 1
+    png = Image.open(outputs / "labels.png")
+    assert png.mode == "P" and png.size == (451, 300)
+    assert np.array_equal(np.asarray(png), labels)  # pixel value = segment index
+    for name in ("overlay.png", "lowres.png"):
+        assert Image.open(outputs / name).size == (451, 300)
+    assert Image.open(outputs / "diffmaps.png").size[0] > 0
+    assert not list(outputs.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_a_run_is_deterministic_for_a_seed(tiny_sd_dir, outputs, tmp_path):
+    assert run_cli(tiny_sd_dir, tmp_path, "--image", str(EXAMPLE)) == 0
+    assert np.array_equal(np.load(tmp_path / "chelsea" / "labels.npy"), np.load(outputs / "labels.npy"))
+
+
+def test_the_script_runs_as_the_readme_says(tiny_sd_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), "--image", str(EXAMPLE),
+                             "--weights", str(tiny_sd_dir), "--out", str(tmp_path), *FAST],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "chelsea.jpg: " in result.stdout and "segments" in result.stdout
+    assert (tmp_path / "chelsea" / "labels.png").is_file()
+    help_text = subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    for option in ("--weights", "--out", "--masks", "--lam", "--tm", "--tf", "--feature-samples", "--seed",
+                   "--size", "--device", "--dtype", "--no-injection", "--batch-size", "--save-diffmaps"):
+        assert option in help_text
+
+
+def test_a_folder_and_several_images(tiny_sd_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(EXAMPLE).save(folder / "a.png")
+    Image.open(EXAMPLE).crop((0, 0, 200, 150)).save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    assert run_cli(tiny_sd_dir, tmp_path / "out", "--image", str(folder), "--image", str(EXAMPLE)) == 0
+    assert np.load(tmp_path / "out" / "b" / "labels.npy").shape == (150, 200)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"a", "b", "chelsea"}
+
+
+# ---- images of every kind are converted ----
+
+def rgb_of(image, size=128):
+    pixels, original = load_image(image, size)
+    return (pixels[0].permute(1, 2, 0).numpy() + 1) / 2 * 255, original
+
+
+def test_grayscale_rgba_cmyk_palette_and_16_bit_are_converted():
+    gray = Image.new("L", (64, 64), 100)
+    assert np.allclose(rgb_of(gray, 64)[0], 100, atol=1e-3)
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent: white shows
+    assert np.allclose(rgb_of(rgba, 64)[0], 255, atol=1e-3)
+    cmyk = Image.new("CMYK", (64, 64), (0, 255, 255, 0))  # red ink
+    assert np.allclose(rgb_of(cmyk, 64)[0], np.asarray(cmyk.convert("RGB"), dtype=np.float32), atol=1e-3)
+    palette = Image.open(EXAMPLE).convert("P")
+    assert np.allclose(rgb_of(palette, (448, 320))[0],
+                       np.asarray(palette.convert("RGB").resize((448, 320), Image.LANCZOS), dtype=np.float32), atol=1e-3)
+    sixteen = Image.fromarray(np.full((64, 64), 257 * 128, dtype=np.uint16))  # a 16-bit gray of 50 %
+    assert sixteen.mode.startswith("I") and np.allclose(rgb_of(sixteen, 64)[0], 128, atol=1e-3)
+
+
+def test_exif_rotation_is_honoured(tiny_sd_dir, tmp_path):
+    image = Image.open(EXAMPLE).crop((0, 0, 200, 100))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    pixels, original = load_image(tmp_path / "rotated.jpg", 128)
+    assert original == (100, 200)
+    assert run_cli(tiny_sd_dir, tmp_path / "out", "--image", str(tmp_path / "rotated.jpg")) == 0
+    assert np.load(tmp_path / "out" / "rotated" / "labels.npy").shape == (200, 100)
+
+
+def test_segment_accepts_a_path_an_image_and_a_tensor(tiny_sd_dir):
+    from weights import load_stable_diffusion
+    sd = load_stable_diffusion(tiny_sd_dir)
+    options = dict(size=128, masks=3, feature_samples=2, kmeans_restarts=3)
+    by_path = emerdiff.segment(EXAMPLE, sd, **options)
+    by_image = emerdiff.segment(Image.open(EXAMPLE), sd, **options)
+    assert np.array_equal(by_path.labels, by_image.labels) and by_path.labels.shape == (300, 451)
+    assert by_path.low_res_labels.shape == (4, 4) and by_path.difference_maps.shape == (3, 128, 128)
+    tensor = torch.from_numpy(np.asarray(Image.open(EXAMPLE), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert emerdiff.segment(tensor, sd, **options).labels.shape == (300, 451)
+
+
+# ---- bad input: one line on stderr, exit status 2, nothing written ----
+
+def expect_error(capsys, tmp_path, pattern, *args, weights=None):
+    status = main(["--out", str(tmp_path / "out"), "--quiet", *(["--weights", str(weights)] if weights else []),
+                   *args])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("emerdiff: error: ") and err.count("\n") == 1 and pattern in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_not_an_image(capsys, tmp_path, tiny_sd_dir):
+    (tmp_path / "x.jpg").write_text("hello")
+    expect_error(capsys, tmp_path, "x.jpg: not an image", "--image", str(tmp_path / "x.jpg"), weights=tiny_sd_dir)
+
+
+def test_truncated_image(capsys, tmp_path, tiny_sd_dir):
+    (tmp_path / "cut.jpg").write_bytes(EXAMPLE.read_bytes()[:4000])
+    expect_error(capsys, tmp_path, "cut.jpg: cannot decode the image", "--image", str(tmp_path / "cut.jpg"),
+                 weights=tiny_sd_dir)
+
+
+def test_missing_image_and_empty_folder(capsys, tmp_path):
+    expect_error(capsys, tmp_path, "nothing.jpg: no such file or folder", "--image", str(tmp_path / "nothing.jpg"))
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, tmp_path, "empty: no images", "--image", str(tmp_path / "empty"))
+
+
+def test_too_small_image(capsys, tmp_path, tiny_sd_dir):
+    Image.new("RGB", (40, 300)).save(tmp_path / "thin.png")
+    expect_error(capsys, tmp_path, "the image is 40x300: at least 64 px", "--image", str(tmp_path / "thin.png"),
+                 weights=tiny_sd_dir)
+
+
+def test_more_masks_than_cells(capsys, tmp_path, tiny_sd_dir):
+    expect_error(capsys, tmp_path, "20 masks but only 16 cells", "--image", str(EXAMPLE), "--masks", "20",
+                 "--size", "128", weights=tiny_sd_dir)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda"], "device 'cuda' is not available"),
+    (["--tm", "280"], "t_m = 280 is not on the 50-step grid"),
+    (["--size", "100"], "size 100x100: each side must be a multiple of 64"),
+    (["--size", "big"], "--size big: use auto, N or WxH"),
+    (["--masks", "0"], "masks must be between 1 and 256"),
+], ids=["device", "no-cuda", "tm", "size", "size-text", "masks"])
+def test_bad_options(capsys, tmp_path, args, pattern):
+    expect_error(capsys, tmp_path, pattern, "--image", str(EXAMPLE), *args)
+
+
+def test_bad_weights(capsys, tmp_path):
+    expect_error(capsys, tmp_path, "no such file or folder", "--image", str(EXAMPLE), weights=tmp_path / "nope")
+
+
+def test_out_of_gpu_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(emerdiff, "segment", exhausted)
+    expect_error(capsys, tmp_path, "out of GPU memory at --batch-size 8: lower it (e.g. --batch-size 4)",
+                 "--image", str(EXAMPLE), weights=tiny_sd_dir)
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "labels.png"
+    target.write_bytes(b"old")
+
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(target, broken)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["labels.png"]

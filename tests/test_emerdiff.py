@@ -1,0 +1,231 @@
+"""The method (emerdiff.py) against independent references: scipy, diffusers, plain loops."""
+import numpy as np
+import pytest
+import scipy.cluster.vq
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+import emerdiff
+from emerdiff import (cluster_means, difference_maps, extract_features, gaussian_blur, invert, kmeans,
+                      low_resolution_masks)
+from sampler import ALPHAS_CUMPROD, Modulation, regenerate
+from unet import FEATURE_LAYER, MODULATED_LAYER
+from weights import load_stable_diffusion
+
+# ---- k-means ----
+
+
+def inertia(x, labels, centers):
+    return ((x - centers[labels]) ** 2).sum().item()
+
+
+def test_kmeans_recovers_separable_blobs():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(5, 16, generator=g) * 20
+    truth = torch.arange(5).repeat_interleave(50)
+    x = means[truth] + torch.randn(250, 16, generator=g)
+    labels, centers = kmeans(x, 5, n_init=10, generator=torch.Generator().manual_seed(1))
+    assert centers.shape == (5, 16)
+    for blob in range(5):  # every blob is one cluster, and no two blobs share one
+        assert len(set(labels[truth == blob].tolist())) == 1
+    assert len(set(labels.tolist())) == 5
+
+
+@pytest.mark.parametrize("blobs, k, restarts", [(8, 8, 20), (10, 25, 100)])  # k = blobs; the method's K and restarts
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_inertia_no_worse_than_scipy(seed, blobs, k, restarts):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 32, generator=g) + 3 * torch.randn(blobs, 32, generator=g)[torch.randint(blobs, (256,), generator=g)]
+    best_scipy = min(
+        inertia(x, torch.from_numpy(lab).long(), torch.from_numpy(cen))
+        for cen, lab in (scipy.cluster.vq.kmeans2(x.numpy().astype(np.float64), k, minit="++", seed=s)
+                         for s in range(restarts)))
+    labels, centers = kmeans(x, k, n_init=restarts, generator=torch.Generator().manual_seed(seed))
+    assert inertia(x, labels, centers) <= best_scipy * (1 + 1e-3)
+
+
+def test_kmeans_is_deterministic_for_a_generator():
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    a = kmeans(x, 7, n_init=5, generator=torch.Generator().manual_seed(3))
+    b = kmeans(x, 7, n_init=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_kmeans_with_fewer_distinct_points_than_k():
+    points = torch.tensor([[0.0, 0.0], [5.0, 5.0], [9.0, -2.0]])
+    x = points[torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])]
+    labels, centers = kmeans(x, 6, n_init=4, generator=torch.Generator().manual_seed(0))
+    assert centers.shape == (3, 2) and set(labels.tolist()) == {0, 1, 2}
+    assert inertia(x, labels, centers) == 0.0
+
+
+def test_kmeans_one_point_per_cluster():
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    labels, centers = kmeans(x, 10, n_init=3, generator=torch.Generator().manual_seed(0))
+    assert sorted(labels.tolist()) == list(range(10)) and inertia(x, labels, centers) < 1e-8
+
+
+def test_an_empty_cluster_is_reseeded_at_the_farthest_point():
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [30.0]])
+    labels = torch.tensor([[0, 0, 1, 1, 1]])  # cluster 2 of 3 is empty
+    centers = torch.tensor([[[0.5], [17.0], [100.0]]])
+    distances = ((x[:, 0] - centers[0, labels[0], 0]) ** 2)[None]
+    means = cluster_means(x, labels, 3, distances, centers)
+    assert means[0, :, 0].tolist() == [0.5, 17.0, 30.0]  # 30 is farthest from its center (17)
+
+
+# ---- the blur ----
+
+def test_gaussian_blur_matches_scipy():
+    images = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # radius = int(truncate * sigma + 0.5) = 1: a 3-tap kernel; torch's "reflect" is scipy's "mirror"
+    expected = scipy.ndimage.gaussian_filter(images.numpy(), sigma=(0, 0, 0.8, 0.8), mode="mirror", truncate=1.25)
+    assert np.abs(gaussian_blur(images, 3, 0.8).numpy() - expected).max() < 1e-12
+
+
+# ---- the models and one inversion, shared ----
+
+SIZE = 128  # a 128x128 image: 16x16 latents, a 4x4 feature grid
+GRID = (4, 4)
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd_dir):
+    return load_stable_diffusion(tiny_sd_dir)
+
+
+@pytest.fixture(scope="module")
+def x0(sd):
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    return emerdiff.encode(sd, image)
+
+
+@pytest.fixture(scope="module")
+def inversion(sd, x0):
+    return invert(sd, x0, generator=torch.Generator().manual_seed(42))
+
+
+@pytest.fixture(scope="module")
+def masks():
+    labels = torch.tensor([0, 0, 1, 1, 0, 2, 2, 1, 3, 3, 2, 1, 3, 0, 2, 1])
+    return low_resolution_masks(labels, GRID)
+
+
+def test_low_resolution_masks_partition_the_grid(masks):
+    assert masks.shape == (4, *GRID) and masks.dtype == torch.bool
+    assert torch.equal(masks.sum(0), torch.ones(GRID, dtype=torch.long))
+
+
+class DiffusersAttention:
+    """An attention processor for diffusers' UNet, written from the paper: record Q/K, replay
+    them (attention injection), add c M after the output projection of the modulated layer."""
+
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        s, key = self.state, (self.state["step"], self.name)
+        if s["mode"] == "capture" and self.name == FEATURE_LAYER:
+            s["features"].append(q)
+        if s["mode"] == "record":
+            s["record"][key] = (q, k)
+        if s["mode"] == "modulate" and s["inject"]:
+            q, k = s["record"][key]
+        batch, heads = v.shape[0], attn.heads
+        q, k, v = (a.expand(batch, -1, -1).reshape(batch, a.shape[1], heads, -1).transpose(1, 2) for a in (q, k, v))
+        o = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        if s["mode"] == "modulate" and s["step"] == 0 and self.name == MODULATED_LAYER:
+            o = o + s["offset"] * s["mask"].reshape(1, -1, 1)
+        return attn.to_out[1](o)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_reference):
+    unet = tiny_reference[0]
+    state = {"step": 0, "mode": None, "record": {}, "features": []}
+    unet.set_attn_processor({name: DiffusersAttention(name.removesuffix(".processor"), state)
+                             for name in unet.attn_processors})
+    return unet, tiny_reference[1], state
+
+
+def test_features_match_diffusers_queries(sd, x0, inversion, reference):
+    ref_unet, _, state = reference
+    samples = 5
+    features = extract_features(sd, x0, samples=samples, generator=torch.Generator().manual_seed(7), batch_size=2)
+    noise = torch.randn((samples, *x0.shape[1:]), generator=torch.Generator().manual_seed(7))
+    state.update(mode="capture", features=[])
+    with torch.no_grad():
+        for eps in noise:  # one draw at a time, the whole UNet each time
+            x = ALPHAS_CUMPROD[1].sqrt() * x0 + (1 - ALPHAS_CUMPROD[1]).sqrt() * eps[None]
+            ref_unet(x, 1, inversion.context)
+    expected = torch.cat(state["features"]).mean(0)
+    assert features.shape == (GRID[0] * GRID[1], 64)
+    assert (features - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def reference_difference_maps(reference, inversion, masks, lam, inject):
+    """Steps 3-4 with diffusers' UNet, DDIM scheduler (eta = 1, given noise) and VAE, one run at a time."""
+    unet, vae, state = reference
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(50)
+
+    def denoise(mode, **settings):
+        state.update(mode=mode, **settings)
+        x = inversion.x_start
+        for i, t in enumerate(inversion.timesteps):
+            state["step"] = i
+            eps = unet(x, t, inversion.context).sample
+            x = scheduler.step(eps, t, x, eta=1.0, variance_noise=inversion.zs[i]).prev_sample
+        return vae.decode(x / vae.config.scaling_factor).sample
+
+    with torch.no_grad():
+        state["record"] = {}
+        denoise("record")
+        maps = []
+        for mask in masks.float():
+            minus, plus = (denoise("modulate", offset=c, mask=mask, inject=inject) for c in (-lam, lam))
+            blurred = scipy.ndimage.gaussian_filter((minus - plus).double().numpy(), sigma=(0, 0, 0.8, 0.8),
+                                                    mode="mirror", truncate=1.25)
+            maps.append(torch.from_numpy(np.linalg.norm(blurred, axis=1)[0]))
+    return torch.stack(maps).float()
+
+
+@pytest.mark.parametrize("inject", [True, False], ids=["injection", "no-injection"])
+def test_difference_maps_match_a_diffusers_reference(sd, inversion, masks, reference, inject):
+    ours = difference_maps(sd, inversion, masks, lam=10.0, injection=inject, batch_size=4)
+    expected = reference_difference_maps(reference, inversion, masks, 10.0, inject)
+    assert ours.shape == (4, SIZE, SIZE)
+    assert (ours - expected).abs().max() <= 1e-3 * expected.abs().max()
+
+
+def test_batched_maps_equal_a_plain_loop(sd, inversion, masks):
+    batched = difference_maps(sd, inversion, masks, lam=10.0, batch_size=6)  # 3 pairs a batch: 2 batches
+    plain = []
+    for mask in masks:
+        images = []
+        for c in (-10.0, 10.0):
+            offsets = c * mask.flatten().float()[None]
+            latent = regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps, inversion.context,
+                                hooks=Modulation(offsets, inversion.record))
+            images.append(sd.vae.decode(latent))
+        plain.append(gaussian_blur(images[0] - images[1]).norm(dim=1)[0])
+    plain = torch.stack(plain)
+    assert (batched - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+def test_empty_mask_and_zero_lambda_give_zero_maps(sd, inversion, masks):
+    with_empty = torch.cat([masks[:1], torch.zeros_like(masks[:1])])
+    maps = difference_maps(sd, inversion, with_empty, batch_size=4)
+    assert maps[0].abs().max() > 0 and maps[1].abs().max() == 0
+    assert difference_maps(sd, inversion, masks[:2], lam=0.0).abs().max() == 0
+
+
+def test_injection_changes_the_maps(sd, inversion, masks):
+    on = difference_maps(sd, inversion, masks[:2], injection=True)
+    off = difference_maps(sd, inversion, masks[:2], injection=False)
+    assert torch.isfinite(off).all() and (on - off).abs().max() > 1e-3 * on.abs().max()
