@@ -11,8 +11,11 @@ import emerdiff
 from emerdiff import (cluster_means, difference_maps, extract_features, gaussian_blur, invert, kmeans,
                       low_resolution_masks)
 from sampler import ALPHAS_CUMPROD, Modulation, regenerate
-from unet import FEATURE_LAYER, MODULATED_LAYER
 from weights import load_stable_diffusion
+
+# The layers the method spec names, written out here rather than imported from unet.py.
+FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 
 # ---- k-means ----
 
