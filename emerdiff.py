@@ -189,9 +189,10 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, restarts: int, generator=None) -> 
     centers = x[chosen][:, None]  # (R, 1, D)
     nearest = squared_distances(x, centers)[..., 0]  # (R, N)
     for _ in range(1, k):
-        cumulative = nearest.double().cumsum(1)
-        u = torch.rand(restarts, trials, generator=generator, dtype=torch.float64).to(x.device)
-        candidates = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).clamp_max(n - 1)  # (R, L)
+        cumulative = nearest.cpu().double().cumsum(1)  # (R, N), small; fp64 on the CPU (mps has none)
+        u = torch.rand(restarts, trials, generator=generator, dtype=torch.float64)
+        candidates = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).clamp_max(n - 1)
+        candidates = candidates.to(x.device)  # (R, L)
         if_chosen = torch.minimum(nearest[:, :, None], squared_distances(x, x[candidates]))  # (R, N, L)
         best = if_chosen.sum(1).argmin(1)  # (R,)
         runs = torch.arange(restarts, device=x.device)
