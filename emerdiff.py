@@ -14,6 +14,7 @@ per step of the paper's Sec. 3, in its order:
 
 Defaults are the paper's (Sec. 4.1) and, where it is silent, the authors' example notebook:
 K = 25 masks, lambda = 10, t_m = 281, t_f = 1, 100 feature draws, 50-step grid, seed 42.
+Every random draw comes from a CPU torch.Generator, so a seed gives the same draws on any device.
 """
 import argparse
 import colorsys
@@ -31,7 +32,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import sampler
-from sampler import ALPHAS_CUMPROD, AttentionRecord, Modulation, predict_noise, regenerate
 from unet import FEATURE_LAYER, AttentionHooks
 
 LATENT_FACTOR = 8  # image side / latent side (the VAE)
@@ -50,12 +50,15 @@ class EmerDiffError(Exception):
 def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
     """Image -> ((1, 3, H, W) in [-1, 1], the input's own (width, height)).
 
-    `image` is a path, a PIL image or a (3, H, W) / (1, 3, H, W) tensor in [0, 1]. Any mode is
-    converted to RGB (alpha over white, 16-bit scaled), EXIF rotation is honoured. The working
-    size H, W is a multiple of 64: by default of area about 512x512 with the input's aspect
-    ratio (the notebook's rule); `size` may also be an int (square) or (width, height).
+    `image` is a path, a PIL image or an RGB (3, H, W) / (1, 3, H, W) tensor in [0, 1]. Any
+    Pillow mode is converted to RGB (see to_rgb). The working size H, W is a multiple of 64: by
+    default of area about 512x512 with the input's aspect ratio (the notebook's rule); `size` may
+    also be an int (square) or (width, height). Images are resized with Lanczos as the notebook
+    does; tensors (no Lanczos in torch) with antialiased bicubic.
     """
     if isinstance(image, torch.Tensor):
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
         pixels = image.float().reshape(-1, *image.shape[-3:])[:1]
         pil = None
     else:
@@ -71,44 +74,6 @@ def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
     elif target != (width, height):
         pixels = F.interpolate(pixels, size=target[::-1], mode="bicubic", antialias=True).clamp(0, 1)
     return pixels * 2 - 1, (width, height)
-
-
-def open_image(path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise EmerDiffError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise EmerDiffError(f"{path}: not an image that Pillow can read") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise EmerDiffError(f"{path}: cannot decode the image ({e})") from None
-    return image
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB of any Pillow mode: EXIF rotation applied, alpha composited on white, 16-bit scaled."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        scale = 1 / 257 if image.mode != "F" else 255
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
-    """(W, H) to run at: multiples of 64; "auto" keeps the aspect ratio at an area of about 512^2."""
-    if size == "auto":
-        scale = math.sqrt(512 * 512 / (width * height))
-        return tuple(max(SIZE_MULTIPLE, -(-int(side * scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE)
-                     for side in (width, height))
-    target = (size, size) if isinstance(size, int) else tuple(size)
-    if any(side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE for side in target):
-        raise EmerDiffError(f"size {target[0]}x{target[1]}: each side must be a multiple of {SIZE_MULTIPLE} "
-                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}")
-    return target
 
 
 def model_device_dtype(sd) -> tuple[torch.device, torch.dtype]:
@@ -133,8 +98,8 @@ def embed_prompt(sd, prompt: str = "") -> torch.Tensor:
 # ---- Step 1: low-resolution masks (Sec. 3.2) ----
 
 class FeatureCapture(AttentionHooks):
-    """Adds up the feature layer's queries over a batch, then stops the UNet: nothing after that
-    layer is needed."""
+    """Adds up the feature layer's queries over a batch, then stops the UNet by raising `Done`:
+    nothing after that layer is needed (about half the UNet's work is skipped)."""
 
     class Done(Exception):
         pass
@@ -151,20 +116,21 @@ class FeatureCapture(AttentionHooks):
 
 @torch.no_grad()
 def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None, batch_size: int = 8,
-                     progress: bool = False) -> torch.Tensor:
+                     prompt: str = "", progress: bool = False) -> torch.Tensor:
     """The mean query vectors (h*w, C) of the feature layer over `samples` noise draws at t_f.
 
     Each draw is x = sqrt(ab) x0 + sqrt(1 - ab) eps at t_f ("minimum noise", t_f = 1 in the paper)
-    through the UNet with the empty prompt, `batch_size` draws per UNet call.
+    through the UNet with the empty prompt, `batch_size` draws per UNet call; the query is the
+    output of the layer's to_q projection, all heads together. (The notebook uses t_f = 0.)
     """
-    alpha_bar = ALPHAS_CUMPROD[t_f].item()
+    alpha_bar = sampler.ALPHAS_CUMPROD[t_f].item()
     noise = torch.randn((samples, *x0.shape[1:]), generator=generator).to(x0.device)  # drawn at once: batch-size free
-    context = embed_prompt(sd)
+    context = embed_prompt(sd, prompt)
     capture = FeatureCapture()
     for start in tqdm(range(0, samples, batch_size), desc="features", disable=not progress, leave=False):
         x = alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise[start:start + batch_size]
         try:
-            predict_noise(sd.unet, x, t_f, context, capture, step=0)
+            sampler.predict_noise(sd.unet, x, t_f, context, capture, step=0)
         except FeatureCapture.Done:
             pass
     return capture.total / samples
@@ -211,13 +177,13 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 100, iters: int = 300, tol:
     when the centers move less than tol x the mean feature variance (scikit-learn's rule).
     """
     x = x.float()
-    k = min(k, len(torch.unique(x, dim=0)))
+    k = min(k, len(torch.unique(x.cpu(), dim=0)))  # (unique over rows is CPU/CUDA only)
     centers = kmeans_plus_plus(x, k, n_init, generator)
     threshold = tol * x.var(0).mean()
     for _ in range(iters):
         distances = squared_distances(x, centers)  # (R, N, k)
         labels = distances.argmin(2)  # (R, N)
-        moved = cluster_means(x, labels, k, distances.gather(2, labels[..., None])[..., 0], centers)
+        moved = cluster_means(x, labels, k, distances.gather(2, labels[..., None])[..., 0])
         shift = (moved - centers).pow(2).sum((1, 2)).max()
         centers = moved
         if shift <= threshold:
@@ -228,20 +194,20 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 100, iters: int = 300, tol:
     return labels[best], centers[best]
 
 
-def cluster_means(x, labels, k, distances, centers) -> torch.Tensor:
-    """The mean of each cluster (R, k, D); an empty cluster gets the farthest point of its run."""
+def cluster_means(x, labels, k, own_distances) -> torch.Tensor:
+    """The mean of each cluster (R, k, D) for labels (R, N). An empty cluster is re-seeded at the
+    point of its run farthest from its own center (`own_distances`, (R, N))."""
     one_hot = F.one_hot(labels, k).to(x.dtype)  # (R, N, k)
     counts = one_hot.sum(1)  # (R, k)
     means = one_hot.transpose(1, 2) @ x / counts.clamp_min(1)[..., None]
     for run in torch.nonzero((counts == 0).any(1)).flatten().tolist():  # rare: a loop is fine
         empty = torch.nonzero(counts[run] == 0).flatten()
-        means[run, empty] = x[distances[run].topk(len(empty)).indices]
+        means[run, empty] = x[own_distances[run].topk(len(empty)).indices]
     return means
 
 
-def low_resolution_masks(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Cluster labels (h*w,) -> one boolean mask per cluster (K, h, w): the paper's M_i."""
-    k = int(labels.max()) + 1
+def low_resolution_masks(labels: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    """Cluster labels (h*w,) -> one boolean mask per cluster (k, h, w): the paper's M_i."""
     return labels.reshape(grid)[None] == torch.arange(k, device=labels.device)[:, None, None]
 
 
@@ -254,18 +220,21 @@ class Inversion:
     x_start: torch.Tensor  # (1, 4, h, w)
     zs: torch.Tensor  # (steps, 1, 4, h, w)
     context: torch.Tensor  # (1, 77, 768), the empty prompt
-    record: AttentionRecord  # queries and keys of every attention layer at every step
+    record: sampler.AttentionRecord | None  # queries and keys of every attention layer at every step
 
 
-def invert(sd, x0, *, t_m: int = 281, generator=None, progress: bool = False) -> Inversion:
-    """Invert x0 from t_m down to 1 (spec step 2) and record the attention on the way.
+def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: str = "",
+           record_attention: bool = True, progress: bool = False) -> Inversion:
+    """Invert x0 from t_m down to 1 on the `steps`-step grid, recording the attention on the way.
 
     The inversion's UNet inputs are those of the unmodulated regeneration, so the record taken
-    here is what attention injection replays: no separate recording pass.
+    here is what attention injection replays: no separate recording pass. Without injection the
+    record (about 1 GB at 512x512 in fp16) need not be kept: `record_attention=False`.
     """
-    context, record = embed_prompt(sd), AttentionRecord()
+    context = embed_prompt(sd, prompt)
+    record = sampler.AttentionRecord() if record_attention else None
     timesteps, x_start, zs = sampler.invert(
-        sd.unet, x0, context, until=t_m, generator=generator, hooks=record,
+        sd.unet, x0, context, steps=steps, until=t_m, generator=generator, hooks=record,
         progress=lambda steps: tqdm(steps, desc="inversion", disable=not progress, leave=False))
     return Inversion(timesteps, x_start, zs, context, record)
 
@@ -286,11 +255,13 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M; with injection,
     every attention layer at every step takes the recorded Q and K of the unmodulated pass.
     """
-    record = inversion.record if injection else None
+    if injection and inversion.record is None:
+        raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
+    replay = inversion.record if injection else None
     latents = []
     for batch in tqdm(offsets.split(batch_size), desc="modulated runs", disable=not progress, leave=False):
-        latents.append(regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
-                                  inversion.context, hooks=Modulation(batch, record)))
+        latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
+                                          inversion.context, hooks=sampler.Modulation(batch, replay)))
     return torch.cat(latents)
 
 
@@ -345,7 +316,7 @@ class Segmentation:
 
 
 DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_restarts=100, seed=42,
-                size="auto", injection=True, batch_size=8)
+                size="auto", injection=True, batch_size=8, steps=50, prompt="", blur=(3, 0.8))
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
@@ -377,15 +348,16 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
                             "feature grid: lower --masks or raise --size")
     x0 = encode(sd, pixels)
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
-                                batch_size=o["batch_size"], progress=progress)
+                                batch_size=o["batch_size"], prompt=o["prompt"], progress=progress)
     lap("features")
-    low_res, _ = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
-    masks = low_resolution_masks(low_res, grid)
+    low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
+    masks = low_resolution_masks(low_res, grid, len(centers))
     lap("k-means")
-    inversion = invert(sd, x0, t_m=o["t_m"], generator=generator(), progress=progress)
+    inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
+                       record_attention=o["injection"], progress=progress)
     lap("inversion")
     maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
-                           batch_size=o["batch_size"], progress=progress)
+                           batch_size=o["batch_size"], blur=o["blur"], progress=progress)
     lap("modulation")
     labels = F.interpolate(assign_labels(maps)[None, None].float(), size=(height, width), mode="nearest-exact")
     return Segmentation(labels=labels[0, 0].to(torch.uint8).cpu().numpy(),
@@ -394,13 +366,18 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
 
 
 def check_options(o: dict):
-    grid = sampler.timestep_grid()
+    """One-line errors for options out of range, before any work is done."""
+    kernel, sigma = o["blur"]
+    if not 2 <= o["steps"] <= sampler.TRAIN_STEPS:
+        raise EmerDiffError("steps must be between 2 and 1000")
+    grid = sampler.timestep_grid(o["steps"])
     checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
-              (o["t_m"] in grid, f"t_m = {o['t_m']} is not on the 50-step grid (1, 21, ..., 981)"),
+              (o["t_m"] in grid, f"t_m = {o['t_m']} is not on the {o['steps']}-step grid ({grid[-1]}, {grid[-2]}, ...)"),
               (0 <= o["t_f"] < sampler.TRAIN_STEPS, "t_f must be a timestep in 0..999"),
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
-              (o["batch_size"] >= 1, "batch size must be at least 1")]
+              (o["batch_size"] >= 1, "batch size must be at least 1"),
+              (kernel >= 1 and kernel % 2 == 1 and sigma > 0, "the blur needs an odd kernel size and sigma > 0")]
     for ok, message in checks:
         if not ok:
             raise EmerDiffError(message)
@@ -427,7 +404,52 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-# ---- Outputs ----
+# ---- Images in and out ----
+
+def open_image(path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise EmerDiffError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise EmerDiffError(f"{path}: not an image that Pillow can read") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise EmerDiffError(f"{path}: cannot decode the image ({e})") from None
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any Pillow mode: EXIF rotation applied, alpha composited on white, 16-bit scaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        scale = 1 / 257 if image.mode != "F" else 255
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
+    """(W, H) to run at: multiples of 64; "auto" keeps the aspect ratio at an area of about 512^2."""
+    if size == "auto":
+        scale = math.sqrt(512 * 512 / (width * height))
+        auto = tuple(max(SIZE_MULTIPLE, -(-int(side * scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE)
+                     for side in (width, height))
+        if max(auto) > MAX_SIDE:
+            raise EmerDiffError(f"the image is {width}x{height}: too elongated for the automatic size; "
+                                "crop it or give --size")
+        return auto
+    return check_size((size, size) if isinstance(size, int) else tuple(size))
+
+
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
+    if any(side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE for side in size):
+        raise EmerDiffError(f"size {size[0]}x{size[1]}: each side must be a multiple of {SIZE_MULTIPLE} "
+                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}")
+    return size
+
 
 def palette(k: int) -> np.ndarray:
     """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio."""
@@ -508,7 +530,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="emerdiff_out", help="output folder; one subfolder per image")
     p.add_argument("--masks", type=int, default=DEFAULTS["masks"], help="K, the number of low-resolution masks")
     p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda, the modulation strength")
-    p.add_argument("--tm", type=int, default=DEFAULTS["t_m"], help="t_m, the modulation timestep (on the 50-step grid)")
+    p.add_argument("--tm", type=int, default=DEFAULTS["t_m"], help="t_m, the modulation timestep (on the step grid)")
     p.add_argument("--tf", type=int, default=DEFAULTS["t_f"], help="t_f, the feature timestep (the notebook uses 0)")
     p.add_argument("--feature-samples", type=int, default=DEFAULTS["feature_samples"],
                    help="noise draws averaged for the features")
@@ -516,6 +538,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of every random draw")
     p.add_argument("--size", default="auto",
                    help="working size: auto (area ~512x512, aspect kept, sides multiples of 64), N or WxH")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="the DDPM grid (50: t = 981, 961, ..., 1)")
+    p.add_argument("--prompt", default=DEFAULTS["prompt"], help="the text condition (the paper: empty)")
+    p.add_argument("--blur-kernel", type=int, default=DEFAULTS["blur"][0], help="Gaussian blur kernel size")
+    p.add_argument("--blur-sigma", type=float, default=DEFAULTS["blur"][1], help="Gaussian blur sigma")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision; auto: float16 on a GPU, float32 on the CPU")
@@ -529,13 +555,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_size(text: str):
     """--size: "auto", "N" (N x N) or "WxH", checked before any model is loaded."""
-    parts = text.lower().split("x")
+    text = text.lower()
     if text == "auto":
         return "auto"
+    parts = text.split("x")
     if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
         raise EmerDiffError(f"--size {text}: use auto, N or WxH")
-    size = (int(parts[0]), int(parts[-1]))
-    return working_size(*size, size)
+    return check_size((int(parts[0]), int(parts[-1])))
 
 
 def image_paths(given: list[str]) -> list[Path]:
@@ -554,20 +580,30 @@ def image_paths(given: list[str]) -> list[Path]:
     return paths
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """One output folder name per image: its stem, numbered where stems repeat."""
+    names = []
+    for path in paths:
+        name, n = path.stem, 1
+        while name in names:
+            n += 1
+            name = f"{path.stem}-{n}"
+        names.append(name)
+    return names
+
+
 def run(args) -> None:
     from weights import load_stable_diffusion
     paths = image_paths(args.image)
     options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
                    kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
-                   injection=not args.no_injection, batch_size=args.batch_size)
+                   injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
+                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma))
     check_options(DEFAULTS | options)
     device = pick_device(args.device)
     sd = load_stable_diffusion(args.weights, device=device, dtype=pick_dtype(args.dtype, device),
                                config_dir=args.config_dir)
-    used = set()
-    for path in paths:
-        name = path.stem if path.stem not in used else f"{path.stem}-{path.suffix[1:]}"
-        used.add(name)
+    for path, name in zip(paths, output_names(paths)):
         image = to_rgb(open_image(path))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -589,8 +625,10 @@ def main(argv=None) -> int:
     except (EmerDiffError, WeightsError) as e:
         print(f"emerdiff: error: {e}", file=sys.stderr)
         return 2
-    except torch.cuda.OutOfMemoryError:
-        print(f"emerdiff: error: out of GPU memory at --batch-size {args.batch_size}: lower it "
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on mps/cpu
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"emerdiff: error: out of memory at --batch-size {args.batch_size}: lower it "
               f"(e.g. --batch-size {max(1, args.batch_size // 2)}) or the --size", file=sys.stderr)
         return 2
     return 0

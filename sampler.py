@@ -38,7 +38,12 @@ def alpha_bars(timesteps: list[int]) -> list[tuple[float, float]]:
     return [(ab[t].item(), ab[t_prev].item()) for t, t_prev in zip(timesteps, [*timesteps[1:], 0])]
 
 
-def ddpm_mean(x_t, eps, alpha_bar, alpha_bar_prev):
+def denoising_steps(timesteps: list[int]) -> list[tuple[int, int, float, float]]:
+    """(step index, t, alpha_bar_t, alpha_bar_prev) for each step of a run of grid timesteps."""
+    return [(i, t, *bars) for i, (t, bars) in enumerate(zip(timesteps, alpha_bars(timesteps)))]
+
+
+def ddpm_mean_and_std(x_t, eps, alpha_bar, alpha_bar_prev):
     """mu_t and sigma_t of the eta = 1 DDPM step x_{t-1} = mu_t + sigma_t z (DDIM's Eq. 12 form)."""
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
     x0_hat = (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
@@ -47,7 +52,8 @@ def ddpm_mean(x_t, eps, alpha_bar, alpha_bar_prev):
 
 
 def predict_noise(unet, x, t, context, hooks, step):
-    """One UNet call in the model's dtype; fp32 noise back. Hooks learn the step index first."""
+    """One UNet call in the model's dtype; fp32 noise back. Sets `hooks.step = step` first: the
+    hooks key what they record and replay by it."""
     if hooks is not None:
         hooks.step = step
     dtype = next(unet.parameters()).dtype
@@ -73,8 +79,8 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
           * torch.randn(x0.shape, generator=generator, device=device).to(x0.device) for t in timesteps]
     xs.append(x0)  # x_{t-1} after the last step (t = 1) is x0 itself
     x, zs = xs[0], []
-    for i, (t, (ab, ab_prev)) in progress(list(enumerate(zip(timesteps, alpha_bars(timesteps))))):
-        mu, sigma = ddpm_mean(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
+    for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):
+        mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
         zs.append((xs[i + 1] - mu) / sigma)
         x = mu + sigma * zs[-1]  # equals xs[i + 1] up to rounding; the regeneration computes the same
     return timesteps, xs[0], torch.stack(zs)
@@ -88,8 +94,8 @@ def regenerate(unet, x_start, zs, timesteps, context, *, hooks=None):
     share zs (T, 1, 4, h, w) and context by broadcasting. Returns the final latents (B, 4, h, w).
     """
     x = x_start.float()
-    for i, (t, (ab, ab_prev)) in enumerate(zip(timesteps, alpha_bars(timesteps))):
-        mu, sigma = ddpm_mean(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
+    for i, t, ab, ab_prev in denoising_steps(timesteps):
+        mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
         x = mu + sigma * zs[i]
     return x
 
@@ -109,17 +115,18 @@ class Modulation(AttentionHooks):
     """The modulated regeneration's hooks (paper Sec. 3.3).
 
     At step 0 (t_m) the modulated layer's output gets `offsets` (B, tokens) added, broadcast over
-    channels: f(softmax(QK^T / sqrt(d)) V) + c M, one run per row. With a `record`, every
-    attention layer at every step uses the recorded queries and keys ("attention injection"),
-    so the modulated images stay aligned with the original.
+    channels: f(softmax(QK^T / sqrt(d)) V) + c M, one run per row. With `replay` (the record of
+    the unmodulated pass), every attention layer at every step uses the recorded queries and keys
+    ("attention injection"), so the modulated images stay aligned with the original; with None,
+    no injection.
     """
 
-    def __init__(self, offsets: torch.Tensor, record: AttentionRecord | None = None,
+    def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None,
                  layer: str = MODULATED_LAYER):
-        self.offsets, self.record, self.layer = offsets, record, layer
+        self.offsets, self.replay, self.layer = offsets, replay, layer
 
     def qk(self, name, q, k):
-        return (q, k) if self.record is None else self.record.qks[self.step, name]
+        return (q, k) if self.replay is None else self.replay.qks[self.step, name]
 
     def out(self, name, o):
         if self.step == 0 and name == self.layer:

@@ -124,8 +124,10 @@ class Attention(nn.Module):
         return o
 
     def _split_heads(self, a, batch):
-        """(b, tokens, dim) -> (batch, heads, tokens, dim / heads), broadcasting b = 1 over batch."""
-        return a.unflatten(-1, (self.heads, -1)).transpose(1, 2).expand(batch, -1, -1, -1)
+        """(b, tokens, dim) -> (batch, heads, tokens, dim / heads), repeating b = 1 over batch.
+        (Repeated, not a stride-0 view: some fused attention kernels mishandle those.)"""
+        a = a.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        return a if a.shape[0] == batch else a.expand(batch, -1, -1, -1).contiguous()
 
 
 class FeedForward(nn.Module):

@@ -109,6 +109,9 @@ def test_segment_accepts_a_path_an_image_and_a_tensor(tiny_sd_dir):
     by_image = emerdiff.segment(Image.open(EXAMPLE), sd, **options)
     assert np.array_equal(by_path.labels, by_image.labels) and by_path.labels.shape == (300, 451)
     assert by_path.low_res_labels.shape == (4, 4) and by_path.difference_maps.shape == (3, 128, 128)
+    argmax = by_path.difference_maps.numpy().argmax(0)  # labels: argmax, then nearest by pixel centres
+    rows, cols = (2 * np.arange(300) + 1) * 128 // 600, (2 * np.arange(451) + 1) * 128 // 902
+    assert np.array_equal(by_path.labels, argmax[rows][:, cols])
     tensor = torch.from_numpy(np.asarray(Image.open(EXAMPLE), dtype=np.float32) / 255).permute(2, 0, 1)
     assert emerdiff.segment(tensor, sd, **options).labels.shape == (300, 451)
 
@@ -168,11 +171,11 @@ def test_bad_weights(capsys, tmp_path):
     expect_error(capsys, tmp_path, "no such file or folder", "--image", str(EXAMPLE), weights=tmp_path / "nope")
 
 
-def test_out_of_gpu_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):
+def test_out_of_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(emerdiff, "segment", exhausted)
-    expect_error(capsys, tmp_path, "out of GPU memory at --batch-size 8: lower it (e.g. --batch-size 4)",
+    expect_error(capsys, tmp_path, "out of memory at --batch-size 8: lower it (e.g. --batch-size 4)",
                  "--image", str(EXAMPLE), weights=tiny_sd_dir)
 
 
@@ -187,3 +190,23 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_save(target, broken)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["labels.png"]
+
+
+def test_out_of_memory_on_the_cpu_or_mps_too(capsys, tmp_path, tiny_sd_dir, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")
+    monkeypatch.setattr(emerdiff, "segment", exhausted)
+    expect_error(capsys, tmp_path, "out of memory at --batch-size 2", "--image", str(EXAMPLE), "--batch-size", "2",
+                 weights=tiny_sd_dir)
+
+
+def test_an_elongated_image_gets_a_clear_error(capsys, tmp_path, tiny_sd_dir):
+    Image.new("RGB", (64, 20000)).save(tmp_path / "strip.png")
+    expect_error(capsys, tmp_path, "too elongated for the automatic size", "--image", str(tmp_path / "strip.png"),
+                 weights=tiny_sd_dir)
+
+
+def test_repeated_names_get_their_own_folders():
+    from pathlib import Path
+    names = emerdiff.output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x.png"), Path("y.jpg")])
+    assert names == ["x", "x-2", "x-3", "y"]

@@ -75,7 +75,7 @@ def test_an_empty_cluster_is_reseeded_at_the_farthest_point():
     labels = torch.tensor([[0, 0, 1, 1, 1]])  # cluster 2 of 3 is empty
     centers = torch.tensor([[[0.5], [17.0], [100.0]]])
     distances = ((x[:, 0] - centers[0, labels[0], 0]) ** 2)[None]
-    means = cluster_means(x, labels, 3, distances, centers)
+    means = cluster_means(x, labels, 3, distances)
     assert means[0, :, 0].tolist() == [0.5, 17.0, 30.0]  # 30 is farthest from its center (17)
 
 
@@ -113,12 +113,14 @@ def inversion(sd, x0):
 @pytest.fixture(scope="module")
 def masks():
     labels = torch.tensor([0, 0, 1, 1, 0, 2, 2, 1, 3, 3, 2, 1, 3, 0, 2, 1])
-    return low_resolution_masks(labels, GRID)
+    return low_resolution_masks(labels, GRID, 4)
 
 
 def test_low_resolution_masks_partition_the_grid(masks):
     assert masks.shape == (4, *GRID) and masks.dtype == torch.bool
     assert torch.equal(masks.sum(0), torch.ones(GRID, dtype=torch.long))
+    assert masks[2].tolist() == [[False, False, False, False], [False, True, True, False],
+                                 [False, False, True, False], [False, False, True, False]]  # the cells labelled 2
 
 
 class DiffusersAttention:
@@ -232,3 +234,12 @@ def test_injection_changes_the_maps(sd, inversion, masks):
     on = difference_maps(sd, inversion, masks[:2], injection=True)
     off = difference_maps(sd, inversion, masks[:2], injection=False)
     assert torch.isfinite(off).all() and (on - off).abs().max() > 1e-3 * on.abs().max()
+
+
+def test_without_injection_no_record_is_kept(sd, x0, inversion, masks):
+    bare = invert(sd, x0, generator=torch.Generator().manual_seed(42), record_attention=False)
+    assert bare.record is None and torch.equal(bare.zs, inversion.zs)
+    assert torch.equal(difference_maps(sd, bare, masks[:1], injection=False),
+                       difference_maps(sd, inversion, masks[:1], injection=False))
+    with pytest.raises(ValueError, match="needs the inversion's attention record"):
+        difference_maps(sd, bare, masks[:1], injection=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from sampler import (ALPHAS_CUMPROD, AttentionRecord, Modulation, alpha_bars, ddpm_mean, invert, regenerate,
+from sampler import (ALPHAS_CUMPROD, AttentionRecord, Modulation, alpha_bars, ddpm_mean_and_std, invert, regenerate,
                      timestep_grid)
 from unet import MODULATED_LAYER
 from weights import load_stable_diffusion
@@ -30,7 +30,7 @@ def test_schedule_matches_diffusers_ddim(steps):
     for t, (ab, ab_prev) in zip(grid, alpha_bars(grid)):
         x, eps, z = (torch.randn(1, 4, 4, 4, generator=g) for _ in range(3))
         expected = ref.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample  # x_{t-1} = mu + sigma z
-        mu, sigma = ddpm_mean(x, eps, ab, ab_prev)
+        mu, sigma = ddpm_mean_and_std(x, eps, ab, ab_prev)
         assert torch.allclose(mu + sigma * z, expected, rtol=1e-5, atol=1e-6), t
     assert grid[-1] == 1 and alpha_bars(grid)[-1][1] == ref.final_alpha_cumprod.item() == ALPHAS_CUMPROD[0].item()
 
@@ -132,6 +132,26 @@ def test_batch_of_runs_equals_single_runs(sd, inversion, injection):
 
 def test_zero_mask_changes_nothing_and_one_cell_does(sd, inversion):
     timesteps, x_start, zs, context, record = inversion
-    plain = regenerate(sd.unet, x_start, zs, timesteps, context, hooks=Modulation(torch.zeros(1, TOKENS), record))
-    one_cell = regenerate(sd.unet, x_start, zs, timesteps, context, hooks=Modulation(one_cell_offsets([6], 10.0), record))
-    assert relative_error(one_cell, plain) > 1e-3
+    unmodulated = regenerate(sd.unet, x_start, zs, timesteps, context)
+    zero = regenerate(sd.unet, x_start, zs, timesteps, context, hooks=Modulation(torch.zeros(1, TOKENS)))
+    one_cell = regenerate(sd.unet, x_start, zs, timesteps, context, hooks=Modulation(one_cell_offsets([6], 10.0)))
+    assert torch.equal(zero, unmodulated)
+    assert relative_error(one_cell, unmodulated) > 1e-3
+
+
+def test_inversion_matches_a_diffusers_loop(sd, x0_and_context, tiny_reference):
+    """x_t drawn around x0 from the seeded generator (t_m first), then z_t = (x_{t-1} - mu_t) / sigma_t
+    with diffusers' UNet, DDIM step (eta = 1, zero noise gives mu_t) and DDIM variance."""
+    x0, context = x0_and_context
+    timesteps, x_start, zs = invert(sd.unet, x0, context, generator=torch.Generator().manual_seed(42))
+    scheduler, g = sd15_ddim(), torch.Generator().manual_seed(42)
+    grid = [t for t in scheduler.timesteps.tolist() if t <= 281]
+    ab = scheduler.alphas_cumprod
+    xs = [ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * torch.randn(x0.shape, generator=g) for t in grid] + [x0]
+    assert timesteps == grid and torch.allclose(x_start, xs[0])
+    with torch.no_grad():
+        for i, t in enumerate(grid):
+            eps = tiny_reference[0](xs[i], t, context).sample
+            mu = scheduler.step(eps, t, xs[i], eta=1.0, variance_noise=torch.zeros_like(x0)).prev_sample
+            z = (xs[i + 1] - mu) / scheduler._get_variance(t, t - 20).sqrt()
+            assert relative_error(zs[i], z) <= 1e-4, t
