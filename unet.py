@@ -124,8 +124,8 @@ class Attention(nn.Module):
         return o
 
     def _split_heads(self, a, batch):
-        """(b, tokens, dim) -> (batch, heads, tokens, dim / heads), repeating b = 1 over batch.
-        (Repeated, not a stride-0 view: some fused attention kernels mishandle those.)"""
+        """(b, tokens, dim) -> (batch, heads, tokens, dim / heads), repeating b = 1 over batch
+        (materialised, not a stride-0 view, so that every fused attention kernel sees usual strides)."""
         a = a.unflatten(-1, (self.heads, -1)).transpose(1, 2)
         return a if a.shape[0] == batch else a.expand(batch, -1, -1, -1).contiguous()
 

@@ -210,3 +210,9 @@ def test_repeated_names_get_their_own_folders():
     from pathlib import Path
     names = emerdiff.output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x.png"), Path("y.jpg")])
     assert names == ["x", "x-2", "x-3", "y"]
+
+
+def test_an_absurdly_large_image_is_refused_before_decoding(capsys, tmp_path, tiny_sd_dir, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow's bomb guard, scaled down to this test's image
+    expect_error(capsys, tmp_path, "chelsea.jpg: cannot decode the image", "--image", str(EXAMPLE),
+                 weights=tiny_sd_dir)
