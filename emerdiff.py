@@ -405,10 +405,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 # ---- Images in and out ----
 
-def open_image(path) -> Image.Image:
+def open_image(path, decode: bool = True) -> Image.Image:
+    """The image at `path`, decoded (or only its header read: decode=False), or a one-line error."""
     try:
         image = Image.open(path)
-        image.load()
+        if decode:
+            image.load()
     except FileNotFoundError:
         raise EmerDiffError(f"{path}: no such file") from None
     except UnidentifiedImageError:
@@ -591,7 +593,8 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def run(args) -> None:
+def run(args) -> int:
+    """Segment every image of the command line; returns how many failed (each said in one line)."""
     from weights import load_stable_diffusion
     paths = image_paths(args.image)
     options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
@@ -599,28 +602,43 @@ def run(args) -> None:
                    injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
                    prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma))
     check_options(DEFAULTS | options)
+    for path in paths:  # every file must at least be an image before any weights are loaded
+        open_image(path, decode=False).close()
     device = pick_device(args.device)
     sd = load_stable_diffusion(args.weights, device=device, dtype=pick_dtype(args.dtype, device),
                                config_dir=args.config_dir)
+    failed = 0
     for path, name in zip(paths, output_names(paths)):
-        image = to_rgb(open_image(path))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seg = segment(image, sd, progress=not args.quiet, **options)
-        clock = time.perf_counter()
-        save_outputs(seg, image, Path(args.out) / name, args.save_diffmaps)
-        seg.seconds["saving"] = time.perf_counter() - clock
-        stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
-        memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-                  if device.type == "cuda" else "")
-        print(f"{path}: {int(seg.labels.max()) + 1} segments -> {Path(args.out) / name}/ ({stages}{memory})")
+        try:
+            segment_file(path, Path(args.out) / name, sd, options, args)
+        except EmerDiffError as e:  # say it, and go on with the other images
+            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            print(f"emerdiff: error: {message}", file=sys.stderr)
+            failed += 1
+    return failed
+
+
+def segment_file(path: Path, out_dir: Path, sd, options: dict, args):
+    """Segment one image file, write its outputs, print its one-line summary."""
+    device, _ = model_device_dtype(sd)
+    image = to_rgb(open_image(path))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seg = segment(image, sd, progress=not args.quiet, **options)
+    clock = time.perf_counter()
+    save_outputs(seg, image, out_dir, args.save_diffmaps)
+    seg.seconds["saving"] = time.perf_counter() - clock
+    stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
+    memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+              if device.type == "cuda" else "")
+    print(f"{path}: {int(seg.labels.max()) + 1} segments -> {out_dir}/ ({stages}{memory})")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from weights import WeightsError
     try:
-        run(args)
+        failed = run(args)
     except (EmerDiffError, WeightsError) as e:
         print(f"emerdiff: error: {e}", file=sys.stderr)
         return 2
@@ -630,7 +648,7 @@ def main(argv=None) -> int:
         print(f"emerdiff: error: out of memory at --batch-size {args.batch_size}: lower it "
               f"(e.g. --batch-size {max(1, args.batch_size // 2)}) or the --size", file=sys.stderr)
         return 2
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -216,3 +216,18 @@ def test_an_absurdly_large_image_is_refused_before_decoding(capsys, tmp_path, ti
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow's bomb guard, scaled down to this test's image
     expect_error(capsys, tmp_path, "chelsea.jpg: cannot decode the image", "--image", str(EXAMPLE),
                  weights=tiny_sd_dir)
+
+
+def test_a_bad_image_among_several_is_reported_and_the_others_done(capsys, tmp_path, tiny_sd_dir):
+    Image.new("RGB", (40, 300)).save(tmp_path / "thin.png")
+    status = run_cli(tiny_sd_dir, tmp_path / "out", "--image", str(tmp_path / "thin.png"), "--image", str(EXAMPLE))
+    err = capsys.readouterr().err
+    thin = tmp_path / "thin.png"
+    assert status == 2 and err == f"emerdiff: error: {thin}: the image is 40x300: at least 64 px per side is needed\n"
+    assert (tmp_path / "out" / "chelsea" / "labels.npy").is_file() and not (tmp_path / "out" / "thin").exists()
+
+
+def test_a_file_that_is_no_image_fails_before_any_weights_load(capsys, tmp_path):
+    (tmp_path / "notes.jpg").write_text("hello")
+    expect_error(capsys, tmp_path, "notes.jpg: not an image", "--image", str(EXAMPLE), "--image",
+                 str(tmp_path / "notes.jpg"), weights=tmp_path / "no-weights-here")
