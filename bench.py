@@ -107,6 +107,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="runs per UNet/VAE call")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
+    if args.method and not args.weights:
+        p.error("--method needs --weights")
     device = emerdiff.pick_device(args.device)
     dtype = emerdiff.pick_dtype(args.dtype, device)
     print(f"device {device}, {dtype}, torch {torch.__version__}")
@@ -120,8 +122,6 @@ def main(argv=None):
         vae = VAE(VAEConfig()).to(device, dtype).eval()
     compare_models(unet, vae, args, device, dtype)
     if args.method:
-        if not args.weights:
-            p.error("--method needs --weights")
         seg = emerdiff.segment(args.method, sd, size=args.size, batch_size=args.batch)
         print("segment():", ", ".join(f"{stage} {s:.2f} s" for stage, s in seg.seconds.items()),
               f"total {sum(seg.seconds.values()):.2f} s")

@@ -528,6 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="SD v1.x: hub repo id, diffusers folder or single .safetensors file (see weights.md)")
     p.add_argument("--config-dir", help="for a single-file --weights: a diffusers folder with the tokenizer/configs")
+    p.add_argument("--variant", choices=["fp16"], help="for a hub id: download the half-size fp16 files")
     p.add_argument("--out", default="emerdiff_out", help="output folder; one subfolder per image")
     p.add_argument("--masks", type=int, default=DEFAULTS["masks"], help="K, the number of low-resolution masks")
     p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda, the modulation strength")
@@ -606,7 +607,7 @@ def run(args) -> int:
         open_image(path, decode=False).close()
     device = pick_device(args.device)
     sd = load_stable_diffusion(args.weights, device=device, dtype=pick_dtype(args.dtype, device),
-                               config_dir=args.config_dir)
+                               variant=args.variant, config_dir=args.config_dir)
     failed = 0
     for path, name in zip(paths, output_names(paths)):
         try:

@@ -286,13 +286,13 @@ class UNet(nn.Module):
                       context_dim=cfg.cross_attention_dim)
         levels = range(len(chs))
 
-        def heads(level, block_type):
+        def block_heads(level, block_type):  # None: a block without attention
             return cfg.heads(level) if block_type.startswith("CrossAttn") else None
 
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(chs[max(i - 1, 0)], chs[i], n, heads=heads(i, cfg.down_block_types[i]),
+            DownBlock(chs[max(i - 1, 0)], chs[i], n, heads=block_heads(i, cfg.down_block_types[i]),
                       downsample=i < len(chs) - 1, **common) for i in levels)
         self.mid_block = MidBlock(chs[-1], SpatialTransformer(chs[-1], cfg.heads(len(chs) - 1),
                                                               cfg.cross_attention_dim, cfg.norm_num_groups),
@@ -305,7 +305,7 @@ class UNet(nn.Module):
             prev_out = chs[min(level + 1, len(chs) - 1)]
             skip_chs = [chs[level]] * n + [chs[max(level - 1, 0)]]
             in_chs = [(prev_out if j == 0 else chs[level]) + skip for j, skip in enumerate(skip_chs)]
-            self.up_blocks.append(UpBlock(in_chs, chs[level], heads=heads(level, cfg.up_block_types[i]),
+            self.up_blocks.append(UpBlock(in_chs, chs[level], heads=block_heads(level, cfg.up_block_types[i]),
                                           upsample=level > 0, **common))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)

@@ -1,12 +1,14 @@
 """Loading Stable Diffusion v1.x weights from safetensors: hub repo, diffusers folder or single file.
 
-One entry point, `load_stable_diffusion(source)`. Every tensor is read through safetensors
-(memory-mapped, no pickle), renamed only for the original single-file format (by prefix tables
-built from the model config), checked name by name and shape by shape against our models, and
-cast to the requested dtype. weights.md documents the layouts and the errors.
+One entry point, `load_stable_diffusion(source)`. Every tensor is read through safetensors (no
+pickle), one model at a time and cast to the requested dtype as it is read, renamed only for the
+original single-file format (by prefix tables built from the model config), checked name by name
+and shape by shape against our models, and moved to the device before the next model is read.
+weights.md documents the layouts and the errors.
 """
 import dataclasses
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,24 +54,25 @@ def load_stable_diffusion(source: str | Path = DEFAULT_REPO, device="cpu", dtype
     tokenizer from the default hub repo and the SD v1.5 configurations."""
     if variant not in (None, "fp16"):
         raise WeightsError(f"unknown variant {variant!r}: use None or 'fp16'")
+    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+        raise WeightsError(f"{config_dir}: no such folder (the config folder is a diffusers-layout folder)")
     path = Path(source).expanduser()
-    if path.is_file():
-        models = load_single_file(path, dtype, config_dir)
-        tokenizer_files = _tokenizer_files(config_dir)
+    load = dict(variant=variant, dtype=dtype, device=device)
+    if path.is_file():  # header and tokenizer first: they fail before GBs are read
+        keys = single_file_keys(path)
+        tokenizer = load_tokenizer(*_tokenizer_files(config_dir))
+        models = load_single_file(path, keys, dtype, device, config_dir)
     elif path.is_dir():
-        models = {name: _load_component(name, lambda f, name=name: path / name / f, variant, dtype)
-                  for name in MODELS}
-        tokenizer_files = [path / "tokenizer" / f for f in TOKENIZER_FILES]
+        tokenizer = load_tokenizer(*[path / "tokenizer" / f for f in TOKENIZER_FILES])
+        models = {name: _load_component(name, lambda f, name=name: path / name / f, **load) for name in MODELS}
     elif _looks_like_path(str(source)):
         raise WeightsError(f"{source}: no such file or folder (give a hub repo id, a diffusers folder "
                            "or a single .safetensors file)")
     else:
-        models = {name: _load_component(name, lambda f, name=name: hub_file(str(source), name, f), variant, dtype)
+        tokenizer = load_tokenizer(*[hub_file(str(source), "tokenizer", f) for f in TOKENIZER_FILES])
+        models = {name: _load_component(name, lambda f, name=name: hub_file(str(source), name, f), **load)
                   for name in MODELS}
-        tokenizer_files = [hub_file(str(source), "tokenizer", f) for f in TOKENIZER_FILES]
-    for model in models.values():
-        model.to(device).eval().requires_grad_(False)
-    return StableDiffusion(**models, tokenizer=load_tokenizer(*tokenizer_files))
+    return StableDiffusion(**models, tokenizer=tokenizer)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -91,7 +94,7 @@ def hub_file(repo_id: str, subfolder: str, filename: str) -> Path:
                            f"from the hub failed: {first_line}") from None
 
 
-def _load_component(name, file_of, variant, dtype):
+def _load_component(name, file_of, variant, dtype, device):
     """Build one model from its config.json (SD v1.5 defaults where a folder has none) and weights."""
     config_name, weights_name, fp16_name = FOLDER_FILES[name]
     config_cls = MODELS[name][1]
@@ -101,7 +104,7 @@ def _load_component(name, file_of, variant, dtype):
                            "text_encoder/ and tokenizer/")
     config = read_config(config_cls, config_path) if config_path.is_file() else config_cls()
     weights = Path(file_of(fp16_name if variant == "fp16" else weights_name))
-    return build_model(name, config, read_safetensors(weights), dtype, str(weights))
+    return build_model(name, config, read_safetensors(weights, dtype), str(weights), device)
 
 
 def read_config(config_cls, path: Path):
@@ -115,9 +118,14 @@ def read_config(config_cls, path: Path):
 
 def config_from_dict(config_cls, raw: dict, where: str = "config"):
     """The dataclass `config_cls` from the keys of a diffusers/transformers config it knows."""
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{where}: a config must be a JSON object, not {type(raw).__name__}")
     _reject_foreign_config(raw, where)
     known = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
+    try:
+        return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{where}: {e}") from None
 
 
 def _reject_foreign_config(raw: dict, where: str):
@@ -127,33 +135,49 @@ def _reject_foreign_config(raw: dict, where: str):
         raise WeightsError(f"{where}: this is a Stable Diffusion 2.x model; emerdiff needs v1.x")
     if any(n != 1 for n in _as_tuple(raw.get("transformer_layers_per_block", 1))):
         raise WeightsError(f"{where}: transformer_layers_per_block != 1 is not SD v1.x")
+    if "cross_attention_dim" in raw and raw.get("in_channels", 4) != 4:
+        raise WeightsError(f"{where}: a UNet with {raw['in_channels']} input channels (inpainting or "
+                           "instruction editing); emerdiff needs the text-to-image SD v1.x UNet")
 
 
 def _as_tuple(x):
     return tuple(x) if isinstance(x, (list, tuple)) else (x,)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (memory-mapped), with a clear error for a bad file."""
+@contextmanager
+def open_safetensors(path: Path):
+    """safetensors' reader for `path`, with a one-line error for a missing or bad file."""
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            yield f
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{path}: not a valid safetensors file, truncated or another format ({e})") from None
 
 
-def build_model(name: str, config, state_dict: dict, dtype, where: str):
-    """Our model `name` for `config`, holding exactly the tensors of `state_dict` (checked), cast to dtype."""
+def read_safetensors(path: Path, dtype, rename=lambda key: key) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose `rename(key)` is not None, under that name, each
+    cast to dtype (floating point ones) as it is read: no second copy of the file in memory."""
+    with open_safetensors(path) as f:
+        tensors = {}
+        for key in f.keys():
+            name = rename(key)
+            if name is not None:
+                tensor = f.get_tensor(key)
+                tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return tensors
+
+
+def build_model(name: str, config, state_dict: dict, where: str, device):
+    """Our model `name` for `config`, holding exactly the tensors of `state_dict` (checked), on device."""
     state_dict = normalise_names(name, state_dict)
     _reject_foreign_tensors(state_dict, where)
     with torch.device("meta"):
         model = MODELS[name][0](config)
     check_tensors(model, state_dict, where)
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()},
-                          assign=True)
-    return model
+    model.load_state_dict(state_dict, assign=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
 # Older diffusers VAE files name the mid-block attention by its pre-0.14 names.
@@ -205,25 +229,41 @@ LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
                 "text_encoder": "cond_stage_model.transformer."}
 
 
-def load_single_file(path: Path, dtype, config_dir=None) -> dict:
-    """The three models of an original `v1-5-pruned-emaonly.safetensors`, configured from
-    `config_dir`'s config.json files where it has them, else as SD v1.5."""
-    tensors = read_safetensors(path)
-    if any(k.startswith("conditioner.embedders.") for k in tensors):
+def single_file_keys(path: Path) -> list[str]:
+    """The tensor names of an original-format file (its header only), refusing SDXL and SD 2.x."""
+    with open_safetensors(path) as f:
+        keys = list(f.keys())
+    if any(k.startswith("conditioner.embedders.") for k in keys):
         raise WeightsError(f"{path}: this is an SDXL checkpoint; emerdiff needs Stable Diffusion v1.x")
-    if any(k.startswith("cond_stage_model.model.") for k in tensors):
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise WeightsError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); "
                            "emerdiff needs v1.x")
+    return keys
+
+
+def load_single_file(path: Path, keys: list[str], dtype, device, config_dir=None) -> dict:
+    """The three models of an original `v1-5-pruned(-emaonly).safetensors`, configured from
+    `config_dir`'s config.json files where it has them, else as SD v1.5."""
     models = {}
     for name, prefix in LDM_PREFIXES.items():
-        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not part:
+        names = {k: k[len(prefix):] for k in keys if k.startswith(prefix)}  # file key -> key in its model
+        if not names:
             raise WeightsError(f"{path}: no tensors under '{prefix}': not an original-format SD v1.x checkpoint")
+        if name == "unet":
+            names = ema_names(names, keys)
         config_cls = MODELS[name][1]
         config_path = Path(config_dir or "", name, "config.json")
         config = read_config(config_cls, config_path) if config_dir and config_path.is_file() else config_cls()
-        models[name] = build_model(name, config, convert_ldm(name, part, config), dtype, str(path))
+        part = read_safetensors(path, dtype, names.get)
+        models[name] = build_model(name, config, convert_ldm(name, part, config), str(path), device)
     return models
+
+
+def ema_names(names: dict[str, str], keys: list[str]) -> dict[str, str]:
+    """The EMA copy of the UNet where the file holds one (the full `v1-5-pruned` does, as
+    `model_ema.diffusion_model<key without dots>`): the hub's diffusers weights are the EMA ones."""
+    ema = {"model_ema.diffusion_model" + short.replace(".", ""): short for short in names.values()}
+    return ema if set(ema) <= set(keys) else names
 
 
 def convert_ldm(name: str, tensors: dict, config) -> dict:

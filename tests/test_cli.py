@@ -53,7 +53,7 @@ def test_the_script_runs_as_the_readme_says(tiny_sd_dir, tmp_path):
     assert (tmp_path / "chelsea" / "labels.png").is_file()
     help_text = subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), "--help"], capture_output=True,
                                text=True).stdout
-    for option in ("--weights", "--out", "--masks", "--lam", "--tm", "--tf", "--feature-samples", "--seed",
+    for option in ("--weights", "--variant", "--config-dir", "--out", "--masks", "--lam", "--tm", "--tf", "--feature-samples", "--seed",
                    "--size", "--device", "--dtype", "--no-injection", "--batch-size", "--save-diffmaps"):
         assert option in help_text
 
@@ -167,8 +167,10 @@ def test_bad_options(capsys, tmp_path, args, pattern):
     expect_error(capsys, tmp_path, pattern, "--image", str(EXAMPLE), *args)
 
 
-def test_bad_weights(capsys, tmp_path):
+def test_bad_weights(capsys, tmp_path, tiny_sd_dir):
     expect_error(capsys, tmp_path, "no such file or folder", "--image", str(EXAMPLE), weights=tmp_path / "nope")
+    expect_error(capsys, tmp_path, "diffusion_pytorch_model.fp16.safetensors: file not found", "--image", str(EXAMPLE),
+                 "--variant", "fp16", weights=tiny_sd_dir)
 
 
 def test_out_of_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):

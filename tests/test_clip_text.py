@@ -117,25 +117,10 @@ def test_tokenizer_file_errors_name_the_file(tmp_path, clip_vocab_dir):
 # ----------------------------------------------------------------------------------------------
 # Model
 
-SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                        num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-
 def _hf_state_dict_as_hub_names(model) -> dict:
-    """transformers 5 drops the `text_model.` prefix that the hub's text_encoder files (and we) keep."""
-    return {"text_model." + k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-
-
-def test_state_dict_matches_transformers_for_sd15():
-    assert CLIPTextConfig() == CLIPTextConfig(**SD15_TEXT_CONFIG)
-    with torch.device("meta"):
-        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT_CONFIG))
-        model = CLIPTextModel(CLIPTextConfig())
-    expected = {k: tuple(v.shape) for k, v in _hf_state_dict_as_hub_names(ref).items()}
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert list(got) == list(expected)
-    assert got == expected
-    assert sum(p.numel() for p in model.parameters()) == 123_060_480
+    """The hub's text_encoder names (`text_model.*`), which transformers >= 5 no longer uses itself."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v
+            for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])

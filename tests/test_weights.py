@@ -116,6 +116,29 @@ def copy_folder(src, dst):
     return dst
 
 
+def test_single_file_prefers_the_ema_unet(tmp_path, tiny_reference, tiny_sd_dir):
+    """The full v1-5-pruned file holds both: model.diffusion_model.* and model_ema.diffusion_model<no dots>."""
+    checkpoint = ldm_checkpoint(*tiny_reference)
+    unet_keys = [k for k in checkpoint if k.startswith("model.diffusion_model.")]
+    for key in unet_keys:
+        checkpoint["model_ema.diffusion_model" + key[len("model.diffusion_model."):].replace(".", "")] = checkpoint[key] + 1
+    checkpoint["model_ema.num_updates"] = torch.tensor(1000)
+    save_file(checkpoint, str(tmp_path / "pruned.safetensors"))
+    ema = load_stable_diffusion(tmp_path / "pruned.safetensors", config_dir=tiny_sd_dir).unet.state_dict()
+    expected = tiny_reference[0].state_dict()
+    assert ema.keys() == expected.keys() and all(torch.equal(ema[k], expected[k] + 1) for k in expected)
+
+
+def test_a_clip_file_without_the_text_model_prefix(tmp_path, tiny_sd_dir):
+    """transformers >= 5 saves CLIPTextModel without `text_model.`; the hub's files have it."""
+    folder = copy_folder(tiny_sd_dir, tmp_path / "v5")
+    clip_file = folder / "text_encoder" / "model.safetensors"
+    hub_names = load_file(str(clip_file))
+    assert all(k.startswith("text_model.") for k in hub_names)
+    save_file({k.removeprefix("text_model."): v for k, v in hub_names.items()}, str(clip_file))
+    assert_same_weights(load_stable_diffusion(folder), load_stable_diffusion(tiny_sd_dir))
+
+
 def test_legacy_vae_attention_names_and_position_ids(tmp_path, tiny_sd_dir):
     folder = copy_folder(tiny_sd_dir, tmp_path / "legacy")
     vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
@@ -141,6 +164,10 @@ def test_fp16_variant_and_dtype(tmp_path, tiny_sd_dir):
         save_file(half, str(folder / sub / f"{name}.fp16.safetensors"))
     sd = load_stable_diffusion(folder, variant="fp16", dtype=torch.bfloat16)
     assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    full = load_stable_diffusion(tiny_sd_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, fp32 = getattr(sd, name).state_dict(), getattr(full, name).state_dict()
+        assert all(torch.allclose(ours[k].float(), fp32[k], rtol=1e-2, atol=1e-3) for k in fp32), name
 
 
 # ---- the hub path, through huggingface_hub's real cache look-up, offline ----
@@ -259,6 +286,28 @@ def test_wrong_tensors_are_listed(tmp_path, tiny_sd_dir, edit, pattern):
     folder = copy_folder(tiny_sd_dir, tmp_path / "edited")
     edit_unet(folder, edit)
     expect_error(r"diffusion_pytorch_model\.safetensors: not a UNet of this configuration: " + pattern, folder)
+
+
+@pytest.mark.parametrize("config, pattern", [
+    ([1, 2], r"config\.json: a config must be a JSON object, not list"),
+    ({"hidden_act": "gelu_new"}, r"config\.json: hidden_act must be one of"),
+], ids=["list", "activation"])
+def test_bad_configs(tmp_path, tiny_sd_dir, config, pattern):
+    folder = copy_folder(tiny_sd_dir, tmp_path / "config")
+    path = folder / "text_encoder" / "config.json"
+    path.write_text(json.dumps(config if isinstance(config, list) else json.loads(path.read_text()) | config))
+    expect_error(pattern, folder)
+
+
+def test_inpainting_unet(tmp_path, tiny_sd_dir):
+    folder = copy_folder(tiny_sd_dir, tmp_path / "inpaint")
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"in_channels": 9}))
+    expect_error(r"unet/config\.json: a UNet with 9 input channels \(inpainting", folder)
+
+
+def test_missing_config_folder(tmp_path, single_file):
+    expect_error(r"nowhere: no such folder", single_file, config_dir=tmp_path / "nowhere")
 
 
 def test_tokenizer_folder_without_vocab(tmp_path, tiny_sd_dir, single_file):
