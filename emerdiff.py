@@ -123,7 +123,8 @@ def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None
     output of the layer's to_q projection, all heads together. (The notebook uses t_f = 0.)
     """
     alpha_bar = sampler.ALPHAS_CUMPROD[t_f].item()
-    noise = torch.randn((samples, *x0.shape[1:]), generator=generator).to(x0.device)  # drawn at once: batch-size free
+    # Drawn at once (the same numbers as one draw after another, as the notebook makes them): batch-size free.
+    noise = torch.randn((samples, *x0.shape[1:]), generator=generator).to(x0.device)
     context = embed_prompt(sd, prompt)
     capture = FeatureCapture()
     for start in tqdm(range(0, samples, batch_size), desc="features", disable=not progress, leave=False):

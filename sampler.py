@@ -75,8 +75,12 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
                          f"{1 + TRAIN_STEPS // steps}, ...); pick a timestep on it")
     x0 = x0.float()
     device = generator.device if generator is not None else x0.device
-    xs = [ALPHAS_CUMPROD[t].item() ** 0.5 * x0 + (1 - ALPHAS_CUMPROD[t].item()) ** 0.5
-          * torch.randn(x0.shape, generator=generator, device=device).to(x0.device) for t in timesteps]
+    # Drawn from t = 1 upwards, the order of the reference implementation (Huberman-Spiegelglas et
+    # al.'s code, which the authors' notebook reuses): a seed gives the same x_t as theirs.
+    noises = {t: torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
+              for t in reversed(timesteps)}
+    xs = [ALPHAS_CUMPROD[t].item() ** 0.5 * x0 + (1 - ALPHAS_CUMPROD[t].item()) ** 0.5 * noises[t]
+          for t in timesteps]
     xs.append(x0)  # x_{t-1} after the last step (t = 1) is x0 itself
     x, zs = xs[0], []
     for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):

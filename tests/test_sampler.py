@@ -140,14 +140,16 @@ def test_zero_mask_changes_nothing_and_one_cell_does(sd, inversion):
 
 
 def test_inversion_matches_a_diffusers_loop(sd, x0_and_context, tiny_reference):
-    """x_t drawn around x0 from the seeded generator (t_m first), then z_t = (x_{t-1} - mu_t) / sigma_t
-    with diffusers' UNet, DDIM step (eta = 1, zero noise gives mu_t) and DDIM variance."""
+    """x_t drawn around x0 from the seeded generator in the reference code's order (t = 1, 21, ...
+    upwards, as its sample_xts_from_x0 does), then z_t = (x_{t-1} - mu_t) / sigma_t with diffusers'
+    UNet, DDIM step (eta = 1, zero noise gives mu_t) and DDIM variance."""
     x0, context = x0_and_context
     timesteps, x_start, zs = invert(sd.unet, x0, context, generator=torch.Generator().manual_seed(42))
     scheduler, g = sd15_ddim(), torch.Generator().manual_seed(42)
     grid = [t for t in scheduler.timesteps.tolist() if t <= 281]
     ab = scheduler.alphas_cumprod
-    xs = [ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * torch.randn(x0.shape, generator=g) for t in grid] + [x0]
+    noise = {t: torch.randn(x0.shape, generator=g) for t in sorted(grid)}
+    xs = [ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * noise[t] for t in grid] + [x0]
     assert timesteps == grid and torch.allclose(x_start, xs[0])
     with torch.no_grad():
         for i, t in enumerate(grid):
