@@ -49,7 +49,8 @@ def reference_models(unet: UNet, vae: VAE, device, dtype):
         block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
         attention_head_dim=c.attention_head_dim, cross_attention_dim=c.cross_attention_dim,
         norm_num_groups=c.norm_num_groups, down_block_types=c.down_block_types, up_block_types=c.up_block_types)
-    ref_vae = AutoencoderKL(block_out_channels=vae.config.block_out_channels, layers_per_block=vae.config.layers_per_block,
+    ref_vae = AutoencoderKL(block_out_channels=vae.config.block_out_channels,
+                            layers_per_block=vae.config.layers_per_block,
                             down_block_types=("DownEncoderBlock2D",) * len(vae.config.block_out_channels),
                             up_block_types=("UpDecoderBlock2D",) * len(vae.config.block_out_channels),
                             latent_channels=vae.config.latent_channels)
@@ -78,7 +79,8 @@ def compare_models(unet, vae, args, device, dtype):
                           device, args.repeats)
     rows.append(("VAE decode", ours_s, ref_s,
                  relative_difference(vae.decode(latent), ref_vae.decode(latent / vae.config.scaling_factor).sample)))
-    print(f"{'batch ' + str(args.batch) + f' at {args.size}px':<28}{'ours':>10}{'diffusers':>11}{'ratio':>8}{'max diff':>11}")
+    title = f"batch {args.batch} at {args.size}px"
+    print(f"{title:<28}{'ours':>10}{'diffusers':>11}{'ratio':>8}{'max diff':>11}")
     for name, ours_s, ref_s, diff in rows:
         print(f"{name:<28}{ours_s * 1e3:>8.1f}ms{ref_s * 1e3:>9.1f}ms{ref_s / ours_s:>8.2f}{diff:>11.2e}")
     hooks_overhead(unet, x, context, args, device)

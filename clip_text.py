@@ -117,7 +117,8 @@ class CLIPTextModel(nn.Module):
         """(B, T) token ids -> (B, T, hidden_size) last hidden state after final_layer_norm."""
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         emb = self.text_model.embeddings
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = emb.token_embedding(input_ids) + emb.position_embedding(positions)  # (B, T, C)

@@ -372,7 +372,8 @@ def check_options(o: dict):
         raise EmerDiffError("steps must be between 2 and 1000")
     grid = sampler.timestep_grid(o["steps"])
     checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
-              (o["t_m"] in grid, f"t_m = {o['t_m']} is not on the {o['steps']}-step grid ({grid[-1]}, {grid[-2]}, ...)"),
+              (o["t_m"] in grid,
+               f"t_m = {o['t_m']} is not on the {o['steps']}-step grid ({grid[-1]}, {grid[-2]}, ...)"),
               (0 <= o["t_f"] < sampler.TRAIN_STEPS, "t_f must be a timestep in 0..999"),
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),

@@ -86,8 +86,9 @@ def hub_file(repo_id: str, subfolder: str, filename: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder))
     except LocalEntryNotFoundError:
-        raise WeightsError(f"{repo_id}/{subfolder}/{filename} is not in the local cache and the hub cannot "
-                           "be reached: connect once (or unset HF_HUB_OFFLINE), or pass a local folder or file") from None
+        message = (f"{repo_id}/{subfolder}/{filename} is not in the local cache and the hub cannot be reached: "
+                   "connect once (or unset HF_HUB_OFFLINE), or pass a local folder or file")
+        raise WeightsError(message) from None
     except (HfHubHTTPError, HFValidationError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"{repo_id} is no local file or folder, and fetching {subfolder}/{filename} "
