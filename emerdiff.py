@@ -258,11 +258,22 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
     replay = inversion.record if injection else None
+    batches = offsets.split(batch_size)
     latents = []
-    for batch in tqdm(offsets.split(batch_size), desc="modulated runs", disable=not progress, leave=False):
-        latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
-                                          inversion.context, hooks=sampler.Modulation(batch, replay)))
+    with tqdm(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step",
+              disable=not progress, leave=False) as bar:
+        for batch in batches:
+            latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
+                                              inversion.context, hooks=sampler.Modulation(batch, replay),
+                                              progress=lambda steps: ticking(steps, bar)))
     return torch.cat(latents)
+
+
+def ticking(items, bar):
+    """`items`, advancing the progress bar by one as each is taken."""
+    for item in items:
+        yield item
+        bar.update()
 
 
 # ---- Step 4: difference maps and labels (Sec. 3.3) ----

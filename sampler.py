@@ -91,14 +91,15 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
 
 
 @torch.no_grad()
-def regenerate(unet, x_start, zs, timesteps, context, *, hooks=None):
+def regenerate(unet, x_start, zs, timesteps, context, *, hooks=None, progress=iter):
     """The stochastic DDPM sampler with stored noise: x_{t-1} = mu_t(x_t) + sigma_t z_t.
 
     x_start may carry a batch of B runs, or hooks may create one (a per-run offset); all runs
     share zs (T, 1, 4, h, w) and context by broadcasting. Returns the final latents (B, 4, h, w).
+    `progress` wraps the step loop.
     """
     x = x_start.float()
-    for i, t, ab, ab_prev in denoising_steps(timesteps):
+    for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):
         mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
         x = mu + sigma * zs[i]
     return x
