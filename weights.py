@@ -103,13 +103,15 @@ def _load_component(name, file_of, variant, dtype, device):
     if not config_path.parent.is_dir():
         raise WeightsError(f"{config_path.parent}: missing; a diffusers folder holds unet/, vae/, "
                            "text_encoder/ and tokenizer/")
-    config = read_config(config_cls, config_path) if config_path.is_file() else config_cls()
+    config = read_config(config_cls, config_path)
     weights = Path(file_of(fp16_name if variant == "fp16" else weights_name))
     return build_model(name, config, read_safetensors(weights, dtype), str(weights), device)
 
 
 def read_config(config_cls, path: Path):
-    """The dataclass `config_cls` filled from a config.json file."""
+    """The dataclass `config_cls` filled from a config.json file; SD v1.5's defaults where there is none."""
+    if not path.is_file():
+        return config_cls()
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -253,8 +255,7 @@ def load_single_file(path: Path, keys: list[str], dtype, device, config_dir=None
         if name == "unet":
             names = ema_names(names, keys)
         config_cls = MODELS[name][1]
-        config_path = Path(config_dir or "", name, "config.json")
-        config = read_config(config_cls, config_path) if config_dir and config_path.is_file() else config_cls()
+        config = read_config(config_cls, Path(config_dir, name, "config.json")) if config_dir else config_cls()
         part = read_safetensors(path, dtype, names.get)
         models[name] = build_model(name, config, convert_ldm(name, part, config), str(path), device)
     return models
