@@ -63,3 +63,10 @@ def tiny_sd_dir(tmp_path_factory, clip_vocab_dir, tiny_reference):
     """A diffusers-layout folder (saved by diffusers/transformers) holding the tiny models."""
     from tiny_models import save_diffusers_folder
     return save_diffusers_folder(tmp_path_factory.mktemp("tiny_sd"), clip_vocab_dir, tiny_reference)
+
+
+@pytest.fixture(scope="session")
+def sd(tiny_sd_dir):
+    """Our models, loaded from the tiny folder by the project's own loader (read-only in tests)."""
+    from weights import load_stable_diffusion
+    return load_stable_diffusion(tiny_sd_dir)

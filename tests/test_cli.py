@@ -101,9 +101,7 @@ def test_exif_rotation_is_honoured(tiny_sd_dir, tmp_path):
     assert np.load(tmp_path / "out" / "rotated" / "labels.npy").shape == (200, 100)
 
 
-def test_segment_accepts_a_path_an_image_and_a_tensor(tiny_sd_dir):
-    from weights import load_stable_diffusion
-    sd = load_stable_diffusion(tiny_sd_dir)
+def test_segment_accepts_a_path_an_image_and_a_tensor(sd):
     options = dict(size=128, masks=3, feature_samples=2, kmeans_restarts=3)
     by_path = emerdiff.segment(EXAMPLE, sd, **options)
     by_image = emerdiff.segment(Image.open(EXAMPLE), sd, **options)

@@ -11,7 +11,6 @@ import emerdiff
 from emerdiff import (cluster_means, difference_maps, extract_features, gaussian_blur, invert, kmeans,
                       low_resolution_masks)
 from sampler import ALPHAS_CUMPROD, Modulation, regenerate
-from weights import load_stable_diffusion
 
 # The layers the method spec names, written out here rather than imported from unet.py.
 FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -93,11 +92,6 @@ def test_gaussian_blur_matches_scipy():
 
 SIZE = 128  # a 128x128 image: 16x16 latents, a 4x4 feature grid
 GRID = (4, 4)
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_sd_dir):
-    return load_stable_diffusion(tiny_sd_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from clip_text import CLIPTextConfig, CLIPTextModel
 from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_UNET
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
-from weights import config_from_dict, load_stable_diffusion
+from weights import config_from_dict
 
 
 def assert_close(ours, ref, rel=1e-4):
@@ -19,37 +19,32 @@ def assert_close(ours, ref, rel=1e-4):
     assert scale > 0 and error <= rel * scale, f"max abs error {error:.3g} at output scale {scale:.3g}"
 
 
-@pytest.fixture(scope="module")
-def ours(tiny_sd_dir):
-    return load_stable_diffusion(tiny_sd_dir)
-
-
 @pytest.mark.parametrize("latent_hw", [(8, 12), (9, 13)])  # non-square; odd sides round up on the way down
-def test_unet_matches_diffusers(ours, tiny_reference, latent_hw):
+def test_unet_matches_diffusers(sd, tiny_reference, latent_hw):
     ref = tiny_reference[0]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, *latent_hw, generator=g)
     t = torch.tensor([981, 281, 1])
     context = torch.randn(3, 77, TINY_UNET["cross_attention_dim"], generator=g)
     with torch.no_grad():
-        assert_close(ours.unet(x, t, context), ref(x, t, context).sample)
-        assert_close(ours.unet(x, 21, context), ref(x, 21, context).sample)  # an int timestep
+        assert_close(sd.unet(x, t, context), ref(x, t, context).sample)
+        assert_close(sd.unet(x, 21, context), ref(x, 21, context).sample)  # an int timestep
 
 
-def test_vae_matches_diffusers(ours, tiny_reference):
+def test_vae_matches_diffusers(sd, tiny_reference):
     ref = tiny_reference[1]
     image = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         ref_latent = ref.encode(image).latent_dist.mean * ref.config.scaling_factor
-        latent = ours.vae.encode(image)
+        latent = sd.vae.encode(image)
         assert_close(latent, ref_latent)
-        assert_close(ours.vae.decode(ref_latent), ref.decode(ref_latent / ref.config.scaling_factor).sample)
+        assert_close(sd.vae.decode(ref_latent), ref.decode(ref_latent / ref.config.scaling_factor).sample)
 
 
-def test_text_encoder_matches_transformers(ours, tiny_reference):
-    tokens = ours.tokenizer(["", "a photograph of an astronaut riding a horse", "two cats, 3 dogs!"])
+def test_text_encoder_matches_transformers(sd, tiny_reference):
+    tokens = sd.tokenizer(["", "a photograph of an astronaut riding a horse", "two cats, 3 dogs!"])
     with torch.no_grad():
-        assert_close(ours.text_encoder(tokens), tiny_reference[2](tokens).last_hidden_state)
+        assert_close(sd.text_encoder(tokens), tiny_reference[2](tokens).last_hidden_state)
 
 
 def layout(model):

@@ -6,7 +6,6 @@ from diffusers import DDIMScheduler
 from sampler import (ALPHAS_CUMPROD, AttentionRecord, Modulation, alpha_bars, ddpm_mean_and_std, invert, regenerate,
                      timestep_grid)
 from unet import MODULATED_LAYER
-from weights import load_stable_diffusion
 
 LATENT = (1, 4, 16, 16)  # a 128x128 image: the modulated layer works on 4x4 = 16 tokens
 TOKENS = 16
@@ -33,11 +32,6 @@ def test_schedule_matches_diffusers_ddim(steps):
         mu, sigma = ddpm_mean_and_std(x, eps, ab, ab_prev)
         assert torch.allclose(mu + sigma * z, expected, rtol=1e-5, atol=1e-6), t
     assert grid[-1] == 1 and alpha_bars(grid)[-1][1] == ref.final_alpha_cumprod.item() == ALPHAS_CUMPROD[0].item()
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_sd_dir):
-    return load_stable_diffusion(tiny_sd_dir)
 
 
 @pytest.fixture(scope="module")
