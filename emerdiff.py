@@ -55,21 +55,21 @@ def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
     also be an int (square) or (width, height). Images are resized with Lanczos as the notebook
     does; tensors (no Lanczos in torch) with antialiased bicubic.
     """
-    if isinstance(image, torch.Tensor):
+    is_tensor = isinstance(image, torch.Tensor)
+    if is_tensor:
         if image.ndim not in (3, 4) or image.shape[-3] != 3:
             raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
         pixels = image.float().reshape(-1, *image.shape[-3:])[:1]
-        pil = None
+        height, width = pixels.shape[-2:]
     else:
         pil = to_rgb(open_image(image) if isinstance(image, (str, Path)) else image)
-        pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    height, width = pixels.shape[-2:]
+        width, height = pil.size
     if min(width, height) < SIZE_MULTIPLE:
         raise EmerDiffError(f"the image is {width}x{height}: at least {SIZE_MULTIPLE} px per side is needed")
     target = working_size(width, height, size)
-    if pil is not None:  # Lanczos, as the notebook resizes
-        pixels = torch.from_numpy(np.asarray(pil.resize(target, Image.LANCZOS), dtype=np.float32) / 255)
-        pixels = pixels.permute(2, 0, 1)[None]
+    if not is_tensor:  # Lanczos, as the notebook resizes
+        resized = np.asarray(pil.resize(target, Image.LANCZOS), dtype=np.float32) / 255
+        pixels = torch.from_numpy(resized).permute(2, 0, 1)[None]
     elif target != (width, height):
         pixels = F.interpolate(pixels, size=target[::-1], mode="bicubic", antialias=True).clamp(0, 1)
     return pixels * 2 - 1, (width, height)
