@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 import emerdiff
+import runner
 from conftest import ROOT
-from emerdiff import atomic_save, load_image, main
+from emerdiff import load_image
+from runner import atomic_save, main
 
 EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
 FAST = ["--size", "128", "--masks", "4", "--feature-samples", "2", "--kmeans-restarts", "5", "--quiet"]
@@ -174,7 +176,7 @@ def test_bad_weights(capsys, tmp_path, tiny_sd_dir):
 def test_out_of_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(emerdiff, "segment", exhausted)
+    monkeypatch.setattr(runner, "segment", exhausted)
     expect_error(capsys, tmp_path, "out of memory at --batch-size 8: lower it (e.g. --batch-size 4)",
                  "--image", str(EXAMPLE), weights=tiny_sd_dir)
 
@@ -195,7 +197,7 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
 def test_out_of_memory_on_the_cpu_or_mps_too(capsys, tmp_path, tiny_sd_dir, monkeypatch):
     def exhausted(*args, **kwargs):
         raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")
-    monkeypatch.setattr(emerdiff, "segment", exhausted)
+    monkeypatch.setattr(runner, "segment", exhausted)
     expect_error(capsys, tmp_path, "out of memory at --batch-size 2", "--image", str(EXAMPLE), "--batch-size", "2",
                  weights=tiny_sd_dir)
 
@@ -208,7 +210,7 @@ def test_an_elongated_image_gets_a_clear_error(capsys, tmp_path, tiny_sd_dir):
 
 def test_repeated_names_get_their_own_folders():
     from pathlib import Path
-    names = emerdiff.output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x.png"), Path("y.jpg")])
+    names = runner.output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x.png"), Path("y.jpg")])
     assert names == ["x", "x-2", "x-3", "y"]
 
 
