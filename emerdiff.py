@@ -17,10 +17,13 @@ K = 25 masks, lambda = 10, t_m = 281, t_f = 1, 100 feature draws, 50-step grid, 
 Every random draw comes from a CPU torch.Generator, so a seed gives the same draws on any device.
 """
 import math
+import numbers
+import os
+import stat
 import sys
+import warnings
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,30 +49,68 @@ class EmerDiffError(Exception):
 def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
     """Image -> ((1, 3, H, W) in [-1, 1], the input's own (width, height)).
 
-    `image` is a path, a PIL image or an RGB (3, H, W) / (1, 3, H, W) tensor in [0, 1]. Any
-    Pillow mode is converted to RGB (see to_rgb). The working size H, W is a multiple of 64: by
-    default of area about 512x512 with the input's aspect ratio (the notebook's rule); `size` may
-    also be an int (square) or (width, height). Images are resized with Lanczos as the notebook
-    does; tensors (no Lanczos in torch) with antialiased bicubic.
+    `image` is anything `as_image` takes. The working size H, W is a multiple of 64: by default of
+    area about 512x512 with the input's aspect ratio (the notebook's rule); `size` may also be an
+    int (square) or (width, height). Images are resized with Lanczos as the notebook does; float
+    tensors (no Lanczos in torch) with antialiased bicubic.
     """
-    is_tensor = isinstance(image, torch.Tensor)
-    if is_tensor:
-        if image.ndim not in (3, 4) or image.shape[-3] != 3:
-            raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
-        pixels = image.float().reshape(-1, *image.shape[-3:])[:1]
-        height, width = pixels.shape[-2:]
-    else:
-        pil = to_rgb(open_image(image) if isinstance(image, (str, Path)) else image)
-        width, height = pil.size
-    if min(width, height) < SIZE_MULTIPLE:
-        raise EmerDiffError(f"the image is {width}x{height}: at least {SIZE_MULTIPLE} px per side is needed")
+    source = as_image(image)
+    is_tensor = isinstance(source, torch.Tensor)
+    width, height = (source.shape[-1], source.shape[-2]) if is_tensor else source.size
     target = working_size(width, height, size)
     if not is_tensor:  # Lanczos, as the notebook resizes
-        resized = np.asarray(pil.resize(target, Image.LANCZOS), dtype=np.float32) / 255
-        pixels = torch.from_numpy(resized).permute(2, 0, 1)[None]
-    elif target != (width, height):
-        pixels = F.interpolate(pixels, size=target[::-1], mode="bicubic", antialias=True).clamp(0, 1)
-    return pixels * 2 - 1, (width, height)
+        resized = np.asarray(source.resize(target, Image.LANCZOS), dtype=np.float32) / 255
+        return torch.from_numpy(resized).permute(2, 0, 1)[None] * 2 - 1, (width, height)
+    if target != (width, height):
+        source = F.interpolate(source, size=target[::-1], mode="bicubic", antialias=True).clamp(0, 1)
+    return source * 2 - 1, (width, height)
+
+
+def as_image(image) -> Image.Image | torch.Tensor:
+    """What `segment` accepts, as an RGB PIL image or a (1, 3, H, W) float tensor in [0, 1].
+
+    A path or a PIL image (any mode, see to_rgb); a numpy array (H, W, 3) or a tensor (3, H, W) /
+    (1, 3, H, W), either uint8 or float in [0, 1]. uint8 pixels go through Pillow, as a file's
+    would. Anything else is an EmerDiffError that says what was given.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return to_rgb(open_image(image))
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise EmerDiffError(f"an image array must be RGB, (H, W, 3); got shape {image.shape}")
+        if image.dtype != np.uint8 and image.dtype.kind != "f":
+            raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got an array of {image.dtype}")
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the input may be read-only
+    elif isinstance(image, torch.Tensor):
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise EmerDiffError(f"a batch of {image.shape[0]} images: segment them one at a time")
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
+        image = image.reshape(image.shape[-3:])
+    else:
+        raise EmerDiffError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, "
+                            "a numpy array (H, W, 3) or a tensor (3, H, W)")
+    return checked_pixels(image.detach().cpu())
+
+
+def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
+    """(3, H, W) uint8 -> a PIL image; float in [0, 1] -> (1, 3, H, W) fp32; anything else refused."""
+    if pixels.numel() == 0:
+        raise EmerDiffError(f"the image is empty (shape {tuple(pixels.shape)})")
+    if pixels.dtype == torch.uint8:
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    if not pixels.is_floating_point():
+        raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got {pixels.dtype}")
+    pixels = pixels.float()
+    if not torch.isfinite(pixels).all():
+        raise EmerDiffError("the image holds NaN or infinite values")
+    low, high = pixels.min().item(), pixels.max().item()
+    if low < 0 or high > 1:
+        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:g}..{high:g} "
+                            "(divide 0..255 values by 255)")
+    return pixels[None]
 
 
 def model_device_dtype(sd) -> tuple[torch.device, torch.dtype]:
@@ -328,14 +369,15 @@ DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
-    """EmerDiff on one image (a path, a PIL image or a tensor in [0, 1]). `sd` is a loaded model
-    (weights.load_stable_diffusion); without one the default weights are loaded on the best device.
-    Options and their defaults: DEFAULTS."""
+    """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see as_image). `sd` is a
+    loaded model (weights.load_stable_diffusion); without one the default weights are loaded on the
+    best device. Options and their defaults: DEFAULTS; each is checked before any work is done."""
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     o = DEFAULTS | options
     check_options(o)
+    pixels, (width, height) = load_image(image, o["size"])
     if sd is None:
         from weights import load_stable_diffusion
         device = pick_device("auto")
@@ -349,7 +391,6 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
         return torch.Generator().manual_seed(o["seed"])
 
-    pixels, (width, height) = load_image(image, o["size"])
     grid = (pixels.shape[-2] // GRID_FACTOR, pixels.shape[-1] // GRID_FACTOR)
     if o["masks"] > grid[0] * grid[1]:
         raise EmerDiffError(f"{o['masks']} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
@@ -357,6 +398,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     x0 = encode(sd, pixels)
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
                                 batch_size=o["batch_size"], prompt=o["prompt"], progress=progress)
+    check_finite(features, "features")
     lap("features")
     low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
     masks = low_resolution_masks(low_res, grid, len(centers))
@@ -366,6 +408,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     lap("inversion")
     maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
                            batch_size=o["batch_size"], blur=o["blur"], progress=progress)
+    check_finite(maps, "difference maps")
     lap("modulation")
     labels = F.interpolate(assign_labels(maps)[None, None].float(), size=(height, width), mode="nearest-exact")
     return Segmentation(labels=labels[0, 0].to(torch.uint8).cpu().numpy(),
@@ -373,23 +416,65 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
                         difference_maps=maps.cpu(), options=o, seconds=seconds)
 
 
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_pair(value, first, second) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and first(value[0]) and second(value[1])
+
+
+# What each option must be: (check, the words for it).
+OPTION_TYPES = {
+    "masks": (is_int, "an integer"), "lam": (is_real, "a finite number"), "t_m": (is_int, "an integer"),
+    "t_f": (is_int, "an integer"), "feature_samples": (is_int, "an integer"),
+    "kmeans_restarts": (is_int, "an integer"), "seed": (is_int, "an integer"),
+    "size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v) or is_pair(v, is_int, is_int),
+             '"auto", an integer or (width, height)'),
+    "injection": (lambda v: isinstance(v, bool), "True or False"), "batch_size": (is_int, "an integer"),
+    "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
+    "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
+}
+MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)
+
+
 def check_options(o: dict):
-    """One-line errors for options out of range, before any work is done."""
-    kernel, sigma = o["blur"]
+    """One-line errors for options of the wrong type or out of range, before any work is done."""
+    for name, (ok, kind) in OPTION_TYPES.items():
+        if not ok(o[name]):
+            raise EmerDiffError(f"option {name} must be {kind}, not {o[name]!r:.40}")
     if not 2 <= o["steps"] <= sampler.TRAIN_STEPS:
-        raise EmerDiffError("steps must be between 2 and 1000")
+        raise EmerDiffError(f"steps must be between 2 and {sampler.TRAIN_STEPS}")
     grid = sampler.timestep_grid(o["steps"])
+    kernel, sigma = o["blur"]
     checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
+              (o["lam"] > 0, "lambda (lam) must be above 0: it is the strength of the modulation"),
               (o["t_m"] in grid,
                f"t_m = {o['t_m']} is not on the {o['steps']}-step grid ({grid[-1]}, {grid[-2]}, ...)"),
-              (0 <= o["t_f"] < sampler.TRAIN_STEPS, "t_f must be a timestep in 0..999"),
+              (0 <= o["t_f"] < sampler.TRAIN_STEPS, f"t_f must be a timestep in 0..{sampler.TRAIN_STEPS - 1}"),
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
+              (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
               (o["batch_size"] >= 1, "batch size must be at least 1"),
-              (kernel >= 1 and kernel % 2 == 1 and sigma > 0, "the blur needs an odd kernel size and sigma > 0")]
+              (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
+               f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
+              (sigma > 0, "the blur sigma must be above 0")]
     for ok, message in checks:
         if not ok:
             raise EmerDiffError(message)
+    if o["size"] != "auto":
+        check_size((o["size"], o["size"]) if is_int(o["size"]) else tuple(o["size"]))
+
+
+def check_finite(values: torch.Tensor, what: str):
+    """Stop with one line when NaN or inf came out of the model (NaN weights, or a float16 overflow)."""
+    if not torch.isfinite(values).all():
+        raise EmerDiffError(f"the {what} hold NaN or inf: the weights may hold NaN, or float16 overflowed; "
+                            "try float32 (--dtype float32)")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -416,13 +501,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ---- Reading images (Step 0's helpers) ----
 
 def open_image(path, decode: bool = True) -> Image.Image:
-    """The image at `path`, decoded (or only its header read: decode=False), or a one-line error."""
+    """The image at `path`, decoded (or only its header read: decode=False), or a one-line error.
+    Pillow's warnings (corrupt EXIF, large images) are not shown: a problem is an error or nothing."""
     try:
-        image = Image.open(path)
-        if decode:
-            image.load()
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise EmerDiffError(f"{path}: not a regular file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(path)
+            if decode:
+                image.load()
     except FileNotFoundError:
         raise EmerDiffError(f"{path}: no such file") from None
+    except PermissionError:
+        raise EmerDiffError(f"{path}: permission denied") from None
     except UnidentifiedImageError:
         raise EmerDiffError(f"{path}: not an image that Pillow can read") from None
     except (OSError, Image.DecompressionBombError) as e:
@@ -432,7 +524,9 @@ def open_image(path, decode: bool = True) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB of any Pillow mode: EXIF rotation applied, alpha composited on white, 16-bit scaled."""
-    image = ImageOps.exif_transpose(image)
+    with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as Pillow then does
+        warnings.simplefilter("ignore")
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         scale = 1 / 257 if image.mode != "F" else 255
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
@@ -443,7 +537,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
-    """(W, H) to run at: multiples of 64; "auto" keeps the aspect ratio at an area of about 512^2."""
+    """(W, H) to run a width x height image at: multiples of 64; "auto" keeps the aspect ratio at an
+    area of about 512^2. Images under 64 px a side are refused."""
+    if min(width, height) < SIZE_MULTIPLE:
+        raise EmerDiffError(f"the image is {width}x{height}: at least {SIZE_MULTIPLE} px per side is needed")
     if size == "auto":
         scale = math.sqrt(512 * 512 / (width * height))
         auto = tuple(max(SIZE_MULTIPLE, -(-int(side * scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE)

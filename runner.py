@@ -1,126 +1,105 @@
-"""The command line: images in, one folder of outputs per image out.
+"""The command line: images in, one complete folder of outputs per image out.
 
-    python emerdiff.py --image x.jpg [--image folder/ ...] [options]
+    python emerdiff.py --image x.jpg [--image folder/ --image list.txt ...] [options]
 
-emerdiff.py is the method; this file is everything around it that a command line needs: the
-options, finding the images, the pictures written per image, and writing them safely.
+emerdiff.py is the method; this file is what a command line needs around it, kept apart so that
+emerdiff.py stays the paper's steps in order:
+- options, all checked before the weights load, and the images to segment (files, folders, lists);
+- the pictures written per image (labels.png, labels.npy, overlay.png, lowres.png, diffmaps.png);
+- safe writing: each image's folder is written under a temporary name and swapped in whole, so a
+  reader finds the previous complete set or the new one, never a mix; a run.json in it records
+  how it was made, so a rerun skips what is done; temporaries of dead runs are removed;
+- clean failure: one line per problem, exit status 2; Ctrl-C / SIGTERM end with one line and exit
+  status 130 / 143, leaving every finished image saved and nothing half-written.
 """
 import argparse
 import colorsys
+import errno
+import json
 import math
 import os
+import re
+import shutil
+import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
-from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size, model_device_dtype,
-                      open_image, pick_device, pick_dtype, segment, to_rgb)
+from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size,
+                      model_device_dtype, open_image, pick_device, pick_dtype, segment, to_rgb, working_size)
 
-
-def palette(k: int) -> np.ndarray:
-    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio."""
-    hues = (np.arange(k) * 0.618033988749895) % 1
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], dtype=np.uint8)
+# ---- Options ----
 
 
-def overlay(image: Image.Image, labels: np.ndarray, colours: np.ndarray) -> Image.Image:
-    """The image half-tinted by segment colour, with segment borders drawn in white."""
-    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * colours[labels]).astype(np.uint8)
-    border = np.zeros(labels.shape, dtype=bool)
-    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    border[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    blend[border] = 255
-    return Image.fromarray(blend)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def diffmap_grid(maps: torch.Tensor, tile: int = 256) -> Image.Image:
-    """The K difference maps side by side, each scaled to its own maximum (white = most change)."""
-    k, h, w = maps.shape
-    scale = min(1.0, tile / max(h, w))
-    maps = F.interpolate(maps[:, None], scale_factor=scale, mode="area")[:, 0] if scale < 1 else maps
-    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    columns = math.ceil(math.sqrt(k))
-    rows = math.ceil(k / columns)
-    th, tw = maps.shape[1:]
-    canvas = torch.zeros(rows * (th + 2), columns * (tw + 2))
-    for i, m in enumerate(maps):
-        r, c = divmod(i, columns)
-        canvas[r * (th + 2):r * (th + 2) + th, c * (tw + 2):c * (tw + 2) + tw] = m
-    return Image.fromarray((canvas.numpy() * 255).astype(np.uint8))
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (like every other error here) and exit status 2."""
 
-
-def atomic_save(path: Path, write):
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_outputs(seg: Segmentation, image: Image.Image, out_dir: Path, save_diffmaps: bool = False):
-    """labels.png (palette PNG, value = segment), labels.npy, overlay.png, lowres.png[, diffmaps.png]."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    colours = palette(MAX_MASKS)
-    labels_png = Image.fromarray(seg.labels, mode="P")
-    labels_png.putpalette(colours.flatten().tolist())
-    lowres = Image.fromarray(colours[seg.low_res_labels]).resize(image.size, Image.NEAREST)
-    images = {"labels.png": labels_png, "overlay.png": overlay(image, seg.labels, colours), "lowres.png": lowres}
-    if save_diffmaps:
-        images["diffmaps.png"] = diffmap_grid(seg.difference_maps)
-    for name, picture in images.items():
-        atomic_save(out_dir / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
-
-    def save_npy(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, seg.labels)
-    atomic_save(out_dir / "labels.npy", save_npy)
-
-
-# ---- The command line ----
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+    def error(self, message):
+        say(f"{message} (see --help)")
+        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="emerdiff.py", description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. "
-        "Writes labels.png, labels.npy, overlay.png and lowres.png per image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", action="append", required=True,
-                   help="an image file or a folder of images; give it several times for several")
+    p = OneLineParser(
+        prog="emerdiff.py", formatter_class=HelpFormatter,
+        description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. Writes "
+        "labels.png, labels.npy, overlay.png, lowres.png and run.json into OUT/<image name>/ per image; "
+        "a rerun skips the images already done with the same options.")
+    p.add_argument("--image", action="append", required=True, metavar="PATH",
+                   help="an image file, a folder of images, or a .txt file listing image paths (one per "
+                   "line, relative to the list); give it several times for several")
     p.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="SD v1.x: hub repo id, diffusers folder or single .safetensors file (see weights.md)")
     p.add_argument("--config-dir", help="for a single-file --weights: a diffusers folder with the tokenizer/configs")
     p.add_argument("--variant", choices=["fp16"], help="for a hub id: download the half-size fp16 files")
     p.add_argument("--out", default="emerdiff_out", help="output folder; one subfolder per image")
-    p.add_argument("--masks", type=int, default=DEFAULTS["masks"], help="K, the number of low-resolution masks")
-    p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda, the modulation strength")
-    p.add_argument("--tm", type=int, default=DEFAULTS["t_m"], help="t_m, the modulation timestep (on the step grid)")
-    p.add_argument("--tf", type=int, default=DEFAULTS["t_f"], help="t_f, the feature timestep (the notebook uses 0)")
+    p.add_argument("--overwrite", action="store_true", help="segment again images whose outputs are complete")
+    p.add_argument("--masks", type=int, default=DEFAULTS["masks"],
+                   help=f"K, the number of low-resolution masks (segments), 1..{MAX_MASKS}")
+    p.add_argument("--lam", type=float, default=DEFAULTS["lam"], help="lambda, the modulation strength, > 0")
+    p.add_argument("--tm", type=int, default=DEFAULTS["t_m"],
+                   help="t_m, the modulation timestep, on the --steps grid (50 steps: 1, 21, ..., 981)")
+    p.add_argument("--tf", type=int, default=DEFAULTS["t_f"],
+                   help="t_f, the feature timestep, 0..999 (the notebook uses 0)")
     p.add_argument("--feature-samples", type=int, default=DEFAULTS["feature_samples"],
-                   help="noise draws averaged for the features")
-    p.add_argument("--kmeans-restarts", type=int, default=DEFAULTS["kmeans_restarts"], help="k-means++ restarts")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of every random draw")
+                   help="noise draws averaged for the features, >= 1")
+    p.add_argument("--kmeans-restarts", type=int, default=DEFAULTS["kmeans_restarts"],
+                   help="k-means++ restarts, >= 1; the lowest inertia is kept")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of every random draw, 0..2^63-1")
     p.add_argument("--size", default="auto",
-                   help="working size: auto (area ~512x512, aspect kept, sides multiples of 64), N or WxH")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="the DDPM grid (50: t = 981, 961, ..., 1)")
+                   help="working size in pixels: auto (area about 512x512, aspect kept), N or WxH; "
+                   "sides multiples of 64, 64..2048")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"],
+                   help="DDPM grid steps, 2..1000 (50: t = 981, 961, ..., 1)")
     p.add_argument("--prompt", default=DEFAULTS["prompt"], help="the text condition (the paper: empty)")
-    p.add_argument("--blur-kernel", type=int, default=DEFAULTS["blur"][0], help="Gaussian blur kernel size")
-    p.add_argument("--blur-sigma", type=float, default=DEFAULTS["blur"][1], help="Gaussian blur sigma")
+    p.add_argument("--blur-kernel", type=int, default=DEFAULTS["blur"][0],
+                   help="Gaussian blur kernel size in pixels, odd, 1..63")
+    p.add_argument("--blur-sigma", type=float, default=DEFAULTS["blur"][1], help="Gaussian blur sigma in pixels, > 0")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision; auto: float16 on a GPU, float32 on the CPU")
     p.add_argument("--no-injection", action="store_true", help="turn attention injection off")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="denoising runs (and decodes) per batch; lower it when GPU memory runs out")
-    p.add_argument("--save-diffmaps", action="store_true", help="also write diffmaps.png, a grid of the K maps")
+                   help="denoising runs (and decodes) per batch, >= 1; lower it when GPU memory runs out")
+    p.add_argument("--save-diffmaps", action="store_true",
+                   help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -131,24 +110,69 @@ def parse_size(text: str):
     if text == "auto":
         return "auto"
     parts = text.split("x")
-    if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
-        raise EmerDiffError(f"--size {text}: use auto, N or WxH")
+    if len(parts) not in (1, 2) or not all(re.fullmatch(r"[0-9]{1,5}", part) for part in parts):
+        raise EmerDiffError(f"--size {text:.20}: use auto, N or WxH (N, W, H multiples of 64)")
     return check_size((int(parts[0]), int(parts[-1])))
 
 
+def method_options(args) -> dict:
+    """The options of emerdiff.segment from the command line, checked."""
+    options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
+                   kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
+                   injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
+                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma))
+    check_options(DEFAULTS | options)
+    return options
+
+
+# ---- The images ----
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+LIST_SUFFIX = ".txt"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to segment, and the name of its output folder."""
+    path: Path
+    name: str
+
+
 def image_paths(given: list[str]) -> list[Path]:
+    """The images named on the command line: files, the images of folders (regular files only;
+    anything else is skipped with a line) and the paths listed in .txt files."""
     paths = []
     for name in given:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = []
+            for p in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                if p.is_file():  # regular files (or links to them) only: a FIFO would block the run
+                    found.append(p)
+                else:
+                    note(f"skipping {p}: not a regular file")
             if not found:
                 raise EmerDiffError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
             paths += found
-        elif path.is_file():
-            paths.append(path)
+        elif path.suffix.lower() == LIST_SUFFIX and path.is_file():
+            paths += listed_paths(path)
+        elif path.exists():
+            paths.append(path)  # a FIFO or a device is refused by open_image with one line
         else:
             raise EmerDiffError(f"{path}: no such file or folder")
+    return paths
+
+
+def listed_paths(list_file: Path) -> list[Path]:
+    """The image paths of a list file: one per line, relative to the file's folder; blank lines
+    and lines starting with # are skipped."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmerDiffError(f"{list_file}: cannot read the list ({e})") from None
+    paths = [list_file.parent / line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not paths:
+        raise EmerDiffError(f"{list_file}: the list names no image")
     return paths
 
 
@@ -164,63 +188,313 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def run(args) -> int:
-    """Segment every image of the command line; returns how many failed (each said in one line)."""
-    from weights import load_stable_diffusion
-    paths = image_paths(args.image)
-    options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
-                   kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
-                   injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
-                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma))
-    check_options(DEFAULTS | options)
-    for path in paths:  # every file must at least be an image before any weights are loaded
-        open_image(path, decode=False).close()
-    device = pick_device(args.device)
-    sd = load_stable_diffusion(args.weights, device=device, dtype=pick_dtype(args.dtype, device),
-                               variant=args.variant, config_dir=args.config_dir)
-    failed = 0
+def checked_jobs(paths: list[Path], options: dict, summary) -> list[Job]:
+    """The jobs whose image can be segmented with these options, read from its header only
+    (Pillow's bomb check included); each other image is reported in one line and counted failed."""
+    jobs = []
     for path, name in zip(paths, output_names(paths)):
         try:
-            segment_file(path, Path(args.out) / name, sd, options, args)
-        except EmerDiffError as e:  # say it, and go on with the other images
-            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
-            print(f"emerdiff: error: {message}", file=sys.stderr)
-            failed += 1
-    return failed
+            with open_image(path, decode=False) as image:
+                working_size(*image.size, options["size"])
+            jobs.append(Job(path, name))
+        except EmerDiffError as e:
+            summary.fail(path, e)
+    return jobs
 
 
-def segment_file(path: Path, out_dir: Path, sd, options: dict, args):
-    """Segment one image file, write its outputs, print its one-line summary."""
+# ---- The pictures ----
+
+def palette(k: int) -> np.ndarray:
+    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio."""
+    hues = (np.arange(k) * 0.618033988749895) % 1
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], dtype=np.uint8)
+
+
+COLOURS = palette(MAX_MASKS)  # segment i is drawn in COLOURS[i] in every picture
+
+
+def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
+    """The image half-tinted by segment colour, with segment borders drawn in white."""
+    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * COLOURS[labels]).astype(np.uint8)
+    border = np.zeros(labels.shape, dtype=bool)
+    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    border[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    blend[border] = 255
+    return Image.fromarray(blend)
+
+
+CAPTION = 16  # px above each difference map: a swatch of the segment's colour and its index
+
+
+def diffmap_grid(maps: torch.Tensor, tile: int = 256) -> Image.Image:
+    """The K difference maps in a grid, each scaled to its own maximum (white = most change) and
+    captioned with its segment index beside a swatch of that segment's colour in labels.png and
+    overlay.png."""
+    k, h, w = maps.shape
+    scale = min(1.0, tile / max(h, w))
+    maps = F.interpolate(maps[:, None], scale_factor=scale, mode="area")[:, 0] if scale < 1 else maps
+    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    columns = math.ceil(math.sqrt(k))
+    th, tw = maps.shape[1:]
+    cell_h, cell_w = th + CAPTION + 2, tw + 2
+    grid = Image.new("RGB", (columns * cell_w, math.ceil(k / columns) * cell_h))
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for i, m in enumerate(maps):
+        top, left = i // columns * cell_h, i % columns * cell_w
+        grid.paste(Image.fromarray((m.numpy() * 255).astype(np.uint8)), (left, top + CAPTION))
+        draw.rectangle((left + 2, top + 3, left + 12, top + 13), fill=tuple(COLOURS[i].tolist()))
+        draw.text((left + 16, top + 2), str(i), fill="white", font=font)
+    return grid
+
+
+def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
+    """Each output picture's name -> a function writing it to a given path."""
+    labels_png = Image.fromarray(seg.labels, mode="P")
+    labels_png.putpalette(COLOURS.flatten().tolist())
+    pictures = {"labels.png": labels_png, "overlay.png": overlay(image, seg.labels),
+                "lowres.png": Image.fromarray(COLOURS[seg.low_res_labels]).resize(image.size, Image.NEAREST)}
+    if diffmaps:
+        pictures["diffmaps.png"] = diffmap_grid(seg.difference_maps)
+    files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
+    files["labels.npy"] = lambda path: np.save(path, seg.labels)
+    return files
+
+
+# ---- Writing safely ----
+
+RUN_RECORD = "run.json"  # in each output folder: how it was made; written last, with the rest
+SUMMARY = "summary.json"  # in --out: what the last run did
+OUTPUT_FILES = {"labels.png", "labels.npy", "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD}
+HOST = socket.gethostname().replace(".", "-")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
+
+
+def temporary_path(final: Path) -> Path:
+    """`.name.host.pid.tmp` beside `final`: hidden, and removable once its process is gone."""
+    return final.with_name(f".{final.name}.{HOST}.{os.getpid()}.tmp")
+
+
+def prepare_out(out: Path):
+    """Create the output folder and prove it writable (before any weights load), then remove the
+    temporaries that runs killed on this machine left in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = temporary_path(out / "write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise EmerDiffError(f"--out {out}: a file of that name is in the way; give a folder") from None
+    except OSError as e:
+        raise EmerDiffError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    for entry in out.iterdir():
+        match = TEMPORARY.fullmatch(entry.name)
+        if match and match["host"] == HOST and not process_alive(int(match["pid"])):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def atomic_save(path: Path, write):
+    """Write one file through a temporary file beside it, then rename: never a half-written file."""
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_folder(folder: Path, files: dict):
+    """Write `files` (name -> writer) into a temporary folder, then swap it in as `folder` whole."""
+    tmp = temporary_path(folder)
+    tmp.mkdir()
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        swap_in(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there only when something failed
+
+
+def swap_in(tmp: Path, final: Path, tries: int = 100):
+    """Rename the complete folder `tmp` to `final`. An earlier output folder there is renamed aside
+    and removed first (`final` is absent for that instant: never a mix of two runs' files); a file
+    or a folder of other files in the way is an error. Concurrent runs: the last one wins."""
+    for _ in range(tries):
+        try:
+            os.rename(tmp, final)  # atomic; refused while `final` is a non-empty folder or a file
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise
+        if not final.is_dir():
+            raise OSError(errno.EEXIST, "a file of that name is in the way", str(final))
+        if not {entry.name for entry in final.iterdir()} <= OUTPUT_FILES:
+            raise OSError(errno.EEXIST, "that folder holds files emerdiff does not write; move it away", str(final))
+        aside = temporary_path(final.with_name(final.name + "-old"))
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:  # another run moved it first
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(errno.EBUSY, "other runs keep replacing it", str(final))
+
+
+# ---- Running ----
+
+@dataclass
+class Summary:
+    """What a run did, for its last lines and its summary.json."""
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)  # [{"image": ..., "reason": ...}]
+    seconds: list = field(default_factory=list)  # per image done
+
+    def fail(self, path: Path, error: Exception):
+        message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
+        say(message)
+        self.failed.append({"image": str(path), "reason": message})
+
+    def as_dict(self, options: dict) -> dict:
+        return {"images": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+                "seconds_per_image": sum(self.seconds) / len(self.seconds) if self.seconds else None,
+                "options": options}
+
+
+def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
+    """What makes an output folder what it is: the image file, the weights, the options. A folder
+    whose run.json holds the same record is complete and is not made again."""
+    image = job.path.stat()
+    weights = Path(args.weights).expanduser()
+    return {"image": {"path": str(job.path.resolve()), "bytes": image.st_size, "modified_ns": image.st_mtime_ns},
+            "weights": {"source": str(weights.resolve()) if weights.exists() else args.weights,
+                        "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
+            "options": json.loads(json.dumps(options)), "diffmaps": args.save_diffmaps}
+
+
+def is_done(folder: Path, record: dict) -> bool:
+    try:
+        saved = json.loads((folder / RUN_RECORD).read_text())
+        return saved["run"] == record and all((folder / name).is_file() for name in saved["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def run(args, summary: Summary) -> None:
+    """Segment every image of the command line into its own folder of --out, skipping those done."""
+    from weights import load_stable_diffusion
+    options = method_options(args)
+    paths = image_paths(args.image)
+    summary.total = len(paths)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    out = Path(args.out)
+    prepare_out(out)
+    jobs = checked_jobs(paths, options, summary)
+    records = {job: run_record(job, args, options, dtype) for job in jobs}
+    todo = [job for job in jobs if args.overwrite or not is_done(out / job.name, records[job])]
+    summary.skipped = len(jobs) - len(todo)
+    if summary.skipped:
+        note(f"{summary.skipped} of {len(jobs)} images already done with these options (--overwrite redoes them)")
+    try:
+        if todo:
+            sd = load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
+                                       config_dir=args.config_dir)
+        for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1):
+            try:
+                summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args))
+                summary.done += 1
+            except EmerDiffError as e:  # say it, and go on with the other images
+                summary.fail(job.path, e)
+            except OSError as e:
+                summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
+    finally:
+        write_summary(out / SUMMARY, summary.as_dict(options))
+
+
+def write_summary(path: Path, summary: dict):
+    try:
+        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    except OSError as e:
+        say(f"cannot write {path}: {e.strerror or e}")
+
+
+def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args) -> float:
+    """Segment one image file, write its folder, print its one-line summary."""
     device, _ = model_device_dtype(sd)
-    image = to_rgb(open_image(path))
+    image = to_rgb(open_image(job.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seg = segment(image, sd, progress=not args.quiet, **options)
     clock = time.perf_counter()
-    save_outputs(seg, image, out_dir, args.save_diffmaps)
+    files = output_files(seg, image, args.save_diffmaps)
+    result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files)}
+    files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
+    write_folder(folder, files)
     seg.seconds["saving"] = time.perf_counter() - clock
     stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
               if device.type == "cuda" else "")
-    print(f"{path}: {int(seg.labels.max()) + 1} segments -> {out_dir}/ ({stages}{memory})")
+    tqdm.write(escaped(f"{job.path}: {result['segments']} segments -> {folder}/ ({stages}{memory})"))
+    return sum(seg.seconds.values())
+
+
+# ---- Saying things ----
+
+def escaped(text: str) -> str:
+    """`text` with control characters written as escapes: a file name cannot split or forge a line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def say(message: str):
+    """An error line on stderr."""
+    print(f"emerdiff: error: {escaped(message)}", file=sys.stderr)
+
+
+def note(message: str):
+    """A line on stderr that is not an error."""
+    print(f"emerdiff: {escaped(message)}", file=sys.stderr)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
+    (interrupted by Ctrl-C / SIGTERM)."""
     args = parse_args(argv)
     from weights import WeightsError
+    summary = Summary()
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        failed = run(args)
+        run(args, summary)
     except (EmerDiffError, WeightsError) as e:
-        print(f"emerdiff: error: {e}", file=sys.stderr)
+        say(str(e))
         return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        say(f"interrupted: {summary.done + summary.skipped} of {summary.total} images done and saved; "
+            "run the same command again to do the rest")
+        return 143 if isinstance(e, Terminated) else 130
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on mps/cpu
         if "out of memory" not in str(e).lower():
             raise
-        print(f"emerdiff: error: out of memory at --batch-size {args.batch_size}: lower it "
-              f"(e.g. --batch-size {max(1, args.batch_size // 2)}) or the --size", file=sys.stderr)
+        say(f"out of memory at --batch-size {args.batch_size}: lower it "
+            f"(e.g. --batch-size {max(1, args.batch_size // 2)}) or the --size")
         return 2
-    return 2 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 2 if summary.failed else 0

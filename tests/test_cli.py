@@ -68,7 +68,7 @@ def test_a_folder_and_several_images(tiny_sd_dir, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     assert run_cli(tiny_sd_dir, tmp_path / "out", "--image", str(folder), "--image", str(EXAMPLE)) == 0
     assert np.load(tmp_path / "out" / "b" / "labels.npy").shape == (150, 200)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"a", "b", "chelsea"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"a", "b", "chelsea", "summary.json"}
 
 
 # ---- images of every kind are converted ----
@@ -229,7 +229,7 @@ def test_a_bad_image_among_several_is_reported_and_the_others_done(capsys, tmp_p
     assert (tmp_path / "out" / "chelsea" / "labels.npy").is_file() and not (tmp_path / "out" / "thin").exists()
 
 
-def test_a_file_that_is_no_image_fails_before_any_weights_load(capsys, tmp_path):
-    (tmp_path / "notes.jpg").write_text("hello")
-    expect_error(capsys, tmp_path, "notes.jpg: not an image", "--image", str(EXAMPLE), "--image",
-                 str(tmp_path / "notes.jpg"), weights=tmp_path / "no-weights-here")
+def test_images_are_checked_before_any_weights_load(capsys, tmp_path):
+    (tmp_path / "notes.jpg").write_text("hello")  # with no image left to do, the (missing) weights never load
+    expect_error(capsys, tmp_path, "notes.jpg: not an image", "--image", str(tmp_path / "notes.jpg"),
+                 weights=tmp_path / "no-weights-here")
