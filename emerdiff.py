@@ -522,11 +522,13 @@ def open_image(path, decode: bool = True) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB of any Pillow mode: EXIF rotation applied, alpha composited on white, 16-bit scaled."""
-    with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as Pillow then does
-        warnings.simplefilter("ignore")
-        image = ImageOps.exif_transpose(image)
+def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
+    """RGB of any Pillow mode: EXIF rotation applied (unless the pixels must stay as stored, e.g. to
+    align with a dataset's label maps), alpha composited on white, 16-bit scaled."""
+    if exif_rotation:
+        with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as Pillow then does
+            warnings.simplefilter("ignore")
+            image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         scale = 1 / 257 if image.mode != "F" else 255
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))

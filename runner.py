@@ -1,11 +1,15 @@
 """The command line: images in, one complete folder of outputs per image out.
 
     python emerdiff.py --image x.jpg [--image folder/ --image list.txt ...] [options]
+    python emerdiff.py --dataset coco-stuff-27 --root ROOT [--list F] --out PRED      # a benchmark
+    torchrun --nproc_per_node=N emerdiff.py ...                                       # N processes
 
 emerdiff.py is the method; this file is what a command line needs around it, kept apart so that
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
 - the pictures written per image (labels.png, labels.npy, overlay.png, lowres.png, diffmaps.png);
+- dataset runs: a benchmark's images (evaluate.py's readers and centre crop), resumable, and shared
+  out over torchrun's processes, each taking every N-th image;
 - safe writing: each image's folder is written under a temporary name and swapped in whole, so a
   reader finds the previous complete set or the new one, never a mix; a run.json in it records
   how it was made, so a rerun skips what is done; temporaries of dead runs are removed;
@@ -35,6 +39,7 @@ from tqdm import tqdm
 
 from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size,
                       model_device_dtype, open_image, pick_device, pick_dtype, segment, to_rgb, working_size)
+from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples, shown
 
 # ---- Options ----
 
@@ -62,9 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. Writes "
         "labels.png, labels.npy, overlay.png, lowres.png and run.json into OUT/<image name>/ per image; "
         "a rerun skips the images already done with the same options.")
-    p.add_argument("--image", action="append", required=True, metavar="PATH",
-                   help="an image file, a folder of images, or a .txt file listing image paths (one per "
-                   "line, relative to the list); give it several times for several")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", action="append", metavar="PATH",
+                        help="an image file, a folder of images, or a .txt file listing image paths (one per "
+                        "line, relative to the list); give it several times for several")
+    inputs.add_argument("--dataset", choices=DATASETS,
+                        help="a benchmark's images under --root (the presets: each image's centre square, "
+                        "as evaluate.py scores it; see README, Evaluation)")
+    p.add_argument("--root", help="with --dataset: the dataset's folder")
+    p.add_argument("--list", metavar="F", help="with --dataset: only the images this file lists (one id or "
+                   "file name per line)")
     p.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="SD v1.x: hub repo id, diffusers folder or single .safetensors file (see weights.md)")
     p.add_argument("--config-dir", help="for a single-file --weights: a diffusers folder with the tokenizer/configs")
@@ -127,15 +139,28 @@ def method_options(args) -> dict:
 
 # ---- The images ----
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 LIST_SUFFIX = ".txt"
 
 
 @dataclass(frozen=True)
 class Job:
-    """One image to segment, and the name of its output folder."""
+    """One image to segment, the name of its output folder, and whether its centre square is segmented
+    (a benchmark's protocol; then its pixels are taken as stored, EXIF rotation ignored, as its labels are)."""
     path: Path
     name: str
+    crop: bool = False
+
+
+def all_jobs(args) -> list[Job]:
+    """The command line's images, in a fixed order, with their output folder names."""
+    if args.dataset is None:
+        if args.root or args.list:
+            raise EmerDiffError("--root and --list go with --dataset; for --image, list images in a .txt file")
+        paths = image_paths(args.image)
+        return [Job(path, name) for path, name in zip(paths, output_names(paths))]
+    if args.root is None:
+        raise EmerDiffError(f"--dataset {args.dataset} needs --root, the dataset's folder")
+    return [Job(s.image, s.stem, s.crop) for s in dataset_samples(args.dataset, args.root, args.list)]
 
 
 def image_paths(given: list[str]) -> list[Path]:
@@ -188,18 +213,19 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def checked_jobs(paths: list[Path], options: dict, summary) -> list[Job]:
+def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
     """The jobs whose image can be segmented with these options, read from its header only
     (Pillow's bomb check included); each other image is reported in one line and counted failed."""
-    jobs = []
-    for path, name in zip(paths, output_names(paths)):
+    good = []
+    for job in jobs:
         try:
-            with open_image(path, decode=False) as image:
-                working_size(*image.size, options["size"])
-            jobs.append(Job(path, name))
+            with open_image(job.path, decode=False) as image:
+                width, height = (min(image.size),) * 2 if job.crop else image.size
+            working_size(width, height, options["size"])
+            good.append(job)
         except EmerDiffError as e:
-            summary.fail(path, e)
-    return jobs
+            summary.fail(job.path, e)
+    return good
 
 
 # ---- The pictures ----
@@ -289,7 +315,7 @@ def prepare_out(out: Path):
     for entry in out.iterdir():
         match = TEMPORARY.fullmatch(entry.name)
         if match and match["host"] == HOST and not process_alive(int(match["pid"])):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -367,7 +393,16 @@ class Summary:
     def as_dict(self, options: dict) -> dict:
         return {"images": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
                 "seconds_per_image": sum(self.seconds) / len(self.seconds) if self.seconds else None,
-                "options": options}
+                "seconds": self.seconds, "options": options}
+
+
+def merged(parts: list[dict]) -> dict:
+    """The summaries of the processes of one run as one."""
+    seconds = [s for part in parts for s in part["seconds"]]
+    return {"images": sum(part["images"] for part in parts), "done": sum(part["done"] for part in parts),
+            "skipped": sum(part["skipped"] for part in parts), "failed": [f for part in parts for f in part["failed"]],
+            "seconds_per_image": sum(seconds) / len(seconds) if seconds else None, "seconds": seconds,
+            "options": parts[0]["options"]}
 
 
 def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
@@ -375,7 +410,8 @@ def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
     whose run.json holds the same record is complete and is not made again."""
     image = job.path.stat()
     weights = Path(args.weights).expanduser()
-    return {"image": {"path": str(job.path.resolve()), "bytes": image.st_size, "modified_ns": image.st_mtime_ns},
+    return {"image": {"path": str(job.path.resolve()), "bytes": image.st_size, "modified_ns": image.st_mtime_ns,
+                      "centre_crop": job.crop},
             "weights": {"source": str(weights.resolve()) if weights.exists() else args.weights,
                         "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
             "options": json.loads(json.dumps(options)), "diffmaps": args.save_diffmaps}
@@ -384,22 +420,25 @@ def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
 def is_done(folder: Path, record: dict) -> bool:
     try:
         saved = json.loads((folder / RUN_RECORD).read_text())
-        return saved["run"] == record and all((folder / name).is_file() for name in saved["files"])
+        return saved["run"] == record and all((folder / name).is_file() for name in saved["result"]["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def run(args, summary: Summary) -> None:
-    """Segment every image of the command line into its own folder of --out, skipping those done."""
+def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
+    """Segment the images of the command line (process `rank` of `world`: every world-th one) into
+    their own folders of --out, skipping those done."""
     from weights import load_stable_diffusion
     options = method_options(args)
-    paths = image_paths(args.image)
-    summary.total = len(paths)
+    jobs = all_jobs(args)[rank::world]
+    summary.total = len(jobs)
     device = pick_device(args.device)
+    if device.type == "cuda" and world > 1:  # one GPU per process of the node
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
-    jobs = checked_jobs(paths, options, summary)
+    jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
     todo = [job for job in jobs if args.overwrite or not is_done(out / job.name, records[job])]
     summary.skipped = len(jobs) - len(todo)
@@ -409,7 +448,7 @@ def run(args, summary: Summary) -> None:
         if todo:
             sd = load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
                                        config_dir=args.config_dir)
-        for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1):
+        for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or rank > 0):
             try:
                 summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args))
                 summary.done += 1
@@ -418,20 +457,32 @@ def run(args, summary: Summary) -> None:
             except OSError as e:
                 summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
     finally:
-        write_summary(out / SUMMARY, summary.as_dict(options))
+        write_summary(out, summary.as_dict(options), rank, world)
 
 
-def write_summary(path: Path, summary: dict):
+def write_summary(out: Path, summary: dict, rank: int, world: int):
+    """summary.json in --out; with several processes, each writes its part and the first merges them."""
+    part = out / (SUMMARY if world == 1 else f"summary.part{rank}.json")
     try:
-        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        atomic_save(part, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            if rank == 0:
+                parts = [out / f"summary.part{r}.json" for r in range(world)]
+                whole = merged([json.loads(p.read_text()) for p in parts])
+                atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(whole, indent=1)))
+                for p in parts:
+                    p.unlink()
     except OSError as e:
-        say(f"cannot write {path}: {e.strerror or e}")
+        say(f"cannot write {out / SUMMARY}: {e.strerror or e}")
 
 
 def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args) -> float:
     """Segment one image file, write its folder, print its one-line summary."""
     device, _ = model_device_dtype(sd)
-    image = to_rgb(open_image(job.path))
+    image = to_rgb(open_image(job.path), exif_rotation=not job.crop)
+    image = center_crop(image) if job.crop else image
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seg = segment(image, sd, progress=not args.quiet, **options)
@@ -444,25 +495,20 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args) 
     stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
               if device.type == "cuda" else "")
-    tqdm.write(escaped(f"{job.path}: {result['segments']} segments -> {folder}/ ({stages}{memory})"))
+    tqdm.write(shown(f"{job.path}: {result['segments']} segments -> {folder}/ ({stages}{memory})"))
     return sum(seg.seconds.values())
 
 
 # ---- Saying things ----
 
-def escaped(text: str) -> str:
-    """`text` with control characters written as escapes: a file name cannot split or forge a line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def say(message: str):
     """An error line on stderr."""
-    print(f"emerdiff: error: {escaped(message)}", file=sys.stderr)
+    print(f"emerdiff: error: {shown(message)}", file=sys.stderr)
 
 
 def note(message: str):
     """A line on stderr that is not an error."""
-    print(f"emerdiff: {escaped(message)}", file=sys.stderr)
+    print(f"emerdiff: {shown(message)}", file=sys.stderr)
 
 
 class Terminated(BaseException):
@@ -473,16 +519,27 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size): under torchrun (its environment), join its process group; else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
 def main(argv=None) -> int:
     """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
-    (interrupted by Ctrl-C / SIGTERM)."""
+    (interrupted by Ctrl-C / SIGTERM). Under torchrun each process returns its own."""
     args = parse_args(argv)
     from weights import WeightsError
     summary = Summary()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
+    rank, world = process_group()
     try:
-        run(args, summary)
-    except (EmerDiffError, WeightsError) as e:
+        run(args, summary, rank, world)
+    except (EmerDiffError, WeightsError, EvaluationError) as e:
         say(str(e))
         return 2
     except (KeyboardInterrupt, Terminated) as e:
@@ -497,4 +554,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 2 if summary.failed else 0

@@ -20,54 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import emerdiff
 import runner
+from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, save_image,
+                          start_cli, temporaries)
 from conftest import ROOT
 from emerdiff import EmerDiffError
-
-EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
-# The cheapest run that still goes through every step: a 2x2 feature grid, 2 masks, 2 denoising steps.
-FAST = ["--size", "64", "--masks", "2", "--feature-samples", "1", "--kmeans-restarts", "1", "--steps", "10",
-        "--tm", "101", "--quiet"]
-OUTPUTS = {"labels.png", "labels.npy", "overlay.png", "lowres.png", "run.json"}
-
-
-def cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), *args], capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
-def start_cli(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def assert_one_error(result, pattern, status=2):
-    lines = result.stderr.splitlines()
-    assert result.returncode == status, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("emerdiff: error: ") and pattern in lines[0], result.stderr
-
-
-def temporaries(folder):
-    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
-
-
-def assert_complete(folder, image_size):
-    """Every output file there, all of one image: the labels at its size in both formats."""
-    assert OUTPUTS <= {p.name for p in folder.iterdir()}
-    labels = np.load(folder / "labels.npy")
-    assert labels.shape == image_size[::-1]
-    assert np.array_equal(np.asarray(Image.open(folder / "labels.png")), labels)
-    for picture in ("overlay.png", "lowres.png"):
-        assert Image.open(folder / picture).size == image_size
-    return json.loads((folder / "run.json").read_text())
-
-
-def save_image(path, size, seed=0):
-    rng = np.random.default_rng(seed)
-    crop = Image.open(EXAMPLE).resize(size)
-    noisy = np.clip(np.asarray(crop, dtype=np.int16) + rng.integers(-20, 20, (*size[::-1], 3)), 0, 255)
-    Image.fromarray(noisy.astype(np.uint8)).save(path)
-    return path
-
 
 # ---- options: nonsense refused before the weights load ----
 
@@ -283,14 +239,17 @@ def test_sigkill_while_saving_then_a_rerun_finishes_everything(tmp_path, tiny_sd
     out = tmp_path / "out"
     args = ["--image", str(big_images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST]
     process = start_cli(*args)
-    wait_for(lambda: out.is_dir() and any(p.name.startswith(".img") for p in out.iterdir()), process)
+    wait_for(lambda: (out / "img0" / "run.json").is_file() and any(p.name.startswith(".img") for p in out.iterdir()),
+             process)
     process.kill()
     process.wait()
-    assert temporaries(out)  # killed while writing a folder
-    finished_before = {p.name for p in out.iterdir() if (p / "run.json").is_file()}
+    assert temporaries(out)  # killed while writing a folder, after the first was complete
+    finished_before = {p.name: (p / "run.json").stat().st_mtime_ns for p in out.iterdir() if (p / "run.json").is_file()}
     result = cli(*args)
     assert result.returncode == 0, result.stderr
     assert not temporaries(out)
+    for name, written in finished_before.items():  # done once: not written again
+        assert (out / name / "run.json").stat().st_mtime_ns == written
     uninterrupted = tmp_path / "uninterrupted"
     assert cli(*args[:-len(FAST) - 2], "--out", str(uninterrupted), *FAST).returncode == 0
     for i in range(5):

@@ -1,0 +1,54 @@
+"""Running the command line in tests: a subprocess, the cheapest options, and checks on its outputs."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT
+
+EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
+# The cheapest run that still goes through every step: a 2x2 feature grid, 2 masks, 2 denoising steps.
+FAST = ["--size", "64", "--masks", "2", "--feature-samples", "1", "--kmeans-restarts", "1", "--steps", "10",
+        "--tm", "101", "--quiet"]
+OUTPUTS = {"labels.png", "labels.npy", "overlay.png", "lowres.png", "run.json"}
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def start_cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def assert_one_error(result, pattern, status=2):
+    lines = result.stderr.splitlines()
+    assert result.returncode == status, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("emerdiff: error: ") and pattern in lines[0], result.stderr
+
+
+def temporaries(folder):
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def assert_complete(folder, image_size):
+    """Every output file there, all of one image: the labels at its size in both formats."""
+    assert OUTPUTS <= {p.name for p in folder.iterdir()}
+    labels = np.load(folder / "labels.npy")
+    assert labels.shape == image_size[::-1]
+    assert np.array_equal(np.asarray(Image.open(folder / "labels.png")), labels)
+    for picture in ("overlay.png", "lowres.png"):
+        assert Image.open(folder / picture).size == image_size
+    return json.loads((folder / "run.json").read_text())
+
+
+def save_image(path, size, seed=0):
+    rng = np.random.default_rng(seed)
+    crop = Image.open(EXAMPLE).resize(size)
+    noisy = np.clip(np.asarray(crop, dtype=np.int16) + rng.integers(-20, 20, (*size[::-1], 3)), 0, 255)
+    Image.fromarray(noisy.astype(np.uint8)).save(path)
+    return path

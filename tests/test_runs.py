@@ -1,0 +1,132 @@
+"""Dataset runs: reruns that skip what is done, list files, the benchmark presets (centre crop, as
+evaluate.py scores them), and torchrun's processes sharing the images out."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import emerdiff
+import evaluate
+import runner
+from command_line import EXAMPLE, FAST, assert_complete, assert_one_error, cli, save_image
+from conftest import ROOT
+
+OPTIONS = dict(size=64, masks=2, feature_samples=1, kmeans_restarts=1, steps=10, t_m=101)
+
+
+def written(out, names):
+    return {name: (out / name / "run.json").stat().st_mtime_ns for name in names}
+
+
+def test_a_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path, tiny_sd_dir, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, size in (("a", (96, 64)), ("b", (64, 96))):
+        save_image(images / f"{name}.png", size)
+    out = tmp_path / "out"
+    args = ["--image", str(images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST]
+
+    def rerun(*more):
+        before = written(out, "ab")
+        assert runner.main([*args, *more]) == 0
+        after = written(out, "ab")
+        return json.loads((out / "summary.json").read_text()), {n for n in "ab" if after[n] != before[n]}
+
+    assert runner.main(args) == 0
+    summary, redone = rerun()
+    assert redone == set() and (summary["done"], summary["skipped"]) == (0, 2)
+    assert "2 of 2 images already done with these options" in capsys.readouterr().err
+    summary, redone = rerun("--masks", "3")
+    assert redone == {"a", "b"} and (summary["done"], summary["skipped"]) == (2, 0)
+    assert json.loads((out / "a" / "run.json").read_text())["run"]["options"]["masks"] == 3
+    os.utime(images / "b.png", ns=(1, 1))  # the image file changed: only it is redone
+    summary, redone = rerun("--masks", "3")
+    assert redone == {"b"} and (summary["done"], summary["skipped"]) == (1, 1)
+    summary, redone = rerun("--masks", "3", "--overwrite")
+    assert redone == {"a", "b"} and summary["done"] == 2
+
+
+def test_a_list_file_names_images_relative_to_itself(tmp_path, tiny_sd_dir):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    save_image(tmp_path / "data" / "sub" / "x.png", (64, 80))
+    save_image(tmp_path / "data" / "y.png", (80, 64))
+    listing = tmp_path / "data" / "todo.txt"
+    listing.write_text("# images to segment\nsub/x.png\n\n  y.png  \n")
+    assert runner.main(["--image", str(listing), "--weights", str(tiny_sd_dir), "--out", str(tmp_path / "out"),
+                        *FAST]) == 0
+    assert_complete(tmp_path / "out" / "x", (64, 80))
+    assert_complete(tmp_path / "out" / "y", (80, 64))
+    listing.write_text("# nothing\n")
+    result = cli("--image", str(listing), "--weights", str(tiny_sd_dir), "--out", str(tmp_path / "out"))
+    assert_one_error(result, "todo.txt: the list names no image")
+
+
+def fake_coco(root, sizes):
+    """COCO-Stuff in its distributed layout: val2017/<id>.jpg, stuffthingmaps_trainval2017/val2017/<id>.png."""
+    (root / "val2017").mkdir(parents=True)
+    (root / "stuffthingmaps_trainval2017" / "val2017").mkdir(parents=True)
+    ids = [f"{i:012d}" for i in range(1, len(sizes) + 1)]
+    for i, (image_id, size) in enumerate(zip(ids, sizes)):
+        save_image(root / "val2017" / f"{image_id}.jpg", size, seed=i)
+        fine = np.random.default_rng(i).integers(0, 182, size[::-1]).astype(np.uint8)
+        Image.fromarray(fine).save(root / "stuffthingmaps_trainval2017" / "val2017" / f"{image_id}.png")
+    return ids
+
+
+def test_a_preset_segments_each_centre_square_as_evaluate_reads_it(tmp_path, tiny_sd_dir, sd):
+    root, pred = tmp_path / "coco", tmp_path / "pred"
+    ids = fake_coco(root, [(128, 96), (80, 112), (96, 96)])
+    rotated = root / "val2017" / f"{ids[1]}.jpg"  # an EXIF orientation the labels do not follow: ignored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(rotated).save(rotated, exif=exif)
+    (tmp_path / "list.txt").write_text(f"{ids[0]}\n{ids[1]}\n")
+    assert runner.main(["--dataset", "coco-stuff-27", "--root", str(root), "--list", str(tmp_path / "list.txt"),
+                        "--weights", str(tiny_sd_dir), "--out", str(pred), *FAST]) == 0
+    assert sorted(p.name for p in pred.iterdir() if p.is_dir()) == ids[:2]
+    for image_id, side in zip(ids, (96, 80)):
+        assert_complete(pred / image_id, (side, side))
+        raw = Image.open(root / "val2017" / f"{image_id}.jpg").convert("RGB")  # as stored, no EXIF rotation
+        square = raw.crop(((raw.width - side) // 2, (raw.height - side) // 2,
+                           (raw.width + side) // 2, (raw.height + side) // 2))
+        expected = emerdiff.segment(square, sd, **OPTIONS)
+        assert np.array_equal(np.load(pred / image_id / "labels.npy"), expected.labels)
+    assert evaluate.main(["--dataset", "coco-stuff-27", "--root", str(root), "--list", str(tmp_path / "list.txt"),
+                          "--pred", str(pred), "--json", str(tmp_path / "scores.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "scores.json").read_text())["images"] == 2
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--dataset", "folder"], "--dataset folder needs --root"),
+    (["--dataset", "cityscapes", "--root", "."], "leftImg8bit/val: no such folder"),
+    (["--image", str(EXAMPLE), "--root", "."], "--root and --list go with --dataset"),
+    (["--image", str(EXAMPLE), "--dataset", "folder"], "argument --dataset: not allowed with argument --image"),
+], ids=["no-root", "wrong-layout", "root-without-dataset", "both"])
+def test_bad_dataset_arguments(tmp_path, args, pattern):
+    assert_one_error(cli(*args, "--weights", str(tmp_path / "none"), "--out", str(tmp_path / "out")), pattern)
+
+
+def test_torchrun_shares_the_images_out_once_each(tmp_path, tiny_sd_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        save_image(images / f"img{i}.png", (64 + 16 * i, 64), seed=i)
+    common = ["--image", str(images), "--weights", str(tiny_sd_dir), *FAST]
+    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(ROOT / "emerdiff.py"), *common, "--out", str(tmp_path / "shared")],
+                            capture_output=True, text=True, timeout=600)
+    assert shared.returncode == 0, shared.stderr
+    lines = sorted(line for line in shared.stdout.splitlines() if " segments -> " in line)
+    assert [line.split(":")[0] for line in lines] == [str(images / f"img{i}.png") for i in range(5)]  # once each
+    single = cli(*common, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    for i in range(5):
+        assert np.array_equal(np.load(tmp_path / "shared" / f"img{i}" / "labels.npy"),
+                              np.load(tmp_path / "single" / f"img{i}" / "labels.npy"))
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_file()) == ["summary.json"]
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    assert (summary["images"], summary["done"], len(summary["seconds"])) == (5, 5, 5)
