@@ -5,7 +5,7 @@ Models", ICLR 2024 (arXiv 2401.11739). Read top to bottom, this file is the meth
 per step of the paper's Sec. 3, in its order:
 
   Step 0  load_image, encode              the image into SD's latent space
-  Step 1  extract_features, kmeans,       low-resolution masks: k-means on the 16x16 query
+  Step 1  extract_features, kmeans,       low-resolution masks: k-means on the up16 query
           low_resolution_masks            features of the first up16 cross-attention (Sec. 3.2)
   Step 2  invert                          edit-friendly DDPM inversion, attention recorded (Sec. 3.3)
   Step 3  modulated_latents               denoise again with +-lambda added on each mask at t_m (Sec. 3.3)
@@ -358,7 +358,7 @@ def assign_labels(maps: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Segmentation:
     labels: np.ndarray  # (H0, W0) uint8 at the input image's own size
-    low_res_labels: np.ndarray  # (h, w) uint8 on the 16x16 feature grid
+    low_res_labels: np.ndarray  # (h, w) uint8 on the feature grid (working size / 32)
     difference_maps: torch.Tensor  # (K, H, W) at the working size
     options: dict
     seconds: dict = field(default_factory=dict)  # per stage

@@ -233,3 +233,54 @@ def test_images_are_checked_before_any_weights_load(capsys, tmp_path):
     (tmp_path / "notes.jpg").write_text("hello")  # with no image left to do, the (missing) weights never load
     expect_error(capsys, tmp_path, "notes.jpg: not an image", "--image", str(tmp_path / "notes.jpg"),
                  weights=tmp_path / "no-weights-here")
+
+
+# ---- what a newcomer reads and looks at ----
+
+def readme_python_snippet() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```\n", start)]
+
+
+def test_the_readme_api_snippet_runs_as_written_from_another_folder(tiny_sd_dir, tmp_path):
+    code = readme_python_snippet()
+    cheaper = {  # only the weights and the cost change; each must still be in the README
+        '"/path/to/emerdiff': f'"{ROOT}',
+        "load_stable_diffusion(device=device": f"load_stable_diffusion({str(tiny_sd_dir)!r}, device=device",
+        "masks=25)": "masks=4, size=128, feature_samples=2, kmeans_restarts=2)",
+        "emerdiff.load_image(image)": "emerdiff.load_image(image, 128)",
+        "samples=100": "samples=2", "emerdiff.kmeans(features, 25, n_init=100": "emerdiff.kmeans(features, 4, n_init=2"}
+    for old, new in cheaper.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    result = subprocess.run([sys.executable, "-c", code + "\nprint(tuple(segmentation.shape), tuple(maps.shape))"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["(300, 451) (4, 4) torch.Size([4, 128, 128])", "(128, 128) (4, 128, 128)"]
+
+
+def test_the_difference_map_grid_has_one_captioned_tile_per_segment():
+    maps = torch.rand(5, 40, 60, generator=torch.Generator().manual_seed(0))
+    grid = np.asarray(runner.diffmap_grid(maps)).astype(int)
+    caption, cell_h, cell_w = 16, 40 + 16 + 2, 60 + 2  # caption strip above each map, 2 px apart
+    assert grid.shape == (2 * cell_h, 3 * cell_w, 3)  # 5 tiles: 3 columns, 2 rows
+    for i, m in enumerate(maps):
+        top, left = i // 3 * cell_h, i % 3 * cell_w
+        tile = grid[top + caption:top + caption + 40, left:left + 60]
+        expected = (m / m.max() * 255).numpy().astype(int)[..., None]  # grey: scaled to its own maximum
+        assert np.abs(tile - expected).max() <= 1
+        strip = grid[top:top + caption, left:left + cell_w]
+        swatch = (strip == runner.COLOURS[i]).all(-1)  # the segment's colour in labels.png / overlay.png
+        assert swatch.sum() >= 100 and (strip.max(-1) - strip.min(-1) > 0).any()
+        text = strip[:, 14:]  # the index beside the swatch, in white (antialiased: light grey)
+        assert ((text.min(-1) > 100) & (text.max(-1) == text.min(-1))).sum() > 5
+
+
+def test_help_gives_ranges_and_no_empty_defaults():
+    help_text = " ".join(subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), "--help"], capture_output=True,
+                                        text=True).stdout.split())
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+    for words in ("1..256", "> 0", "0..999", "0..2^63-1", "64..2048", "odd, 1..63", "2..1000", "in pixels"):
+        assert words in help_text, words
