@@ -398,11 +398,9 @@ class Summary:
 
 def merged(parts: list[dict]) -> dict:
     """The summaries of the processes of one run as one."""
-    seconds = [s for part in parts for s in part["seconds"]]
-    return {"images": sum(part["images"] for part in parts), "done": sum(part["done"] for part in parts),
-            "skipped": sum(part["skipped"] for part in parts), "failed": [f for part in parts for f in part["failed"]],
-            "seconds_per_image": sum(seconds) / len(seconds) if seconds else None, "seconds": seconds,
-            "options": parts[0]["options"]}
+    whole = Summary(sum(p["images"] for p in parts), sum(p["done"] for p in parts), sum(p["skipped"] for p in parts),
+                    [f for p in parts for f in p["failed"]], [s for p in parts for s in p["seconds"]])
+    return whole.as_dict(parts[0]["options"])
 
 
 def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
