@@ -45,7 +45,8 @@ class CLIPTextConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} does not divide hidden_size "
+                             f"{self.hidden_size}")
 
 
 class CLIPAttention(nn.Module):

@@ -41,6 +41,17 @@ class AttentionHooks:
         return o
 
 
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")  # diffusers' names: with / without attention
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def check_group_norm(groups: int, channels: tuple[int, ...]):
+    """Every GroupNorm splits a block's channels into `groups` equal groups."""
+    for width in channels:
+        if width % groups:
+            raise ValueError(f"norm_num_groups {groups} does not divide block_out_channels {width}")
+
+
 @dataclass
 class UNetConfig:
     """The fields of a diffusers `unet/config.json` that SD v1.x uses; defaults are SD v1.5's."""
@@ -54,6 +65,24 @@ class UNetConfig:
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        """The rules between fields (weights.py checks each field's type and sign before)."""
+        levels = len(self.block_out_channels)
+        for field, known in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            block_types = getattr(self, field)
+            if len(block_types) != levels:
+                raise ValueError(f"{field} has {len(block_types)} entries for {levels} block_out_channels")
+            if unknown := sorted(set(block_types) - set(known)):
+                raise ValueError(f"{field}: unknown {unknown[0]!r} (known: {', '.join(known)})")
+        if isinstance(self.attention_head_dim, tuple) and len(self.attention_head_dim) != levels:
+            raise ValueError(f"attention_head_dim has {len(self.attention_head_dim)} entries for {levels} "
+                             "block_out_channels")
+        check_group_norm(self.norm_num_groups, self.block_out_channels)
+        for level, width in enumerate(self.block_out_channels):
+            if width % self.heads(level):
+                raise ValueError(f"attention_head_dim {self.heads(level)} (heads) does not divide "
+                                 f"block_out_channels {width}")
 
     def heads(self, level: int) -> int:
         """Attention heads at resolution level `level` (0 = full latent resolution)."""

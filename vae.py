@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unet import Attention, DownBlock, MidBlock, UpBlock, name_attention_layers
+from unet import Attention, DownBlock, MidBlock, UpBlock, check_group_norm, name_attention_layers
 
 
 @dataclass
@@ -24,6 +24,9 @@ class VAEConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+
+    def __post_init__(self):
+        check_group_norm(self.norm_num_groups, self.block_out_channels)
 
 
 EPS = 1e-6  # every GroupNorm of the autoencoder

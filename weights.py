@@ -1,13 +1,22 @@
 """Loading Stable Diffusion v1.x weights from safetensors: hub repo, diffusers folder or single file.
 
-One entry point, `load_stable_diffusion(source)`. Every tensor is read through safetensors (no
-pickle), one model at a time and cast to the requested dtype as it is read, renamed only for the
-original single-file format (by prefix tables built from the model config), checked name by name
-and shape by shape against our models, and moved to the device before the next model is read.
+One entry point, `load_stable_diffusion(source)`, in three steps:
+1. the files: a local folder or file as it is, a hub repo through huggingface_hub's cache (cached
+   files without asking the network; the others announced in one line, then downloaded);
+2. the tokenizer and the three config.json files: each field checked against the annotation of its
+   config dataclass, then by the dataclass's own structural rules, then the three configurations
+   and the tokenizer checked to fit together, all before any tensor is read;
+3. the tensors, read through safetensors (no pickle), one model at a time and cast to the requested
+   dtype as they are read, renamed only for the original single-file format (by prefix tables built
+   from the model config), checked name by name, shape by shape and for a floating-point type
+   against our models, and moved to the device before the next model is read.
 weights.md documents the layouts and the errors.
 """
-import dataclasses
 import json
+import stat
+import sys
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +25,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from unet import UNet, UNetConfig
+from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_TIMEOUT_S = 5  # seconds the hub may take to answer a size request before it counts as unreachable
 
 
 class WeightsError(Exception):
@@ -34,14 +44,16 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
 
 
-# The files of a diffusers layout, per component: (config, weights, fp16-variant weights).
-FOLDER_FILES = {
-    "unet": ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
-    "vae": ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
-    "text_encoder": ("config.json", "model.safetensors", "model.fp16.safetensors"),
-}
+# A diffusers layout: per component a config.json and `<stem>.safetensors` (`<stem>.fp16.safetensors`
+# for the fp16 variant); the tokenizer's two files.
+CONFIG_FILE = "config.json"
+WEIGHTS_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 MODELS = {"unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig), "text_encoder": (CLIPTextModel, CLIPTextConfig)}
+
+
+def weights_file(name: str, variant: str | None) -> str:
+    return f"{WEIGHTS_STEMS[name]}{'.fp16' if variant == 'fp16' else ''}.safetensors"
 
 
 def load_stable_diffusion(source: str | Path = DEFAULT_REPO, device="cpu", dtype=torch.float32,
@@ -54,81 +66,192 @@ def load_stable_diffusion(source: str | Path = DEFAULT_REPO, device="cpu", dtype
     tokenizer from the default hub repo and the SD v1.5 configurations."""
     if variant not in (None, "fp16"):
         raise WeightsError(f"unknown variant {variant!r}: use None or 'fp16'")
-    if config_dir is not None and not Path(config_dir).expanduser().is_dir():
+    config_dir = None if config_dir is None else Path(config_dir).expanduser()
+    if config_dir is not None and path_kind(config_dir) != "folder":
         raise WeightsError(f"{config_dir}: no such folder (the config folder is a diffusers-layout folder)")
     path = Path(source).expanduser()
-    load = dict(variant=variant, dtype=dtype, device=device)
-    if path.is_file():  # header and tokenizer first: they fail before GBs are read
-        keys = single_file_keys(path)
-        tokenizer = load_tokenizer(*_tokenizer_files(config_dir))
-        models = load_single_file(path, keys, dtype, device, config_dir)
-    elif path.is_dir():
-        tokenizer = load_tokenizer(*[path / "tokenizer" / f for f in TOKENIZER_FILES])
-        models = {name: _load_component(name, lambda f, name=name: path / name / f, **load) for name in MODELS}
-    elif _looks_like_path(str(source)):
-        raise WeightsError(f"{source}: no such file or folder (give a hub repo id, a diffusers folder "
-                           "or a single .safetensors file)")
-    else:
-        tokenizer = load_tokenizer(*[hub_file(str(source), "tokenizer", f) for f in TOKENIZER_FILES])
-        models = {name: _load_component(name, lambda f, name=name: hub_file(str(source), name, f), **load)
-                  for name in MODELS}
-    return StableDiffusion(**models, tokenizer=tokenizer)
+    kind = path_kind(path)
+    if kind == "file":
+        return load_single_file(path, dtype, device, config_dir)
+    if kind == "folder":
+        return load_folder(lambda folder, name: path / folder / name, variant, dtype, device, str(path))
+    if kind == "other" or _looks_like_path(str(source)):
+        raise WeightsError(f"{source}: {KIND_PROBLEMS[kind] if kind else 'no such file or folder'} (give a hub "
+                           "repo id, a diffusers folder or a single .safetensors file)")
+    names = [f"tokenizer/{f}" for f in TOKENIZER_FILES]
+    names += [f"{name}/{f}" for name in MODELS for f in (CONFIG_FILE, weights_file(name, variant))]
+    files = hub_files(str(source), names)
+    return load_folder(lambda folder, name: files[f"{folder}/{name}"], variant, dtype, device, str(source))
 
 
 def _looks_like_path(source: str) -> bool:
     return source.endswith(".safetensors") or source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
-def hub_file(repo_id: str, subfolder: str, filename: str) -> Path:
-    """One file of a hub repo through huggingface_hub's cache (honours HF_HOME and HF_HUB_OFFLINE)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-    try:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder))
-    except LocalEntryNotFoundError:
-        message = (f"{repo_id}/{subfolder}/{filename} is not in the local cache and the hub cannot be reached: "
-                   "connect once (or unset HF_HUB_OFFLINE), or pass a local folder or file")
-        raise WeightsError(message) from None
-    except (HfHubHTTPError, HFValidationError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{repo_id} is no local file or folder, and fetching {subfolder}/{filename} "
-                           f"from the hub failed: {first_line}") from None
+def load_folder(file_of, variant, dtype, device, where: str) -> StableDiffusion:
+    """The models of a diffusers layout; `file_of(folder, name)` is the path of one of its files."""
+    tokenizer = load_tokenizer(*[file_of("tokenizer", f) for f in TOKENIZER_FILES])
+    configs = {name: _component_config(name, Path(file_of(name, CONFIG_FILE))) for name in MODELS}
+    check_compatible(configs, tokenizer, where)
+    models = {}
+    for name, config in configs.items():
+        weights = Path(file_of(name, weights_file(name, variant)))
+        models[name] = build_model(name, config, read_safetensors(weights, dtype), str(weights), device)
+    return StableDiffusion(**models, tokenizer=tokenizer)
 
 
-def _load_component(name, file_of, variant, dtype, device):
-    """Build one model from its config.json (SD v1.5 defaults where a folder has none) and weights."""
-    config_name, weights_name, fp16_name = FOLDER_FILES[name]
-    config_cls = MODELS[name][1]
-    config_path = Path(file_of(config_name))
-    if not config_path.parent.is_dir():
+def _component_config(name: str, config_path: Path):
+    if path_kind(config_path.parent) != "folder":
         raise WeightsError(f"{config_path.parent}: missing; a diffusers folder holds unet/, vae/, "
                            "text_encoder/ and tokenizer/")
-    config = read_config(config_cls, config_path)
-    weights = Path(file_of(fp16_name if variant == "fp16" else weights_name))
-    return build_model(name, config, read_safetensors(weights, dtype), str(weights), device)
+    return read_config(MODELS[name][1], config_path)
 
 
-def read_config(config_cls, path: Path):
+# ---- files: what is at a path, and whether it can be read ----
+
+KIND_PROBLEMS = {"folder": "a folder where a file belongs", "other": "not a regular file (a FIFO, socket or device)"}
+
+
+def path_kind(path: Path) -> str | None:
+    """"file", "folder" or "other" for what is at `path`; None where nothing is. A path that may not
+    be looked at (a folder on the way without permission) is a WeightsError that says so."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be looked at ({e.strerror}): check its folders' permissions") from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def readable_file(path: Path, missing: str = "file not found") -> Path:
+    """`path`, checked to be a file this process may open: safetensors reports a permission error
+    as "No such file", and opening a FIFO would wait forever."""
+    kind = path_kind(path)
+    if kind != "file":
+        raise WeightsError(f"{path}: {KIND_PROBLEMS.get(kind, missing)}")
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read ({e.strerror}): check its permissions") from None
+
+
+# ---- the hub ----
+
+def hub_files(repo_id: str, names: list[str]) -> dict[str, Path]:
+    """The files `names` ("unet/config.json", ...) of a hub repo, in huggingface_hub's cache (HF_HOME).
+
+    Cached files are found on disk, without a request. The others are sized by one request each to
+    the hub, without huggingface_hub's retries, so an unreachable hub fails in seconds; then one
+    line says what is downloaded and where, and huggingface_hub downloads them (its progress bars)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+
+    def ask(name, request):
+        try:
+            return request()
+        except Exception as e:  # the transport's own errors differ between huggingface_hub versions
+            raise _hub_error(repo_id, name, e) from None
+
+    paths = {name: ask(name, lambda: try_to_load_from_cache(repo_id, name)) for name in names}
+    missing = [name for name, path in paths.items() if not isinstance(path, str)]  # None or "known absent"
+    if missing:
+        size = sum(ask(name, lambda: get_hf_file_metadata(hf_hub_url(repo_id, name), timeout=HUB_TIMEOUT_S)).size
+                   or 0 for name in missing)
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        files = f"{len(missing)} file{'s' * (len(missing) > 1)}"
+        print(f"Downloading {files} of {repo_id} ({shown}) into {constants.HF_HUB_CACHE} "
+              "(once: later runs read them from there)", file=sys.stderr)
+        paths |= {name: ask(name, lambda: hf_hub_download(repo_id, name)) for name in missing}
+    return {name: Path(path) for name, path in paths.items()}
+
+
+def _hub_error(repo_id: str, name: str, error: Exception) -> WeightsError:
+    """One line for a hub failure: refused (a wrong id, a gated repo, a missing file), offline, or
+    unreachable (or the download itself failed)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+    if isinstance(error, (HfHubHTTPError, HFValidationError)):
+        return WeightsError(f"{repo_id}/{name}: no local file or folder, and the hub refused it "
+                            f"({_first_line(error)}): check the repo id, your hub login and --variant")
+    why, todo = ("HF_HUB_OFFLINE is set", "unset it to download") if isinstance(error, OfflineModeIsEnabled) else (
+        f"fetching it from {constants.ENDPOINT} failed ({_first_line(error)})", "connect once")
+    return WeightsError(f"{repo_id}/{name} is not in the local cache ({constants.HF_HUB_CACHE}) and {why}: {todo}, "
+                        "or load a local folder or file (weights.md, 'Using a local copy or an offline machine')")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---- configs ----
+
+def read_config(config_cls, path: Path | None):
     """The dataclass `config_cls` filled from a config.json file; SD v1.5's defaults where there is none."""
-    if not path.is_file():
+    if path is None or path_kind(path) is None:
         return config_cls()
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(readable_file(path).read_text())
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable JSON config ({e})") from None
     return config_from_dict(config_cls, raw, str(path))
 
 
 def config_from_dict(config_cls, raw: dict, where: str = "config"):
-    """The dataclass `config_cls` from the keys of a diffusers/transformers config it knows."""
+    """The dataclass `config_cls` from the keys of a diffusers/transformers config it knows: each
+    value checked against its field's annotation (a list becomes a tuple), then the dataclass's own
+    structural rules (its __post_init__)."""
     if not isinstance(raw, dict):
         raise WeightsError(f"{where}: a config must be a JSON object, not {type(raw).__name__}")
+    values = {}
+    for name, annotation in typing.get_type_hints(config_cls).items():
+        if name in raw:
+            values[name] = parse_value(annotation, raw[name])
+            if values[name] is INVALID:
+                shown = json.dumps(raw[name], default=repr)
+                raise WeightsError(f"{where}: {name} must be {describe(annotation)}, "
+                                   f"not {shown if len(shown) <= 40 else shown[:37] + '...'}")
     _reject_foreign_config(raw, where)
-    known = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
-    except (TypeError, ValueError) as e:
+        return config_cls(**values)
+    except ValueError as e:
         raise WeightsError(f"{where}: {e}") from None
+
+
+INVALID = object()  # what parse_value returns for a value its annotation does not allow
+# Every number in an SD config is a size, a count or a scale: positive (and finite). The largest SD
+# v1.x integer is CLIP's vocab_size, 49408; the cap keeps torch's size arithmetic far from overflow.
+MAX_CONFIG_INT = 2 ** 16
+VALUE_RULES = {  # annotation: (test, what one is, what several are)
+    int: (lambda v: type(v) is int and 0 < v <= MAX_CONFIG_INT, f"a positive integer up to {MAX_CONFIG_INT}",
+          f"positive integers up to {MAX_CONFIG_INT}"),
+    float: (lambda v: type(v) in (int, float) and 0 < v <= sys.float_info.max, "a positive finite number",
+            "positive finite numbers"),
+    str: (lambda v: type(v) is str, "a string", "strings"),
+}
+
+
+def parse_value(annotation, value):
+    """`value` as a config field annotated `annotation` holds it (int, float, str, tuple[X, ...] or
+    a union of those), or INVALID. A bool is no number; a list must not be empty."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        parsed = (parse_value(option, value) for option in typing.get_args(annotation))
+        return next((v for v in parsed if v is not INVALID), INVALID)
+    if typing.get_origin(annotation) is tuple:
+        item = typing.get_args(annotation)[0]
+        items = [parse_value(item, v) for v in value] if isinstance(value, (list, tuple)) else []
+        return tuple(items) if items and not any(v is INVALID for v in items) else INVALID
+    return annotation(value) if VALUE_RULES[annotation][0](value) else INVALID
+
+
+def describe(annotation) -> str:
+    """What `annotation` allows, in words: "a positive integer or a non-empty list of positive integers"."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(describe(option) for option in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        return "a non-empty list of " + VALUE_RULES[typing.get_args(annotation)[0]][2]
+    return VALUE_RULES[annotation][1]
 
 
 def _reject_foreign_config(raw: dict, where: str):
@@ -147,11 +270,37 @@ def _as_tuple(x):
     return tuple(x) if isinstance(x, (list, tuple)) else (x,)
 
 
+def check_compatible(configs: dict, tokenizer: CLIPTokenizer, where: str):
+    """The three configurations fit each other, the tokenizer, RGB images and EmerDiff's two UNet
+    layers (config.json files of different models would otherwise load and fail at the first run)."""
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    with torch.device("meta"):  # the layer names only: no memory, no time
+        missing_layers = sorted({FEATURE_LAYER, MODULATED_LAYER} - {name for name, _ in UNet(unet).named_modules()})
+    largest_id = max(tokenizer.vocab.values())
+    rules = [
+        (unet.cross_attention_dim == text.hidden_size,
+         f"unet cross_attention_dim {unet.cross_attention_dim} != text_encoder hidden_size {text.hidden_size}"),
+        (unet.in_channels == unet.out_channels == vae.latent_channels,
+         f"unet in/out_channels {unet.in_channels}/{unet.out_channels} != vae latent_channels {vae.latent_channels}"),
+        (vae.in_channels == vae.out_channels == 3,
+         f"vae in/out_channels {vae.in_channels}/{vae.out_channels} != 3 (RGB)"),
+        (text.max_position_embeddings >= tokenizer.max_length,
+         f"text_encoder max_position_embeddings {text.max_position_embeddings} < {tokenizer.max_length} prompt tokens"),
+        (text.vocab_size > largest_id, f"text_encoder vocab_size {text.vocab_size} <= the tokenizer's id {largest_id}"),
+        (not missing_layers, f"the unet has no {' or '.join(missing_layers)}, which EmerDiff reads and modulates "
+                             "(SD v1.x has 4 levels and layers_per_block 2)"),
+    ]
+    broken = [message for holds, message in rules if not holds]
+    if broken:
+        raise WeightsError(f"{where}: config.json files that do not fit together: {broken[0]}")
+
+
+# ---- tensors ----
+
 @contextmanager
 def open_safetensors(path: Path):
-    """safetensors' reader for `path`, with a one-line error for a missing or bad file."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: file not found")
+    """safetensors' reader for `path`, with a one-line error for a missing, unreadable or bad file."""
+    readable_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
@@ -208,20 +357,23 @@ def _reject_foreign_tensors(state_dict: dict, where: str):
     if any(k.startswith("add_embedding.") or ".transformer_blocks.1." in k for k in state_dict):
         raise WeightsError(f"{where}: this is an SDXL UNet; emerdiff needs Stable Diffusion v1.x")
     if any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in state_dict.items()) or any(
-            k.endswith("attn2.to_k.weight") and v.shape[1] == 1024 for k, v in state_dict.items()):
+            k.endswith("attn2.to_k.weight") and v.ndim == 2 and v.shape[1] == 1024 for k, v in state_dict.items()):
         raise WeightsError(f"{where}: this is a Stable Diffusion 2.x UNet; emerdiff needs v1.x")
 
 
 def check_tensors(model, state_dict: dict, where: str, show: int = 5):
-    """Raise WeightsError listing the first few missing, unexpected and wrongly shaped tensors."""
+    """Raise WeightsError listing the first few missing, unexpected, wrongly shaped and integer (or
+    bool, complex) tensors."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k} {tuple(state_dict[k].shape)} != {expected[k]}" for k in expected
              if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    not_float = [f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in state_dict.items()
+                 if not v.is_floating_point()]
     problems = [f"{len(names)} {what} ({', '.join(names[:show])}{', ...' if len(names) > show else ''})"
-                for what, names in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong))
-                if names]
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong),
+                                    ("not floating point", not_float)) if names]
     if problems:
         raise WeightsError(f"{where}: not a {type(model).__name__} of this configuration: {'; '.join(problems)}")
 
@@ -244,21 +396,26 @@ def single_file_keys(path: Path) -> list[str]:
     return keys
 
 
-def load_single_file(path: Path, keys: list[str], dtype, device, config_dir=None) -> dict:
-    """The three models of an original `v1-5-pruned(-emaonly).safetensors`, configured from
-    `config_dir`'s config.json files where it has them, else as SD v1.5."""
-    models = {}
+def load_single_file(path: Path, dtype, device, config_dir: Path | None = None) -> StableDiffusion:
+    """The models of an original `v1-5-pruned(-emaonly).safetensors`, configured from `config_dir`'s
+    config.json files where it has them, else as SD v1.5. The header and the tokenizer come first:
+    they fail before GBs are read."""
+    keys = single_file_keys(path)
+    tokenizer = load_tokenizer(*_tokenizer_files(config_dir))
+    configs = {name: read_config(config_cls, config_dir / name / CONFIG_FILE if config_dir else None)
+               for name, (_, config_cls) in MODELS.items()}
+    check_compatible(configs, tokenizer, str(config_dir or path))
+    renames = {}  # per model: file key -> key in the model
     for name, prefix in LDM_PREFIXES.items():
-        names = {k: k[len(prefix):] for k in keys if k.startswith(prefix)}  # file key -> key in its model
-        if not names:
+        renames[name] = {k: k[len(prefix):] for k in keys if k.startswith(prefix)}
+        if not renames[name]:
             raise WeightsError(f"{path}: no tensors under '{prefix}': not an original-format SD v1.x checkpoint")
-        if name == "unet":
-            names = ema_names(names, keys)
-        config_cls = MODELS[name][1]
-        config = read_config(config_cls, Path(config_dir, name, "config.json")) if config_dir else config_cls()
-        part = read_safetensors(path, dtype, names.get)
+    renames["unet"] = ema_names(renames["unet"], keys)
+    models = {}
+    for name, config in configs.items():
+        part = read_safetensors(path, dtype, renames[name].get)
         models[name] = build_model(name, config, convert_ldm(name, part, config), str(path), device)
-    return models
+    return StableDiffusion(**models, tokenizer=tokenizer)
 
 
 def ema_names(names: dict[str, str], keys: list[str]) -> dict[str, str]:
@@ -348,20 +505,19 @@ def _vae_shortcuts(table: dict[str, str]) -> dict[str, str]:
 
 # ---- tokenizer ----
 
-def _tokenizer_files(folder) -> list[Path]:
+def _tokenizer_files(folder: Path | None) -> list[Path]:
     """vocab.json and merges.txt from `folder`'s tokenizer/ (or `folder` itself), else from the hub repo."""
     if folder is None:
-        return [hub_file(DEFAULT_REPO, "tokenizer", f) for f in TOKENIZER_FILES]
-    folder = Path(folder).expanduser()
-    if (folder / "tokenizer").is_dir():
+        files = hub_files(DEFAULT_REPO, [f"tokenizer/{f}" for f in TOKENIZER_FILES])
+        return list(files.values())
+    if path_kind(folder / "tokenizer") == "folder":
         folder = folder / "tokenizer"
     return [folder / f for f in TOKENIZER_FILES]
 
 
 def load_tokenizer(vocab: Path, merges: Path) -> CLIPTokenizer:
     for path in (vocab, merges):
-        if not Path(path).is_file():
-            raise WeightsError(f"{path}: tokenizer file not found (a tokenizer folder holds vocab.json and merges.txt)")
+        readable_file(Path(path), "tokenizer file not found (a tokenizer folder holds vocab.json and merges.txt)")
     try:
         return CLIPTokenizer.from_files(vocab, merges)
     except (ValueError, OSError) as e:

@@ -6,10 +6,10 @@ from transformers import CLIPTextConfig as RefCLIPConfig
 from transformers import CLIPTextModel as RefCLIPTextModel
 
 from clip_text import CLIPTextConfig, CLIPTextModel
-from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_UNET
+from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
-from weights import config_from_dict
+from weights import WeightsError, config_from_dict
 
 
 def assert_close(ours, ref, rel=1e-4):
@@ -71,3 +71,27 @@ def test_sd15_defaults_are_the_hub_configs():
     assert UNetConfig() == config_from_dict(UNetConfig, SD15_UNET)
     assert VAEConfig() == config_from_dict(VAEConfig, SD15_VAE)
     assert CLIPTextConfig() == CLIPTextConfig(**SD15_CLIP)
+
+
+def ref_clip(**config):
+    return RefCLIPTextModel(RefCLIPConfig(**config))
+
+
+REFUSED = {  # configs the references refuse to build: (reference, our config class, config)
+    "down_block_types-length": (UNet2DConditionModel, UNetConfig,
+                                TINY_UNET | dict(down_block_types=TINY_UNET["down_block_types"][:3])),
+    "up_block_types-name": (UNet2DConditionModel, UNetConfig,
+                            TINY_UNET | dict(up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("Fancy",))),
+    "unet-groups": (UNet2DConditionModel, UNetConfig, TINY_UNET | dict(norm_num_groups=7)),
+    "heads-length": (UNet2DConditionModel, UNetConfig, TINY_UNET | dict(attention_head_dim=(4, 4))),
+    "vae-groups": (AutoencoderKL, VAEConfig, TINY_VAE | dict(norm_num_groups=5)),
+    "clip-heads": (ref_clip, CLIPTextConfig, TINY_CLIP | dict(num_attention_heads=5)),
+}
+
+
+@pytest.mark.parametrize("reference, config_cls, config", REFUSED.values(), ids=REFUSED.keys())
+def test_configs_the_references_refuse_are_refused_before_any_tensor(reference, config_cls, config):
+    with pytest.raises(Exception), torch.device("meta"):
+        reference(**config)
+    with pytest.raises(WeightsError):
+        config_from_dict(config_cls, config)

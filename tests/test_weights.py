@@ -1,10 +1,15 @@
 """The loader: diffusers folders, original single files, the hub cache, and every bad input."""
+import hashlib
+import http.server
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,15 +175,69 @@ def test_fp16_variant_and_dtype(tmp_path, tiny_sd_dir):
         assert all(torch.allclose(ours[k].float(), fp32[k], rtol=1e-2, atol=1e-3) for k in fp32), name
 
 
-# ---- the hub path, through huggingface_hub's real cache look-up, offline ----
+# ---- the hub path, through huggingface_hub's real cache and download code ----
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the one revision of the test repos
+
 
 def fake_hub_cache(home, repo_id, folder):
     """Lay `folder` out as huggingface_hub caches a repo: models--org--name/{refs/main, snapshots/<rev>/}."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
     repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(folder, repo / "snapshots" / COMMIT)
+
+
+class StandInHub(http.server.ThreadingHTTPServer):
+    """A local stand-in for the hub's file endpoint, `HEAD|GET /<owner>/<name>/resolve/<revision>/<path>`,
+    with the headers huggingface_hub reads (X-Repo-Commit, ETag, Content-Length). It serves `folder`
+    under every repo id and records each request."""
+
+    def __init__(self, folder):
+        self.folder, self.requests = folder, []
+        super().__init__(("127.0.0.1", 0), StandInHubHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def fetched(self) -> set[str]:
+        """The files downloaded (GET) since the last `requests.clear()`."""
+        return {path for method, path in self.requests if method == "GET" and "/resolve/" in path}
+
+
+class StandInHubHandler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self, send_body=False):
+        self.server.requests.append((self.command, self.path))
+        match = re.fullmatch(r"/[^/]+/[^/]+/resolve/[^/]+/(.+)", self.path)
+        file = self.server.folder / match[1] if match else None
+        if file is None or not file.is_file():
+            self.send_response(404)
+            self.end_headers()
+            return
+        data = file.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(data)
+
+    def do_GET(self):
+        self.do_HEAD(send_body=True)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in_hub(tiny_sd_dir):
+    hub = StandInHub(tiny_sd_dir)
+    yield hub
+    hub.shutdown()
+    hub.server_close()
 
 
 LOAD_AND_RUN = """
@@ -196,17 +255,14 @@ with torch.no_grad():
 """
 
 
-def run_offline(tmp_path, home, repo):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {
-        "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+def run_loader(tmp_path, repo, **hf_settings):
+    """LOAD_AND_RUN in a fresh interpreter whose only HF_* settings are `hf_settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | hf_settings
     script = LOAD_AND_RUN.format(root=str(ROOT), repo=repo, out=str(tmp_path / "eps.pt"))
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_hub_repo_from_offline_cache(tmp_path, tiny_sd_dir, tiny_reference):
-    fake_hub_cache(tmp_path / "hf", "someone/tiny-sd", tiny_sd_dir)
-    result = run_offline(tmp_path, tmp_path / "hf", "someone/tiny-sd")
-    assert result.returncode == 0, result.stderr + result.stdout
+def assert_eps_of_the_reference(tmp_path, tiny_reference):
     torch.manual_seed(0)
     x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -214,10 +270,83 @@ def test_hub_repo_from_offline_cache(tmp_path, tiny_sd_dir, tiny_reference):
     assert (torch.load(tmp_path / "eps.pt") - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def test_hub_repo_from_offline_cache(tmp_path, tiny_sd_dir, tiny_reference):
+    fake_hub_cache(tmp_path / "hf", "someone/tiny-sd", tiny_sd_dir)
+    result = run_loader(tmp_path, "someone/tiny-sd", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "Downloading" not in result.stderr
+    assert_eps_of_the_reference(tmp_path, tiny_reference)
+
+
 def test_no_network_and_no_cache(tmp_path):
-    result = run_offline(tmp_path, tmp_path / "empty", "someone/not-cached")
-    assert result.returncode == 2
-    assert "not in the local cache" in result.stdout and len(result.stdout.strip().splitlines()) == 1
+    result = run_loader(tmp_path, "someone/not-cached", HF_HOME=str(tmp_path / "empty"), HF_HUB_OFFLINE="1")
+    assert result.returncode == 2 and len(result.stdout.strip().splitlines()) == 1
+    assert re.search(r"not-cached/tokenizer/vocab\.json is not in the local cache \(.*empty/hub\) and "
+                     r"HF_HUB_OFFLINE is set: .*weights\.md", result.stdout), result.stdout
+
+
+DOWNLOAD_LINE = re.compile(r"Downloading (\d+) files? of someone/tiny-sd \(([\d.]+) (MB|GB)\) into (\S+) ")
+
+
+def announced_download(stderr: str) -> tuple[int, float, Path]:
+    """(files, bytes, cache folder) of the one download line among the hub's progress bars."""
+    lines = [line for line in stderr.splitlines() if line.startswith("Downloading")]
+    assert len(lines) == 1, stderr
+    count, size, unit, cache = DOWNLOAD_LINE.match(lines[0]).groups()
+    return int(count), float(size) * {"MB": 1e6, "GB": 1e9}[unit], Path(cache)
+
+
+def test_a_download_is_announced_and_later_runs_stay_local(tmp_path, tiny_sd_dir, tiny_reference, stand_in_hub):
+    """Through huggingface_hub's own download code, against a stand-in hub on this machine."""
+    home = tmp_path / "hf"
+    settings = dict(HF_HOME=str(home), HF_ENDPOINT=stand_in_hub.url)
+    files = sorted(str(p.relative_to(tiny_sd_dir)) for p in tiny_sd_dir.rglob("*") if p.is_file())
+    first = run_loader(tmp_path, "someone/tiny-sd", **settings)
+    assert first.returncode == 0, first.stderr + first.stdout
+    count, size, cache = announced_download(first.stderr)
+    assert count == len(files) == 8 and cache == home / "hub"
+    assert abs(size - sum((tiny_sd_dir / f).stat().st_size for f in files)) <= 0.05e6  # printed to 0.1 MB
+    assert stand_in_hub.fetched() == {f"/someone/tiny-sd/resolve/main/{f}" for f in files}
+    assert_eps_of_the_reference(tmp_path, tiny_reference)
+
+    stand_in_hub.requests.clear()  # all cached: no line and not one request to the hub
+    second = run_loader(tmp_path, "someone/tiny-sd", **settings)
+    assert second.returncode == 0 and "Downloading" not in second.stderr, second.stderr
+    assert stand_in_hub.requests == []
+
+    lost = "vae/diffusion_pytorch_model.safetensors"  # one file gone from the cache: only it is fetched
+    link = next((home / "hub").glob(f"models--someone--tiny-sd/snapshots/*/{lost}"))
+    link.resolve().unlink()  # the blob and its link in the snapshot
+    link.unlink()
+    third = run_loader(tmp_path, "someone/tiny-sd", **settings)
+    assert third.returncode == 0, third.stderr + third.stdout
+    count, size, _ = announced_download(third.stderr)
+    assert count == 1 and abs(size - (tiny_sd_dir / lost).stat().st_size) <= 0.05e6
+    assert stand_in_hub.fetched() == {f"/someone/tiny-sd/resolve/main/{lost}"}
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_cli_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path):
+    """HF_HUB_OFFLINE unset, nothing cached, the hub unreachable: one line pointing to weights.md, exit 2,
+    none of huggingface_hub's retry messages. The 10 s timeout is the bound on the hang (it took 25 s
+    through five retries)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {
+        "HF_HOME": str(tmp_path / "empty"), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    command = [sys.executable, str(ROOT / "emerdiff.py"), "--image", str(ROOT / "examples" / "chelsea.jpg"),
+               "--weights", "someone/not-cached", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.fullmatch(r"emerdiff: error: someone/not-cached/tokenizer/vocab\.json is not in the local cache "
+                        r"\(.*empty/hub\) and fetching it from http://127\.0\.0\.1:\d+ failed "
+                        r"\(.*Connection refused\): "
+                        r"connect once, .*weights\.md.*\n",
+                        result.stderr), result.stderr
 
 
 # ---- bad input: one clear line naming the file and what is wrong ----
@@ -281,7 +410,10 @@ def edit_unet(folder, edit):
     (lambda t: t.pop("conv_out.bias"), r"1 missing \(conv_out\.bias\)"),
     (lambda t: t.update({"extra.weight": torch.zeros(2)}), r"1 unexpected \(extra\.weight\)"),
     (lambda t: t.update({"conv_in.bias": torch.zeros(7)}), r"1 wrongly shaped \(conv_in\.bias \(7,\) != \(32,\)\)"),
-], ids=["missing", "unexpected", "shape"])
+    (lambda t: t.update({"conv_in.bias": t["conv_in.bias"].long()}), r"1 not floating point \(conv_in\.bias int64\)$"),
+    (lambda t: t.update({"conv_out.weight": t["conv_out.weight"] > 0}),
+     r"1 not floating point \(conv_out\.weight bool\)$"),
+], ids=["missing", "unexpected", "shape", "integer", "bool"])
 def test_wrong_tensors_are_listed(tmp_path, tiny_sd_dir, edit, pattern):
     folder = copy_folder(tiny_sd_dir, tmp_path / "edited")
     edit_unet(folder, edit)
@@ -297,6 +429,150 @@ def test_bad_configs(tmp_path, tiny_sd_dir, config, pattern):
     path = folder / "text_encoder" / "config.json"
     path.write_text(json.dumps(config if isinstance(config, list) else json.loads(path.read_text()) | config))
     expect_error(pattern, folder)
+
+
+@pytest.fixture
+def configs_only(tmp_path, tiny_sd_dir):
+    """The tiny folder without its weights files: an error about a config must come before any tensor is read."""
+    folder = tmp_path / "configs"
+    shutil.copytree(tiny_sd_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    return folder
+
+
+def edit_config(folder, component, change):
+    path = folder / component / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+
+
+def test_sound_configs_get_as_far_as_the_tensors(configs_only):
+    """The control for the table below: the tiny folder's own configs pass every check."""
+    expect_error(r"configs/unet/diffusion_pytorch_model\.safetensors: file not found", configs_only)
+
+
+# Each value a config.json may hold wrongly, and each rule between fields (the tiny models: UNet
+# block_out_channels 32, 32, 64, 64 with 4 heads and 8 groups; VAE 16, 32, 32, 32 with 8 groups;
+# CLIP hidden_size 32 with 4 heads).
+FIELD_TYPE = [
+    ("unet", {"layers_per_block": "2"}, r'layers_per_block must be a positive integer up to 65536, not "2"$'),
+    ("unet", {"layers_per_block": 2.5}, r"layers_per_block must be a positive integer up to 65536, not 2\.5$"),
+    ("unet", {"layers_per_block": "abc"}, r'layers_per_block must be a positive integer up to 65536, not "abc"$'),
+    ("unet", {"layers_per_block": True}, r"layers_per_block must be a positive integer up to 65536, not true$"),
+    ("unet", {"layers_per_block": 0}, r"layers_per_block must be a positive integer up to 65536, not 0$"),
+    ("unet", {"cross_attention_dim": -32}, r"cross_attention_dim must be a positive integer up to 65536, not -32$"),
+    ("unet", {"cross_attention_dim": None}, r"cross_attention_dim must be a positive integer up to 65536, not null$"),
+    ("text_encoder", {"vocab_size": 10 ** 20}, r"vocab_size must be a positive integer up to 65536, not 1000000000"),
+    ("unet", {"block_out_channels": []},
+     r"block_out_channels must be a non-empty list of positive integers up to 65536, not \[\]$"),
+    ("unet", {"block_out_channels": [32, "32", 64, 64]}, r"block_out_channels must be a non-empty list of positive"),
+    ("unet", {"attention_head_dim": [4, 4.0, 4, 4]},
+     r"attention_head_dim must be a positive integer up to 65536 or a non-empty list of positive integers up to "
+     r"65536, not \[4, 4\.0"),
+    ("unet", {"norm_eps": "1e-5"}, r'norm_eps must be a positive finite number, not "1e-5"$'),
+    ("unet", {"down_block_types": "CrossAttnDownBlock2D"}, r"down_block_types must be a non-empty list of strings"),
+    ("vae", {"scaling_factor": "x"}, r'scaling_factor must be a positive finite number, not "x"$'),
+    ("vae", {"scaling_factor": float("nan")}, r"scaling_factor must be a positive finite number, not NaN$"),
+    ("vae", {"scaling_factor": float("inf")}, r"scaling_factor must be a positive finite number, not Infinity$"),
+    ("vae", {"scaling_factor": -0.18215}, r"scaling_factor must be a positive finite number, not -0\.18215$"),
+    ("vae", {"scaling_factor": 0}, r"scaling_factor must be a positive finite number, not 0$"),
+    ("text_encoder", {"hidden_size": "32"}, r'hidden_size must be a positive integer up to 65536, not "32"$'),
+    ("text_encoder", {"hidden_act": 3}, r"hidden_act must be a string, not 3$"),
+    ("text_encoder", {"layer_norm_eps": False}, r"layer_norm_eps must be a positive finite number, not false$"),
+]
+FIELD_RULES = [
+    ("unet", {"norm_num_groups": 7}, r"norm_num_groups 7 does not divide block_out_channels 32$"),
+    ("unet", {"attention_head_dim": 5}, r"attention_head_dim 5 \(heads\) does not divide block_out_channels 32$"),
+    ("unet", {"attention_head_dim": [4, 4]}, r"attention_head_dim has 2 entries for 4 block_out_channels$"),
+    ("unet", {"down_block_types": ["CrossAttnDownBlock2D"] * 3}, r"down_block_types has 3 entries for 4 block_out"),
+    ("unet", {"up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "FancyUpBlock2D"]},
+     r"up_block_types: unknown 'FancyUpBlock2D' \(known: CrossAttnUpBlock2D, UpBlock2D\)$"),
+    ("vae", {"norm_num_groups": 5}, r"norm_num_groups 5 does not divide block_out_channels 16$"),
+    ("text_encoder", {"num_attention_heads": 5}, r"num_attention_heads 5 does not divide hidden_size 32$"),
+    ("text_encoder", {"hidden_act": "gelu_new"},
+     r"hidden_act must be one of \['gelu', 'quick_gelu'\], got 'gelu_new'$"),
+]
+
+
+@pytest.mark.parametrize("component, change, pattern", FIELD_TYPE + FIELD_RULES,
+                         ids=[f"{c}-{json.dumps(change)}" for c, change, _ in FIELD_TYPE + FIELD_RULES])
+def test_a_bad_config_field_names_the_file_and_the_field(configs_only, component, change, pattern):
+    edit_config(configs_only, component, change)
+    expect_error(rf"^{re.escape(str(configs_only / component / 'config.json'))}: {pattern}", configs_only)
+
+
+# Configs each sound alone that do not fit together.
+MISMATCHES = [
+    ("unet", {"cross_attention_dim": 64}, r"unet cross_attention_dim 64 != text_encoder hidden_size 32$"),
+    ("vae", {"latent_channels": 8}, r"unet in/out_channels 4/4 != vae latent_channels 8$"),
+    ("vae", {"in_channels": 4}, r"vae in/out_channels 4/3 != 3 \(RGB\)$"),
+    ("text_encoder", {"max_position_embeddings": 64}, r"text_encoder max_position_embeddings 64 < 77 prompt tokens$"),
+    ("text_encoder", {"vocab_size": 1000}, r"text_encoder vocab_size 1000 <= the tokenizer's id 49407$"),
+    ("unet", {"layers_per_block": 1}, r"the unet has no up_blocks\.1\.attentions\.2\.transformer_blocks\.0\.attn2, "),
+    ("unet", {"up_block_types": ["UpBlock2D"] * 4}, r"the unet has no up_blocks\.1\.attentions\.0\.\S+ or "),
+]
+
+
+@pytest.mark.parametrize("component, change, pattern", MISMATCHES, ids=[json.dumps(c) for _, c, _ in MISMATCHES])
+def test_configs_that_do_not_fit_together(configs_only, component, change, pattern):
+    edit_config(configs_only, component, change)
+    expect_error(rf"^{re.escape(str(configs_only))}: config\.json files that do not fit together: {pattern}",
+                 configs_only)
+
+
+def test_a_bad_config_beside_a_single_file(tmp_path, tiny_sd_dir, single_file):
+    folder = copy_folder(tiny_sd_dir, tmp_path / "configs")
+    edit_config(folder, "vae", {"scaling_factor": "x"})
+    expect_error(r"configs/vae/config\.json: scaling_factor must be a positive finite number", single_file,
+                 config_dir=folder)
+
+
+def test_a_fifo_or_a_folder_where_a_file_belongs(tmp_path, tiny_sd_dir):
+    """Neither hangs (opening a FIFO waits for a writer) nor passes for a missing file."""
+    folder = copy_folder(tiny_sd_dir, tmp_path / "odd")
+    config = folder / "vae" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    expect_error(r"odd/vae/config\.json: not a regular file \(a FIFO, socket or device\)$", folder)
+    config.unlink()
+    shutil.copy(tiny_sd_dir / "vae" / "config.json", config)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.mkdir()
+    expect_error(r"odd/unet/diffusion_pytorch_model\.safetensors: a folder where a file belongs$", folder)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    expect_error(r"pipe\.safetensors: not a regular file \(a FIFO, socket or device\) \(give a hub",
+                 tmp_path / "pipe.safetensors")
+
+
+PRINT_ERRORS = """
+import sys
+sys.path.insert(0, {root!r})
+from weights import load_stable_diffusion, WeightsError
+for source in sys.argv[1:]:
+    try:
+        load_stable_diffusion(source)
+    except WeightsError as e:
+        print(e)
+"""
+
+
+def test_a_file_without_read_permission_says_so(tmp_path, tiny_sd_dir):
+    """The real EACCES, no fault injection. Root reads any file through two capabilities, so as root
+    (as these tests run here) the loader runs in a child process that setpriv has stripped of them
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH); as any other user chmod alone does it."""
+    unreadable = copy_folder(tiny_sd_dir, tmp_path / "unreadable")
+    (unreadable / "unet" / "diffusion_pytorch_model.safetensors").chmod(0)
+    closed = copy_folder(tiny_sd_dir, tmp_path / "closed")
+    (closed / "vae").chmod(0)
+    without_root_reading = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    script = PRINT_ERRORS.format(root=str(ROOT))
+    result = subprocess.run([*without_root_reading, sys.executable, "-c", script, str(unreadable), str(closed)],
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert re.fullmatch(r".*/unreadable/unet/diffusion_pytorch_model\.safetensors: "
+                        r"cannot be read \(Permission denied\): check its permissions", lines[0]), lines[0]
+    assert re.fullmatch(r".*/closed/vae/config\.json: cannot be looked at \(Permission denied\): "
+                        r"check its folders' permissions", lines[1]), lines[1]
 
 
 def test_inpainting_unet(tmp_path, tiny_sd_dir):
