@@ -1,42 +1,189 @@
-"""Speed, side by side in one run: our UNet and VAE against diffusers' on the same weights, the
-cost of the attention hooks, and (with real weights) the whole method stage by stage.
+"""Speed, measured side by side in one process.
 
-    python bench.py                                   # SD v1.5 size, random weights, best device
-    python bench.py --weights stable-diffusion-v1-5/stable-diffusion-v1-5 --method examples/chelsea.jpg
-    python bench.py --device cpu --size 64 --repeats 1  # a quick run on a CPU
+    python bench.py models --size 256 512 --batch 1    # our UNet and VAE decoder against diffusers', same weights
+    python bench.py method --preset cpu --json m.json  # segment() against the authors' notebook approach, per stage
+    python bench.py method --preset gpu --json m.json  # the same at 512x512, K = 25, 100 draws, on CUDA
+    python bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
+    python bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
+    python bench.py cuda --json c.json                 # CUDA: the defaults within 12 GB; no host sync in the loop
+    python bench.py compile --json k.json              # CUDA: what torch.compile costs and gains, per image
 
-Needs the dev requirements (diffusers) for the side-by-side rows. Times are medians of --repeats
-interleaved calls after a warm-up; each row also gives the largest difference from diffusers'
-output, relative to its scale.
+Needs the dev requirements (diffusers). Without --weights the models are SD v1.5's architecture
+with random weights (the speed is the same). Times are medians of --repeats interleaved runs,
+after a warm-up run of each contender; the warm-up also counts the FLOPs (torch.utils.flop_counter).
+Ratios are reference / ours: above 1, ours is faster.
 """
 import argparse
+import json
+import math
+import os
 import statistics
+import sys
 import time
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import flop_counter
 
 import emerdiff
 import sampler
-from unet import UNet, UNetConfig
+from clip_text import BYTE_ENCODER, END, START, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
 from vae import VAE, VAEConfig
+from weights import StableDiffusion
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLE = ROOT / "examples" / "chelsea.jpg"
+
+# The method's options per preset, the same for every contender. "cpu": minutes on 2 cores;
+# "gpu": the paper's defaults at 512x512 on CUDA.
+PRESETS = {
+    "cpu": dict(device="cpu", dtypes=["float32"], options=dict(size=128, masks=4, feature_samples=8)),
+    "gpu": dict(device="cuda", dtypes=["float16", "bfloat16"], options=dict(size=512, masks=25, feature_samples=100)),
+}
+STAGES = ["features", "k-means", "inversion", "recording", "modulation"]
+
+
+# ---- Measuring ----
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(fns, device, repeats: int) -> list[float]:
     """Median seconds of each of `fns`, called in turn `repeats` times after a warm-up call each:
     interleaved, so that drift in clock speed or load falls on all of them alike."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     times = [[] for _ in fns]
     for rep in range(repeats + 1):
         for fn, spent in zip(fns, times):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            sync()
+            synchronize(device)
             if rep:  # the first round is the warm-up
                 spent.append(time.perf_counter() - start)
     return [statistics.median(spent) for spent in times]
+
+
+# torch.utils.flop_counter knows the CUDA attention kernels, not the CPU one.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                       lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v)}
+
+
+class Meter:
+    """UNet calls, UNet images and FLOPs per stage. FLOPs are counted only while `count_flops`
+    (the counting slows the run): in the warm-up run."""
+
+    def __init__(self):
+        self.count_flops = False
+        self.stages = defaultdict(lambda: dict(unet_calls=0, unet_images=0, flops=0))
+
+    def reset(self, count_flops: bool):
+        self.count_flops = count_flops
+        self.stages.clear()
+
+    def run(self, stage: str, fn, unet_images: int = 0):
+        """fn(), counted under `stage`; `unet_images` > 0 marks a UNet call of that many samples."""
+        counts = self.stages[stage]
+        if unet_images:
+            counts["unet_calls"] += 1
+            counts["unet_images"] += unet_images
+        counter = (flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+                   if self.count_flops else nullcontext())
+        try:
+            with counter:
+                return fn()
+        finally:
+            if self.count_flops:
+                counts["flops"] += counter.get_total_flops()
+
+
+class MeteredUNet(nn.Module):
+    """Our UNet, each call counted under the stage its hooks belong to."""
+    STAGE_OF_HOOKS = {emerdiff.FeatureCapture: "features", sampler.AttentionRecord: "inversion",
+                      sampler.Modulation: "modulation"}
+
+    def __init__(self, unet, meter):
+        super().__init__()
+        self.unet, self.meter = unet, meter
+
+    def forward(self, x, t, context, hooks=None):
+        # A modulated step 0 takes one sample and returns the batch of runs: count what comes out.
+        return self.meter.run(self.STAGE_OF_HOOKS[type(hooks)], lambda: self.unet(x, t, context, hooks),
+                              unet_images=max(len(x), len(getattr(hooks, "offsets", x))))
+
+
+class MeteredVAE(nn.Module):
+    """Our VAE: encoding counted with the features, decoding with the modulation."""
+
+    def __init__(self, vae, meter):
+        super().__init__()
+        self.vae, self.meter, self.config = vae, meter, vae.config
+        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv  # for emerdiff.prepare_models
+
+    def encode(self, image):
+        return self.meter.run("features", lambda: self.vae.encode(image))
+
+    def decode(self, latent):
+        return self.meter.run("modulation", lambda: self.vae.decode(latent))
+
+
+class Stopwatch:
+    """Seconds per stage, the device synchronised at each lap."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+        synchronize(device)
+        self.clock = time.perf_counter()
+
+    def lap(self, stage):
+        synchronize(self.device)
+        self.seconds[stage], self.clock = time.perf_counter() - self.clock, time.perf_counter()
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def write_json(path, data):
+    """Through a temporary file, then renamed: no half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- Models ----
+
+def byte_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer without merges: enough for the empty prompt, and it needs no vocabulary file."""
+    symbols = [START, END, *BYTE_ENCODER.values(), *(s + "</w>" for s in BYTE_ENCODER.values())]
+    return CLIPTokenizer({s: i for i, s in enumerate(symbols)}, [])
+
+
+def random_stable_diffusion(device, dtype) -> StableDiffusion:
+    """SD v1.5's architecture with random weights (seeded): the speed of the real thing."""
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where they run: on a GPU in a moment
+        return StableDiffusion(unet=UNet(UNetConfig()).to(dtype).eval(), vae=VAE(VAEConfig()).to(dtype).eval(),
+                               text_encoder=CLIPTextModel(CLIPTextConfig()).to(dtype).eval(),
+                               tokenizer=byte_tokenizer())
+
+
+def load_models(args, device, dtype) -> StableDiffusion:
+    if args.weights:
+        from weights import load_stable_diffusion
+        return load_stable_diffusion(args.weights, device=device, dtype=dtype)
+    return random_stable_diffusion(device, dtype)
 
 
 def reference_models(unet: UNet, vae: VAE, device, dtype):
@@ -44,89 +191,539 @@ def reference_models(unet: UNet, vae: VAE, device, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging
     logging.set_verbosity_error()
-    c = unet.config
-    ref_unet = UNet2DConditionModel(
-        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
-        attention_head_dim=c.attention_head_dim, cross_attention_dim=c.cross_attention_dim,
-        norm_num_groups=c.norm_num_groups, down_block_types=c.down_block_types, up_block_types=c.up_block_types)
-    ref_vae = AutoencoderKL(block_out_channels=vae.config.block_out_channels,
-                            layers_per_block=vae.config.layers_per_block,
-                            down_block_types=("DownEncoderBlock2D",) * len(vae.config.block_out_channels),
-                            up_block_types=("UpDecoderBlock2D",) * len(vae.config.block_out_channels),
-                            latent_channels=vae.config.latent_channels)
+    c, levels = unet.config, len(vae.config.block_out_channels)
+    with torch.device(device):
+        ref_unet = UNet2DConditionModel(
+            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+            attention_head_dim=c.attention_head_dim, cross_attention_dim=c.cross_attention_dim,
+            norm_num_groups=c.norm_num_groups, down_block_types=c.down_block_types, up_block_types=c.up_block_types)
+        ref_vae = AutoencoderKL(block_out_channels=vae.config.block_out_channels,
+                                layers_per_block=vae.config.layers_per_block,
+                                down_block_types=("DownEncoderBlock2D",) * levels,
+                                up_block_types=("UpDecoderBlock2D",) * levels,
+                                latent_channels=vae.config.latent_channels)
     ref_unet.load_state_dict(unet.state_dict())
     ref_vae.load_state_dict(vae.state_dict())
     return ref_unet.to(device, dtype).eval(), ref_vae.to(device, dtype).eval()
 
+
+def converted(sd: StableDiffusion, dtype) -> StableDiffusion:
+    """A copy of sd's models in another dtype (sd itself unchanged)."""
+    import copy
+    return StableDiffusion(*(copy.deepcopy(m).to(dtype) for m in (sd.unet, sd.vae, sd.text_encoder)), sd.tokenizer)
+
+
+# ---- python bench.py models: our UNet and VAE against diffusers' ----
 
 def relative_difference(ours, ref) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 @torch.no_grad()
-def compare_models(unet, vae, args, device, dtype):
-    ref_unet, ref_vae = reference_models(unet, vae, device, dtype)
-    h = w = args.size // 8
+def compare_models(sd, size, args, device, dtype) -> list[dict]:
+    """One plain UNet call and one decode, ours and diffusers' interleaved; then our hooked steps."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, h, w, generator=g).to(device, dtype)
-    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
-    contexts = context.expand(args.batch, -1, -1)
+    x = torch.randn(args.batch, 4, size // 8, size // 8, generator=g).to(device, dtype)
+    context = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    t = torch.tensor([281], device=device)
+    return against_diffusers(sd, x, context, t, args, device, dtype) + hooked_steps(sd.unet, x, context, t, args,
+                                                                                   device)
+
+
+def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
+    """Our UNet call and decode against diffusers' on the same weights (freed on return)."""
+    unet, vae = sd.unet, sd.vae
+    ref_unet, ref_vae = reference_models(unet, vae, device, dtype)
+    h, w = x.shape[-2:]
+    contexts, size = context.expand(len(x), -1, -1), 8 * w
     rows = []
-    ours_s, ref_s = timed([lambda: unet(x, 281, context), lambda: ref_unet(x, 281, contexts)], device, args.repeats)
-    rows.append(("UNet", ours_s, ref_s, relative_difference(unet(x, 281, context), ref_unet(x, 281, contexts).sample)))
-    latent = x[:, :4] * 0.5
-    ours_s, ref_s = timed([lambda: vae.decode(latent), lambda: ref_vae.decode(latent / vae.config.scaling_factor)],
-                          device, args.repeats)
-    rows.append(("VAE decode", ours_s, ref_s,
-                 relative_difference(vae.decode(latent), ref_vae.decode(latent / vae.config.scaling_factor).sample)))
-    title = f"batch {args.batch} at {args.size}px"
-    print(f"{title:<28}{'ours':>10}{'diffusers':>11}{'ratio':>8}{'max diff':>11}")
-    for name, ours_s, ref_s, diff in rows:
-        print(f"{name:<28}{ours_s * 1e3:>8.1f}ms{ref_s * 1e3:>9.1f}ms{ref_s / ours_s:>8.2f}{diff:>11.2e}")
-    hooks_overhead(unet, x, context, args, device)
+    ours_s, ref_s = timed([lambda: unet(x, t, context), lambda: ref_unet(x, t, contexts)], device, args.repeats)
+    rows.append(dict(row=f"UNet, {h}x{w} latents", ours_s=ours_s, reference_s=ref_s,
+                     max_difference=relative_difference(unet(x, t, context), ref_unet(x, t, contexts).sample)))
+    if not args.skip_vae:
+        latent = x * 0.5
+        ours_s, ref_s = timed([lambda: vae.decode(latent), lambda: ref_vae.decode(latent / vae.config.scaling_factor)],
+                              device, args.repeats)
+        difference = relative_difference(vae.decode(latent), ref_vae.decode(latent / vae.config.scaling_factor).sample)
+        rows.append(dict(row=f"VAE decode, {size}x{size}", ours_s=ours_s, reference_s=ref_s, max_difference=difference))
+    return rows
 
 
 @torch.no_grad()
-def hooks_overhead(unet, x, context, args, device):
-    """One denoising step with attention injection and modulation, against a plain UNet call."""
+def hooked_steps(unet, x, context, t, args, device) -> list[dict]:
+    """A modulated step under injection (batch of runs, savings on) against a plain UNet call, and
+    its self-attention with the probabilities shared against SDPA run by run: the measurement that
+    decides sampler.SHARE_PROBABILITIES for the device type."""
     record = sampler.AttentionRecord()
-    sampler.predict_noise(unet, x[:1], 281, context, record, step=0)
-    offsets = torch.zeros(args.batch, (args.size // 32) ** 2, device=device)
-    modulation = sampler.Modulation(offsets, record)
-    plain_s, hooked_s = timed([lambda: unet(x, 281, context),
-                               lambda: sampler.predict_noise(unet, x, 281, context, modulation, step=0)],
-                              device, args.repeats)
-    print(f"{'UNet + injection/modulation':<28}{hooked_s * 1e3:>8.1f}ms   ({hooked_s / plain_s:.2f} x the plain UNet)")
+    sampler.predict_noise(unet, x[:1], t, context, record, step=0)
+    x = x[:1].expand(args.runs, -1, -1, -1).contiguous()  # one modulated step after t_m: every run in full
+    offsets = torch.zeros(args.runs, (x.shape[-2] // 4) * (x.shape[-1] // 4), device=device, dtype=x.dtype)
+
+    def step(share):
+        hooks = sampler.Modulation(offsets, record, share_probabilities=share)
+        return lambda: sampler.predict_noise(unet, x, t, context, hooks, step=0)
+    plain_s, shared_s, sdpa_s = timed([lambda: unet(x, t, context), step(True), step(False)], device, args.repeats)
+    h, w = x.shape[-2:]
+    note = f"{args.runs} runs; reference: a plain UNet call"
+    return [dict(row=f"modulated step, shared probabilities, {h}x{w}", ours_s=shared_s, reference_s=plain_s, note=note),
+            dict(row=f"modulated step, SDPA run by run, {h}x{w}", ours_s=sdpa_s, reference_s=plain_s, note=note)]
+
+
+def print_rows(title, rows):
+    print(f"{title:<44}{'ours':>11}{'reference':>12}{'ratio':>8}{'max diff':>11}")
+    for r in rows:
+        diff = f"{r['max_difference']:>11.2e}" if "max_difference" in r else f"   {r.get('note', '')}"
+        print(f"{r['row']:<44}{r['ours_s'] * 1e3:>9.1f}ms{r['reference_s'] * 1e3:>10.1f}ms"
+              f"{r['reference_s'] / r['ours_s']:>8.2f}{diff}")
+
+
+def bench_models(args, device, dtype):
+    sd = load_models(args, device, dtype)
+    emerdiff.prepare_models(sd)
+    load = load_average()
+    rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
+    print_rows(f"batch {args.batch}, reference: diffusers", rows)
+    return dict(command="models", batch=args.batch, rows=rows, load_average=[load, load_average()])
+
+
+# ---- python bench.py method: segment() against the authors' notebook approach ----
+
+class NotebookAttention:
+    """A diffusers attention processor doing what the authors' notebook's does: q, k and v are
+    projected; when recording, q and k are cloned to the host; when replaying, the host copies are
+    written over the computed q and k; SDPA; to_out[0]; in the modulated layer at t_m, each run's
+    lambda times the mask is added. In the feature passes the feature layer's query is summed on
+    the host."""
+
+    def __init__(self, name, state):
+        self.name, self.state = name, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        s = self.state
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if s["mode"] == "features" and self.name == FEATURE_LAYER:
+            s["features"] = s["features"] + q[0].detach().cpu()
+        elif s["mode"] == "record":
+            s["record"][s["t"], self.name] = (q.detach().clone().cpu(), k.detach().clone().cpu())
+        elif s["mode"] == "replay":
+            recorded_q, recorded_k = s["record"][s["t"], self.name]
+            q[:] = recorded_q[0].to(q.device)
+            k[:] = recorded_k[0].to(k.device)
+        batch, heads = q.shape[0], attn.heads
+        q, k, v = (a.view(batch, -1, heads, a.shape[-1] // heads).transpose(1, 2) for a in (q, k, v))
+        o = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        if s["mode"] == "replay" and s["t"] == s["t_m"] and self.name == MODULATED_LAYER:
+            o = o + s["lam"].to(o.dtype)[:, None, None] * s["mask"].to(o.dtype).reshape(1, -1, 1)
+        return o
+
+
+class NotebookPipeline:
+    """The authors' notebook approach on diffusers, written here to measure against: features
+    from one full UNet pass per draw, the whole 50-step inversion, a separate recording pass, each
+    mask's two runs as a batch of 2 and its two images decoded together, the record kept on the
+    host. Same weights and options as ours. k-means: the notebook uses scikit-learn's KMeans
+    (k-means++, restarts, Lloyd), which is not a dependency here, so this uses emerdiff.kmeans."""
+
+    def __init__(self, sd, dtype, meter):
+        self.device = next(sd.unet.parameters()).device
+        self.unet, self.vae = reference_models(sd.unet, sd.vae, self.device, dtype)
+        self.state = dict(mode=None, t=None)
+        self.unet.set_attn_processor({name: NotebookAttention(name.removesuffix(".processor"), self.state)
+                                      for name in self.unet.attn_processors})
+        self.context = emerdiff.embed_prompt(sd).to(dtype)  # the notebook embeds "" once, when it loads
+        self.dtype, self.meter = dtype, meter
+
+    def unet_call(self, stage, x, t):
+        self.state["t"] = t
+        context = self.context.expand(len(x), -1, -1)
+        return self.meter.run(stage, lambda: self.unet(x.to(self.dtype), t, context).sample.float(),
+                              unet_images=len(x))
+
+    @torch.no_grad()
+    def __call__(self, image, o) -> tuple[torch.Tensor, dict]:
+        watch, s, scaling = Stopwatch(self.device), self.state, self.vae.config.scaling_factor
+        pixels, _ = emerdiff.load_image(image, o["size"])
+        x0 = self.meter.run("features", lambda: self.vae.encode(pixels.to(self.device, self.dtype)))
+        x0 = x0.latent_dist.mean.float() * scaling
+        # Step 1: one full UNet pass per draw, the feature layer's query summed on the host.
+        rng, ab = torch.Generator().manual_seed(o["seed"]), sampler.ALPHAS_CUMPROD
+        s.update(mode="features", features=0)
+        for _ in range(o["feature_samples"]):
+            noise = torch.randn(x0.shape, generator=rng).to(self.device)
+            self.unet_call("features", ab[o["t_f"]] ** 0.5 * x0 + (1 - ab[o["t_f"]]) ** 0.5 * noise, o["t_f"])
+        features = (s["features"] / o["feature_samples"]).to(self.device)
+        watch.lap("features")
+        labels, centers = emerdiff.kmeans(features, o["masks"], n_init=o["kmeans_restarts"],
+                                          generator=torch.Generator().manual_seed(o["seed"]))
+        grid = (pixels.shape[-2] // emerdiff.GRID_FACTOR, pixels.shape[-1] // emerdiff.GRID_FACTOR)
+        masks = emerdiff.low_resolution_masks(labels, grid, len(centers))
+        watch.lap("k-means")
+        # Step 2: the inversion over the whole grid, one step per call; the record in a second pass.
+        s["mode"] = None
+        timesteps, x_start, zs = self.invert(x0, o)
+        watch.lap("inversion")
+        s.update(mode="record", record={})
+        self.regenerate(x_start, zs, timesteps, "recording")
+        watch.lap("recording")
+        # Steps 3-4: per mask, the -lambda and +lambda runs as a batch of 2, decoded together.
+        s.update(mode="replay", t_m=timesteps[0], lam=torch.tensor([-o["lam"], o["lam"]], device=self.device))
+        maps = []
+        for mask in masks:
+            s["mask"] = mask.float().to(self.device)
+            latents = self.regenerate(x_start.expand(2, -1, -1, -1), zs, timesteps, "modulation")
+            images = self.meter.run("modulation", lambda: self.vae.decode((latents / scaling).to(self.dtype)).sample)
+            maps.append(emerdiff.gaussian_blur(images[0:1] - images[1:2], *o["blur"]).norm(dim=1).float().cpu())
+        maps = torch.cat(maps)
+        watch.lap("modulation")
+        return maps, watch.seconds
+
+    def invert(self, x0, o):
+        """The notebook's inversion: every x_t of the grid drawn around x0 (from t = 1 upwards), then
+        z_t for every step from the top of the grid, one UNet call each; z_t below t_m kept."""
+        grid = sampler.timestep_grid(o["steps"])
+        rng = torch.Generator().manual_seed(o["seed"])
+        noise = {t: torch.randn(x0.shape, generator=rng).to(self.device) for t in reversed(grid)}
+        ab = sampler.ALPHAS_CUMPROD
+        xs = [ab[t] ** 0.5 * x0 + (1 - ab[t]) ** 0.5 * noise[t] for t in grid] + [x0]
+        zs, x_start = [], None
+        for i, t, alpha_bar, alpha_bar_prev in sampler.denoising_steps(grid):
+            if t == o["t_m"]:
+                x_start = xs[i]
+            mu, sigma = sampler.ddpm_mean_and_std(xs[i], self.unet_call("inversion", xs[i], t), alpha_bar,
+                                                  alpha_bar_prev)
+            zs.append((xs[i + 1] - mu) / sigma)
+            xs[i + 1] = mu + sigma * zs[-1]
+        kept = [t for t in grid if t <= o["t_m"]]
+        return kept, x_start, torch.stack(zs[-len(kept):])
+
+    def regenerate(self, x, zs, timesteps, stage):
+        for i, t, alpha_bar, alpha_bar_prev in sampler.denoising_steps(timesteps):
+            mu, sigma = sampler.ddpm_mean_and_std(x, self.unet_call(stage, x, t), alpha_bar, alpha_bar_prev)
+            x = mu + sigma * zs[i]
+        return x
+
+
+class OurPipeline:
+    """emerdiff.segment() on metered models."""
+
+    def __init__(self, sd, dtype, meter):
+        sd = sd if next(sd.unet.parameters()).dtype == dtype else converted(sd, dtype)
+        self.sd = StableDiffusion(MeteredUNet(sd.unet, meter), MeteredVAE(sd.vae, meter), sd.text_encoder,
+                                  sd.tokenizer)
+
+    def __call__(self, image, o):
+        seg = emerdiff.segment(image, self.sd, **o)
+        return seg.difference_maps, seg.seconds
+
+
+def bench_method(args, device, _dtype):
+    preset = PRESETS[args.preset]
+    if preset["device"] == "cuda" and device.type != "cuda":
+        raise SystemExit("the gpu preset needs CUDA")
+    o = emerdiff.DEFAULTS | preset["options"]
+    meter, load = Meter(), load_average()
+    sd = load_models(args, device, torch.float32)
+    contenders = {f"ours, {name}": OurPipeline(sd, getattr(torch, name), meter) for name in preset["dtypes"]}
+    contenders["notebook, float32"] = NotebookPipeline(sd, torch.float32, meter)
+    if device.type == "cuda":  # the notebook at our precision too: the method's structure against precision
+        ours_dtype = preset["dtypes"][0]
+        contenders[f"notebook, {ours_dtype}"] = NotebookPipeline(sd, getattr(torch, ours_dtype), meter)
+    results = {name: dict(seconds=defaultdict(list)) for name in contenders}
+    for rep in range(args.repeats + 1):  # round 0: the warm-up, which also counts calls, images and FLOPs
+        for name, run in contenders.items():
+            meter.reset(count_flops=rep == 0)
+            maps, seconds = run(args.image, o)
+            for stage in STAGES:
+                results[name]["seconds"][stage].append(seconds.get(stage, 0.0))  # [0]: the warm-up's
+            if rep == 0:
+                results[name]["counts"] = {stage: dict(meter.stages[stage]) for stage in STAGES}
+                results[name]["maps"] = maps.float().cpu()
+            print(f"round {rep} {name}: {sum(seconds.values()):.1f} s", file=sys.stderr)
+    report = method_report(results, args, o, device, load)
+    print_method(report)
+    return report
+
+
+def method_report(results, args, o, device, load) -> dict:
+    """Per contender and stage: median seconds, calls, images, FLOPs; the agreement of its labels with
+    ours; the ratio reference / ours of every number."""
+    ours_name = next(iter(results))
+    ours_maps = results[ours_name]["maps"]
+    contenders = {}
+    for name, r in results.items():
+        stages = {stage: dict(seconds=statistics.median(r["seconds"][stage][1:]), **r["counts"][stage])
+                  for stage in STAGES}
+        total = {key: sum(stage[key] for stage in stages.values()) for key in ("seconds", "unet_calls", "unet_images",
+                                                                                "flops")}
+        contenders[name] = dict(stages=stages, total=total,
+                                round_totals_seconds=[sum(t) for t in zip(*r["seconds"].values())],  # round 0: warm-up
+                                label_agreement_with_ours=(r["maps"].argmax(0) == ours_maps.argmax(0)).float().mean()
+                                .item(),
+                                max_map_difference_to_ours=relative_difference(r["maps"], ours_maps))
+    ratios = {name: {key: c["total"][key] / max(contenders[ours_name]["total"][key], 1e-12)
+                     for key in ("seconds", "unet_calls", "unet_images", "flops")}
+              for name, c in contenders.items() if name != ours_name}
+    return dict(command="method", preset=args.preset, device=str(device), torch=torch.__version__,
+                weights=args.weights or "random (SD v1.5 architecture)", image=str(args.image), repeats=args.repeats,
+                options={k: o[k] for k in ("size", "masks", "feature_samples", "kmeans_restarts", "t_m", "t_f",
+                                           "steps", "batch_size")},
+                load_average=[load, load_average()], contenders=contenders, ratio_to_ours=ratios)
+
+
+def print_method(report):
+    print(f"{report['preset']} preset on {report['device']}: {report['options']}; load {report['load_average']}")
+    print(f"{'':<22}{'stage':<12}{'seconds':>9}{'UNet calls':>12}{'UNet images':>13}{'TFLOP':>9}")
+    for name, c in report["contenders"].items():
+        for stage, s in [*c["stages"].items(), ("total", c["total"])]:
+            print(f"{name:<22}{stage:<12}{s['seconds']:>9.2f}{s['unet_calls']:>12}{s['unet_images']:>13}"
+                  f"{s['flops'] / 1e12:>9.2f}")
+        print(f"{'':<22}labels agree with ours on {c['label_agreement_with_ours']:.1%} of the pixels "
+              f"(maps differ by {c['max_map_difference_to_ours']:.1e} of their maximum)")
+    for name, r in report["ratio_to_ours"].items():
+        print(f"{name} / ours: " + ", ".join(f"{key} {value:.2f}" for key, value in r.items()))
+
+
+# ---- python bench.py flops: the FLOPs of a preset, counted without computing ----
+
+@torch.no_grad()
+def bench_flops(args, _device, _dtype):
+    """Our steps on the meta device (shapes only, no numbers), stage by stage, under the flop
+    counter; the masks are any partition of the grid (k-means needs numbers; the cost does not
+    depend on them). The notebook approach runs every UNet call in full: its FLOPs are its counts
+    (the method bench's) times a full UNet image, plus the same decodes."""
+    o = emerdiff.DEFAULTS | PRESETS[args.preset]["options"]
+    meter = Meter()
+    meter.reset(count_flops=True)
+    with torch.device("meta"):
+        sd = random_stable_diffusion("meta", torch.float32)
+    sd = StableDiffusion(MeteredUNet(sd.unet, meter), MeteredVAE(sd.vae, meter), sd.text_encoder, sd.tokenizer)
+    side, runs, steps = o["size"], 2 * o["masks"], (o["t_m"] - 1) // (sampler.TRAIN_STEPS // o["steps"]) + 1
+    batch = emerdiff.CPU_BATCH_SIZE if args.batch_size is None else args.batch_size
+    x0 = emerdiff.encode(sd, torch.zeros(1, 3, side, side, device="meta"))
+    emerdiff.extract_features(sd, x0, samples=o["feature_samples"], batch_size=batch)
+    inversion = emerdiff.invert(sd, x0, batch_size=batch)
+    grid = side // emerdiff.GRID_FACTOR
+    masks = emerdiff.low_resolution_masks(torch.arange(grid * grid, device="meta") % o["masks"], (grid, grid),
+                                          o["masks"])
+    emerdiff.difference_maps(sd, inversion, masks, batch_size=batch)
+    ours = {stage: dict(counts) for stage, counts in meter.stages.items()}
+    meter.reset(count_flops=True)
+    latent = torch.zeros(1, 4, side // 8, side // 8, device="meta")
+    sd.unet(latent, torch.tensor([1], device="meta"), inversion.context, sampler.AttentionRecord())
+    sd.vae.decode(latent)
+    emerdiff.encode(sd, torch.zeros(1, 3, side, side, device="meta"))
+    unet_image, decode, encode = (meter.stages[stage]["flops"] for stage in ("inversion", "modulation", "features"))
+    images = dict(features=o["feature_samples"], inversion=o["steps"], recording=steps, modulation=runs * steps)
+    extra = dict(features=encode, modulation=runs * decode)
+    notebook = {stage: dict(unet_images=n, flops=n * unet_image + extra.get(stage, 0)) for stage, n in images.items()}
+    both = dict(ours=ours, notebook=notebook)
+    total = {name: sum(s["flops"] for s in stages.values()) for name, stages in both.items()}
+    print(f"{args.preset} preset, batch {batch}: a full UNet image {unet_image / 1e12:.3f} TFLOP, a decode "
+          f"{decode / 1e12:.3f} TFLOP")
+    for name, stages in both.items():
+        print(f"{name:<9}" + ", ".join(f"{stage} {s['flops'] / 1e12:.1f}" for stage, s in stages.items())
+              + f"; total {total[name] / 1e12:.1f} TFLOP")
+    return dict(command="flops", preset=args.preset, batch_size=batch, unet_image_flops=unet_image,
+                decode_flops=decode, ours=ours, notebook=notebook, total=total)
+
+
+# ---- python bench.py precision: float16 / bfloat16 against float32 ----
+
+def tiny_stable_diffusion() -> StableDiffusion:
+    """The tests' tiny random-weight models (tests/tiny_models.py, built by diffusers/transformers)
+    in our classes; the byte tokenizer stands in for the vocabulary (the prompt is empty)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import TINY_CLIP, TINY_UNET, TINY_VAE, tiny_reference_models
+    from weights import config_from_dict
+    ref_unet, ref_vae, ref_clip = tiny_reference_models()
+    unet, vae = UNet(config_from_dict(UNetConfig, TINY_UNET)), VAE(config_from_dict(VAEConfig, TINY_VAE))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP))
+    unet.load_state_dict(ref_unet.state_dict())
+    vae.load_state_dict(ref_vae.state_dict())
+    text_encoder.load_state_dict({k if k.startswith("text_model.") else "text_model." + k: v
+                                  for k, v in ref_clip.state_dict().items()}, strict=False)
+    return StableDiffusion(unet.eval(), vae.eval(), text_encoder.eval(), byte_tokenizer())
+
+
+def matched_agreement(labels, reference, k) -> float:
+    """Share of the cells with the same cluster, the clusters' numbers matched one to one for the
+    largest overlap (k-means numbers its clusters arbitrarily)."""
+    from scipy.optimize import linear_sum_assignment
+    overlap = torch.zeros(k, k)
+    overlap.index_put_((labels.flatten().cpu(), reference.flatten().cpu()), torch.ones(labels.numel()), accumulate=True)
+    rows, cols = linear_sum_assignment(-overlap.numpy())
+    return overlap[rows, cols].sum().item() / labels.numel()
+
+
+@torch.no_grad()
+def bench_precision(args, _device, _dtype):
+    """float16 and bfloat16 against float32 on the CPU, step by step: the low-resolution masks
+    (cells in the same cluster, up to the clusters' numbering), then, from float32's masks, the
+    difference maps (largest difference relative to their maximum) and the labels (pixels with
+    the same label)."""
+    tiny = tiny_stable_diffusion()
+    rows = []
+    for size, k in ((128, 4), (256, 8)):
+        pixels, _ = emerdiff.load_image(args.image, size)
+        grid = (size // emerdiff.GRID_FACTOR, size // emerdiff.GRID_FACTOR)
+        seeded = lambda: torch.Generator().manual_seed(42)
+        results = {}
+        for name in ("float32", "float16", "bfloat16"):
+            sd = tiny if name == "float32" else converted(tiny, getattr(torch, name))
+            x0 = emerdiff.encode(sd, pixels)
+            features = emerdiff.extract_features(sd, x0, samples=8, generator=seeded())
+            low_res, _ = emerdiff.kmeans(features, k, n_init=10, generator=seeded())
+            masks = emerdiff.low_resolution_masks(results["float32"][0] if results else low_res, grid, k)
+            maps = emerdiff.difference_maps(sd, emerdiff.invert(sd, x0, generator=seeded()), masks)
+            results[name] = (low_res, maps)
+        (reference_low_res, reference_maps) = results.pop("float32")
+        for name, (low_res, maps) in results.items():
+            rows.append(dict(dtype=name, size=size, masks=k,
+                             low_res_agreement=matched_agreement(low_res, reference_low_res, k),
+                             max_map_difference=relative_difference(maps, reference_maps),
+                             label_agreement=(maps.argmax(0) == reference_maps.argmax(0)).float().mean().item()))
+            r = rows[-1]
+            print(f"{name:<9} {size}x{size}, K = {k:<3} low-resolution masks agree on {r['low_res_agreement']:.1%} "
+                  f"of the cells; from the same masks, maps differ by {r['max_map_difference']:.1e} of their "
+                  f"maximum, labels agree on {r['label_agreement']:.1%} of the pixels")
+    return dict(command="precision", image=str(args.image), rows=rows)
+
+
+# ---- python bench.py time: seconds per image, measured and extrapolated to the defaults ----
+
+def bench_time(args, device, dtype):
+    """segment() timed stage by stage at each --size with --masks and --feature-samples (fewer than
+    the defaults, to take minutes), then scaled to the defaults stage by stage: the features by the
+    draws, the modulated runs and decodes by the masks; beside it, what the CLI's estimate line says
+    for both settings (runner.estimate: one UNet call and one decode, times their counts)."""
+    import runner
+    sd = tiny_stable_diffusion() if args.tiny else load_models(args, device, dtype)
+    emerdiff.prepare_models(sd)
+    measured_options = dict(masks=args.masks, feature_samples=args.feature_samples)
+    defaults = emerdiff.DEFAULTS
+    scale = dict(features=defaults["feature_samples"] / args.feature_samples, modulation=defaults["masks"] / args.masks)
+    rows = []
+    for size in args.size:
+        seg = emerdiff.segment(args.image, sd, size=size, **measured_options)
+        extrapolated = {stage: s * scale.get(stage, 1) for stage, s in seg.seconds.items()}
+        rows.append(dict(size=size, options=measured_options, measured=seg.seconds,
+                         defaults_extrapolated=extrapolated,
+                         estimate=runner.estimate(sd, (size, size), defaults | measured_options)[0],
+                         defaults_estimate=runner.estimate(sd, (size, size), dict(defaults))[0]))
+        r = rows[-1]
+        print(f"{size}x{size}, K = {args.masks}, {args.feature_samples} draws: {sum(seg.seconds.values()):.0f} s ("
+              + ", ".join(f"{stage} {v:.1f}" for stage, v in seg.seconds.items())
+              + f"; the CLI's estimate {r['estimate']:.0f} s); the defaults: {sum(extrapolated.values()):.0f} s "
+              f"extrapolated, {r['defaults_estimate']:.0f} s estimated")
+    return dict(command="time", model="tiny (tests)" if args.tiny else args.weights or "random SD v1.5-size",
+                device=str(device), dtype=str(dtype), rows=rows)
+
+
+# ---- python bench.py cuda: memory and synchronisation on the GPU ----
+
+GIB = 2 ** 30
+
+
+def bench_cuda(args, device, dtype):
+    """(1) segment() with its defaults at 512x512 within a 12 GB cap (set_per_process_memory_fraction):
+    the automatic batch sizes and the peak memory. (2) Synchronisations of the host with the GPU in
+    the modulated runs: counted by torch.cuda's sync debug mode for 5 and for 15 steps; equal counts
+    mean that no step waits for the GPU."""
+    if device.type != "cuda":
+        raise SystemExit("bench.py cuda needs CUDA")
+    sd = load_models(args, device, dtype)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    seg = emerdiff.segment(args.image, sd, size=512)
+    peak, seconds = torch.cuda.max_memory_allocated(device) / GIB, time.perf_counter() - start
+    x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
+    batch = emerdiff.batch_sizes(sd, x0, "auto", runs=50, steps=15)
+    memory = dict(cap_gib=args.cap_gib, peak_gib=peak, seconds=seconds, stages=seg.seconds, batch_sizes=batch)
+    print(f"defaults at 512x512 within {args.cap_gib} GiB: peak {memory['peak_gib']:.2f} GiB, batch sizes "
+          f"(UNet, decode) {batch}, {memory['seconds']:.1f} s")
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(0), batch_size=15)
+    offsets = torch.zeros(8, 256, device=device, dtype=dtype)
+
+    def syncs(steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps[:steps],
+                                   inversion.context, hooks=sampler.Modulation(offsets, inversion.record))
+                torch.cuda.synchronize(device)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+    counts = {steps: syncs(steps) for steps in (5, 15)}
+    print(f"host-device synchronisations in the modulated runs: {counts} (by number of steps)")
+    return dict(command="cuda", device=torch.cuda.get_device_name(device), memory=memory,
+                synchronisations_by_steps=counts)
+
+
+# ---- python bench.py compile: torch.compile on a single image and on a folder ----
+
+def bench_compile(args, device, dtype):
+    """segment() at 512x512 with and without compile=True: the first image (compilation included)
+    and a second one; the number of images from which compiling pays off."""
+    if device.type != "cuda":
+        raise SystemExit("bench.py compile needs CUDA")
+    o = dict(size=512)
+    times = {}
+    for compiled in (False, True):
+        sd = load_models(args, device, dtype)
+        runs = []
+        for _ in range(2):
+            synchronize(device)
+            start = time.perf_counter()
+            emerdiff.segment(args.image, sd, compile=compiled, **o)
+            synchronize(device)
+            runs.append(time.perf_counter() - start)
+        times["compiled" if compiled else "eager"] = runs
+        print(f"{'compiled' if compiled else 'eager':<9} first image {runs[0]:.1f} s, next {runs[1]:.2f} s")
+    (eager_first, eager_next), (compiled_first, compiled_next) = times["eager"], times["compiled"]
+    gain = eager_next - compiled_next
+    break_even = math.ceil((compiled_first - eager_first) / gain) + 1 if gain > 0 else None
+    print(f"compiling pays off from image {break_even}" if break_even else "compiling does not pay off")
+    return dict(command="compile", seconds=times, pays_off_from_image=break_even)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="models", choices=["models", "method", "flops", "precision", "time",
+                                                                 "cuda", "compile"])
     p.add_argument("--weights", help="real weights (hub id, folder or file); default: random SD v1.5-size models")
-    p.add_argument("--method", metavar="IMAGE", help="also time segment() on this image (needs --weights)")
+    p.add_argument("--image", default=str(EXAMPLE), help="the image segmented by method, precision, time, cuda, compile")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="method: the sizes and options")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (a multiple of 64)")
-    p.add_argument("--batch", type=int, default=8, help="runs per UNet/VAE call")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="models: image sides in pixels")
+    p.add_argument("--batch", type=int, default=2, help="models: images per UNet/VAE call")
+    p.add_argument("--skip-vae", action="store_true", help="models: only the UNet rows")
+    p.add_argument("--runs", type=int, default=8, help="models: modulated runs per batch in the hooked rows")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (at least 1)")
+    p.add_argument("--batch-size", type=int, help="flops: runs per UNet call (default: the CPU's automatic 8)")
+    p.add_argument("--masks", type=int, default=4, help="time: K of the measured runs")
+    p.add_argument("--feature-samples", type=int, default=8, help="time: feature draws of the measured runs")
+    p.add_argument("--tiny", action="store_true", help="time: the tests' tiny model instead of SD v1.5's size")
+    p.add_argument("--cap-gib", type=float, default=12, help="cuda: the memory the defaults must fit in")
+    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.method and not args.weights:
-        p.error("--method needs --weights")
-    device = emerdiff.pick_device(args.device)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1: the first round of each is a warm-up, not timed")
+    device = emerdiff.pick_device(PRESETS[args.preset]["device"] if args.command == "method" else args.device)
     dtype = emerdiff.pick_dtype(args.dtype, device)
-    print(f"device {device}, {dtype}, torch {torch.__version__}")
-    if args.weights:
-        from weights import load_stable_diffusion
-        sd = load_stable_diffusion(args.weights, device=device, dtype=dtype)
-        unet, vae = sd.unet, sd.vae
-    else:
-        torch.manual_seed(0)
-        unet = UNet(UNetConfig()).to(device, dtype).eval()
-        vae = VAE(VAEConfig()).to(device, dtype).eval()
-    compare_models(unet, vae, args, device, dtype)
-    if args.method:
-        seg = emerdiff.segment(args.method, sd, size=args.size, batch_size=args.batch)
-        print("segment():", ", ".join(f"{stage} {s:.2f} s" for stage, s in seg.seconds.items()),
-              f"total {sum(seg.seconds.values()):.2f} s")
+    print(f"{args.command}: device {device}, {dtype}, torch {torch.__version__}, load average {load_average():.2f}")
+    commands = dict(models=bench_models, method=bench_method, flops=bench_flops, precision=bench_precision,
+                    time=bench_time, cuda=bench_cuda, compile=bench_compile)
+    result = commands[args.command](args, device, dtype)
+    if args.json:
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

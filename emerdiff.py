@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import sampler
-from unet import FEATURE_LAYER, AttentionHooks
+from unet import FEATURE_LAYER, AttentionHooks, FeedForward, ResnetBlock2D
 
 GRID_FACTOR = 32  # image side / side of the 16x16 ("up16") feature grid
 SIZE_MULTIPLE = 64  # the UNet halves the latent three times: image sides are multiples of 64
@@ -144,7 +144,8 @@ class FeatureCapture(AttentionHooks):
     def __init__(self, layer: str = FEATURE_LAYER):
         self.layer, self.total = layer, 0
 
-    def qk(self, name, q, k):
+    def qk(self, name, project):
+        q, k = project()
         if name == self.layer:
             self.total = self.total + q.float().sum(0)  # (h*w, C)
             raise FeatureCapture.Done
@@ -163,12 +164,12 @@ def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None
     alpha_bar = sampler.ALPHAS_CUMPROD[t_f].item()
     # Drawn at once (the same numbers as one draw after another, as the notebook makes them): batch-size free.
     noise = torch.randn((samples, *x0.shape[1:]), generator=generator).to(x0.device)
-    context = embed_prompt(sd, prompt)
+    context, t = embed_prompt(sd, prompt), torch.tensor([t_f], device=x0.device)
     capture = FeatureCapture()
     for start in tqdm(range(0, samples, batch_size), desc="features", disable=not progress, leave=False):
         x = alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise[start:start + batch_size]
         try:
-            sampler.predict_noise(sd.unet, x, t_f, context, capture, step=0)
+            sampler.predict_noise(sd.unet, x, t, context, capture, step=0)
         except FeatureCapture.Done:
             pass
     return capture.total / samples
@@ -258,22 +259,27 @@ class Inversion:
     x_start: torch.Tensor  # (1, 4, h, w)
     zs: torch.Tensor  # (len(timesteps), 1, 4, h, w)
     context: torch.Tensor  # (1, 77, 768), the prompt's embedding (the empty prompt's by default)
-    record: sampler.AttentionRecord | None  # queries and keys of every attention layer at every step
+    record: sampler.AttentionRecord | None  # every attention layer at every step, on the device
 
 
 def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: str = "",
-           record_attention: bool = True, progress: bool = False) -> Inversion:
+           record_attention: bool = True, batch_size: int = 8, replay_cross_attention: bool = True,
+           progress: bool = False) -> Inversion:
     """Invert x0 from t_m down to 1 on the `steps`-step grid, recording the attention on the way.
 
     The inversion's UNet inputs are those of the unmodulated regeneration, so the record taken
-    here is what attention injection replays: no separate recording pass. Without injection the
-    record (about 1 GB at 512x512 in fp16) need not be kept: `record_attention=False`.
+    here is what attention injection replays: no separate recording pass. Its UNet calls are
+    independent of each other: `batch_size` steps run in one call (1: one step per call). The
+    record keeps the queries and keys of the self-attention layers and the outputs of the
+    cross-attention layers, which the modulated runs replay whole (`replay_cross_attention=False`:
+    their queries and keys, as for the others). Without injection the record (about 1 GB at 512x512
+    in fp16) need not be kept: `record_attention=False`.
     """
     context = embed_prompt(sd, prompt)
-    record = sampler.AttentionRecord() if record_attention else None
+    record = sampler.AttentionRecord(cross_outputs=replay_cross_attention) if record_attention else None
     timesteps, x_start, zs = sampler.invert(
-        sd.unet, x0, context, steps=steps, until=t_m, generator=generator, hooks=record,
-        progress=lambda steps: tqdm(steps, desc="inversion", disable=not progress, leave=False))
+        sd.unet, x0, context, steps=steps, until=t_m, generator=generator, hooks=record, batch_size=batch_size,
+        progress=lambda calls: tqdm(calls, desc="inversion", disable=not progress, leave=False))
     return Inversion(timesteps, x_start, zs, context, record)
 
 
@@ -287,22 +293,27 @@ def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
 
 @torch.no_grad()
 def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, injection: bool = True,
-                      batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+                      batch_size: int = 8, skip_projections: bool = True, share_probabilities: bool | None = None,
+                      progress: bool = False) -> torch.Tensor:
     """Regenerate from x_{t_m} once per row of offsets, `batch_size` runs per UNet batch -> (R, 4, h, w).
 
     At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M; with injection,
-    every attention layer at every step takes the recorded Q and K of the unmodulated pass.
+    every attention layer at every step takes the recorded Q and K of the unmodulated pass. What
+    injection makes the same in every run is not computed again (sampler.Modulation):
+    `skip_projections` and `share_probabilities` turn those savings off for comparison.
     """
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
     replay = inversion.record if injection else None
-    batches = offsets.split(batch_size)
+    _, dtype = model_device_dtype(sd)
+    batches = offsets.to(dtype).split(batch_size)  # the offsets in the model's dtype once, not at every step
+    savings = dict(skip_projections=skip_projections, share_probabilities=share_probabilities)
     latents = []
     with tqdm(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step",
               disable=not progress, leave=False) as bar:
         for batch in batches:
             latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
-                                              inversion.context, hooks=sampler.Modulation(batch, replay),
+                                              inversion.context, hooks=sampler.Modulation(batch, replay, **savings),
                                               progress=lambda steps: ticking(steps, bar)))
     return torch.cat(latents)
 
@@ -330,19 +341,22 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8
 
 @torch.no_grad()
 def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float = 10.0, injection: bool = True,
-                    batch_size: int = 8, blur=(3, 0.8), progress: bool = False) -> torch.Tensor:
+                    batch_size: int = 8, decode_batch_size: int | None = None, blur=(3, 0.8),
+                    progress: bool = False) -> torch.Tensor:
     """d_i = || blur(I-_i - I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32.
 
-    All 2K runs go through the UNet and then the VAE decoder in batches of `batch_size` runs
-    (rounded down to whole +- pairs, at least one pair). The blur is linear, so blurring the
-    difference is blurring both images.
+    All 2K runs go through the UNet in batches of `batch_size` runs, then the VAE decoder in
+    batches of `decode_batch_size` images (default: batch_size), each rounded down to whole +-
+    pairs, at least one pair. The blur is linear, so blurring the difference is blurring both images.
     """
-    pairs = max(1, batch_size // 2)
+    def whole_pairs(size):
+        return 2 * max(1, size // 2)
     latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection,
-                                batch_size=2 * pairs, progress=progress)
+                                batch_size=whole_pairs(batch_size), progress=progress)
     _, dtype = model_device_dtype(sd)
     maps = []
-    for batch in tqdm(latents.split(2 * pairs), desc="decoding", disable=not progress, leave=False):
+    for batch in tqdm(latents.split(whole_pairs(decode_batch_size or batch_size)), desc="decoding",
+                      disable=not progress, leave=False):
         images = sd.vae.decode(batch.to(dtype)).float()  # (2m, 3, H, W): I-, I+, I-, I+, ...
         maps.append(gaussian_blur(images[0::2] - images[1::2], *blur).norm(dim=1))
     return torch.cat(maps)
@@ -351,6 +365,101 @@ def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float
 def assign_labels(maps: torch.Tensor) -> torch.Tensor:
     """Label(x, y) = argmax_i d_i(x, y): each pixel joins the mask that moved it most. (H, W)."""
     return maps.argmax(0)
+
+
+# ---- Speed: batch sizes, memory layout, compilation (none of it changes a number) ----
+
+CPU_BATCH_SIZE = 8  # batch_size "auto" off CUDA: UNet runs and decodes per call
+MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
+
+
+def batch_sizes(sd, x0, batch_size, *, runs: int, steps: int) -> tuple[int, int]:
+    """(UNet images per call, decodes per call) for `batch_size` an int or "auto".
+
+    "auto" on CUDA fills the memory free at the start (see auto_batch_sizes); elsewhere it is
+    CPU_BATCH_SIZE. `runs` (2K) bounds both; `steps` is the number of recorded denoising steps."""
+    if batch_size != "auto":
+        return batch_size, batch_size
+    device, _ = model_device_dtype(sd)
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE, CPU_BATCH_SIZE
+    return auto_batch_sizes(sd, x0, runs=runs, steps=steps)
+
+
+def free_cuda_memory(device) -> int:
+    """Bytes this process may still allocate on `device`: the device's free memory plus what
+    PyTorch holds unused, within torch.cuda.set_per_process_memory_fraction's cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total
+    return int(min(free + reserved - allocated, cap - allocated))
+
+
+def peak_memory(call, device) -> int:
+    """Peak bytes allocated by call() above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def fixed_and_per_image(call, device) -> tuple[int, int]:
+    """(fixed, per image) peak bytes of call(n), from its peaks at n = 1 and n = 2 images."""
+    one, two = (peak_memory(lambda: call(n), device) for n in (1, 2))
+    return max(0, 2 * one - two), max(1, two - one)
+
+
+@torch.no_grad()
+def auto_batch_sizes(sd, x0, *, runs: int, steps: int) -> tuple[int, int]:
+    """The largest batches that fit in MEMORY_HEADROOM of the free CUDA memory, measured at the
+    start by probes at this image's size: one recording UNet call (the attention record's bytes
+    per step, kept through the modulated runs and the decoding), one modulated UNet step and one
+    decode at 1 and 2 images each (their peaks give the memory per image)."""
+    device, dtype = model_device_dtype(sd)
+    context, t = embed_prompt(sd), torch.tensor([1], device=device)
+    record = sampler.AttentionRecord()
+    sampler.predict_noise(sd.unet, x0, t, context, record, step=0)
+    record_bytes = steps * sum(a.numel() * a.element_size()
+                               for a in [*record.outputs.values(), *(a for qk in record.qks.values() for a in qk)])
+    tokens = (x0.shape[-2] // 4) * (x0.shape[-1] // 4)  # the modulated layer's h*w: a quarter of the latent side
+
+    def modulated_step(n):
+        offsets = torch.zeros(n, tokens, device=device, dtype=dtype)
+        sampler.predict_noise(sd.unet, x0.expand(n, -1, -1, -1), t, context, sampler.Modulation(offsets, record), 0)
+
+    budget = MEMORY_HEADROOM * free_cuda_memory(device) - record_bytes
+    unet_fixed, per_run = fixed_and_per_image(modulated_step, device)
+    decode_fixed, per_decode = fixed_and_per_image(
+        lambda n: sd.vae.decode(x0.expand(n, -1, -1, -1).to(dtype)), device)
+    return tuple(int(min(runs, max(2, (budget - fixed) // per_image)))
+                 for fixed, per_image in ((unet_fixed, per_run), (decode_fixed, per_decode)))
+
+
+COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
+
+
+def prepare_models(sd, compile: bool = False) -> None:
+    """The memory layout where convolutions run faster: channels_last for the VAE decoder on the CPU
+    and on CUDA, for the UNet on CUDA (on the CPU its small maps run faster as they are; bench.py
+    measured both; the encoder, run once, keeps the layout the UNet expects).
+
+    `compile`: torch.compile the UNet's blocks without hooks (resnets and feed-forwards) and the VAE
+    decoder, once per model; shapes are static, so each batch size compiles on its first call
+    (minutes; whether it pays off is for `python bench.py compile` to measure). In place; idempotent."""
+    device, _ = model_device_dtype(sd)
+    if device.type in ("cpu", "cuda"):
+        for module in (sd.vae.post_quant_conv, sd.vae.decoder):
+            module.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        sd.unet.to(memory_format=torch.channels_last)
+    if compile and not getattr(sd.unet, "compiled", False):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+        for module in [*sd.unet.modules(), sd.vae.decoder]:
+            if isinstance(module, (ResnetBlock2D, FeedForward)) or module is sd.vae.decoder:
+                module.compile(dynamic=False)
+        sd.unet.compiled = True
 
 
 # ---- The whole method ----
@@ -365,7 +474,7 @@ class Segmentation:
 
 
 DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_restarts=100, seed=42,
-                size="auto", injection=True, batch_size=8, steps=50, prompt="", blur=(3, 0.8))
+                size="auto", injection=True, batch_size="auto", steps=50, prompt="", blur=(3, 0.8), compile=False)
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
@@ -382,10 +491,13 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
         from weights import load_stable_diffusion
         device = pick_device("auto")
         sd = load_stable_diffusion(device=device, dtype=pick_dtype("auto", device))
+    prepare_models(sd, o["compile"])
     seconds, clock = {}, time.perf_counter()
 
     def lap(stage):
         nonlocal clock
+        if model_device_dtype(sd)[0].type == "cuda":
+            torch.cuda.synchronize()  # the GPU runs behind the Python code: wait, so the stage is timed
         seconds[stage], clock = time.perf_counter() - clock, time.perf_counter()
 
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
@@ -396,18 +508,20 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
         raise EmerDiffError(f"{o['masks']} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
                             "feature grid: lower --masks or raise --size")
     x0 = encode(sd, pixels)
+    batch, decode_batch = batch_sizes(sd, x0, o["batch_size"], runs=2 * o["masks"],
+                                      steps=len([t for t in sampler.timestep_grid(o["steps"]) if t <= o["t_m"]]))
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
-                                batch_size=o["batch_size"], prompt=o["prompt"], progress=progress)
+                                batch_size=batch, prompt=o["prompt"], progress=progress)
     check_finite(features, "features")
     lap("features")
     low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
     masks = low_resolution_masks(low_res, grid, len(centers))
     lap("k-means")
     inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
-                       record_attention=o["injection"], progress=progress)
+                       record_attention=o["injection"], batch_size=batch, progress=progress)
     lap("inversion")
     maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
-                           batch_size=o["batch_size"], blur=o["blur"], progress=progress)
+                           batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"], progress=progress)
     check_finite(maps, "difference maps")
     lap("modulation")
     labels = F.interpolate(assign_labels(maps)[None, None].float(), size=(height, width), mode="nearest-exact")
@@ -435,7 +549,9 @@ OPTION_TYPES = {
     "kmeans_restarts": (is_int, "an integer"), "seed": (is_int, "an integer"),
     "size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v) or is_pair(v, is_int, is_int),
              '"auto", an integer or (width, height)'),
-    "injection": (lambda v: isinstance(v, bool), "True or False"), "batch_size": (is_int, "an integer"),
+    "injection": (lambda v: isinstance(v, bool), "True or False"),
+    "batch_size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v), '"auto" or an integer'),
+    "compile": (lambda v: isinstance(v, bool), "True or False"),
     "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
     "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
 }
@@ -459,7 +575,7 @@ def check_options(o: dict):
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
               (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
-              (o["batch_size"] >= 1, "batch size must be at least 1"),
+              (o["batch_size"] == "auto" or o["batch_size"] >= 1, "batch size must be at least 1"),
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
               (sigma > 0, "the blur sigma must be above 0")]

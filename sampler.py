@@ -10,7 +10,7 @@ All scheduler arithmetic is fp32 whatever the model's dtype; the UNet sees its o
 """
 import torch
 
-from unet import MODULATED_LAYER, AttentionHooks
+from unet import MODULATED_LAYER, AttentionHooks, is_cross_attention
 
 TRAIN_STEPS = 1000
 
@@ -52,8 +52,10 @@ def ddpm_mean_and_std(x_t, eps, alpha_bar, alpha_bar_prev):
 
 
 def predict_noise(unet, x, t, context, hooks, step):
-    """One UNet call in the model's dtype; fp32 noise back. Sets `hooks.step = step` first: the
-    hooks key what they record and replay by it."""
+    """One UNet call in the model's dtype; fp32 noise back. `t` is a tensor of timesteps on x's
+    device, one for all samples or one per sample (made before the loop: an int would be copied to
+    the device at every call). Sets `hooks.step = step` first: the hooks key what they record and
+    replay by it."""
     if hooks is not None:
         hooks.step = step
     dtype = next(unet.parameters()).dtype
@@ -61,13 +63,19 @@ def predict_noise(unet, x, t, context, hooks, step):
 
 
 @torch.no_grad()
-def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=None, hooks=None, progress=iter):
+def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=None, hooks=None, batch_size: int = 1,
+           progress=iter):
     """Edit-friendly DDPM inversion of latent x0 (1, 4, h, w) from t = `until` down to 1.
 
     Returns (timesteps, x_start, zs): the grid timesteps from `until` to 1, the latent x_until and
     the noise maps (len(timesteps), 1, 4, h, w). Each x_t is drawn independently around x0; then
     z_t = (x_{t-1} - mu_t(x_t)) / sigma_t. Only those steps call the UNet (15 for the defaults).
-    `progress` wraps the step loop (e.g. tqdm).
+
+    Every x_t is drawn before any UNet call, so the calls are independent of each other: with
+    `batch_size` > 1 they run `batch_size` steps at a time, one timestep per sample, and the hooks
+    see `step` as the list of the call's step indices. With one step per call, the UNet input is the
+    previous step's result mu + sigma z, bit-equal to the input the regeneration computes; in a batch
+    it is the drawn x_t, equal to that up to rounding. `progress` wraps the loop over calls (e.g. tqdm).
     """
     timesteps = [t for t in timestep_grid(steps) if t <= until]
     if timesteps[0] != until:
@@ -82,11 +90,18 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
     xs = [ALPHAS_CUMPROD[t].item() ** 0.5 * x0 + (1 - ALPHAS_CUMPROD[t].item()) ** 0.5 * noises[t]
           for t in timesteps]
     xs.append(x0)  # x_{t-1} after the last step (t = 1) is x0 itself
+    on_device = torch.tensor(timesteps, device=x0.device)
+    schedule = denoising_steps(timesteps)
     x, zs = xs[0], []
-    for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):
-        mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
-        zs.append((xs[i + 1] - mu) / sigma)
-        x = mu + sigma * zs[-1]  # equals xs[i + 1] up to rounding; the regeneration computes the same
+    for start in progress(range(0, len(schedule), batch_size)):
+        chunk = schedule[start:start + batch_size]
+        inputs = [x] if len(chunk) == 1 else xs[start:start + len(chunk)]
+        step = start if len(chunk) == 1 else [i for i, *_ in chunk]
+        eps = predict_noise(unet, torch.cat(inputs), on_device[start:start + len(chunk)], context, hooks, step)
+        for (i, t, ab, ab_prev), x_t, eps_t in zip(chunk, inputs, eps):
+            mu, sigma = ddpm_mean_and_std(x_t, eps_t[None], ab, ab_prev)
+            zs.append((xs[i + 1] - mu) / sigma)
+            x = mu + sigma * zs[-1]  # equals xs[i + 1] up to rounding; the regeneration computes the same
     return timesteps, xs[0], torch.stack(zs)
 
 
@@ -99,21 +114,58 @@ def regenerate(unet, x_start, zs, timesteps, context, *, hooks=None, progress=it
     `progress` wraps the step loop.
     """
     x = x_start.float()
+    on_device = torch.tensor(timesteps, device=x.device)
     for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):
-        mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, t, context, hooks, i), ab, ab_prev)
+        mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, on_device[i:i + 1], context, hooks, i), ab, ab_prev)
         x = mu + sigma * zs[i]
     return x
 
 
+def per_sample(a: torch.Tensor, i: int) -> torch.Tensor:
+    """Sample i of a batch, kept (1, ...); a tensor of batch 1 is shared by all samples."""
+    return a[i:i + 1] if len(a) > 1 else a
+
+
 class AttentionRecord(AttentionHooks):
-    """Records the queries and keys of every attention layer at every step (batch 1)."""
+    """What attention injection replays, recorded in the unmodulated pass at every step, on the
+    model's device in its dtype.
 
-    def __init__(self):
-        self.qks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    Self-attention layers: their queries and keys. Cross-attention layers: their whole output
+    (`cross_outputs`, the default), since under injection it is the same in every modulated run:
+    the query and key are replayed and the values come from the fixed prompt. The modulated runs
+    then replay it and compute nothing in those layers. `cross_outputs=False` records their queries
+    and keys instead (the plain path). One call may carry several steps (`step` a list): each
+    sample is recorded under its own step.
+    """
 
-    def qk(self, name, q, k):
-        self.qks[self.step, name] = (q, k)
+    def __init__(self, cross_outputs: bool = True):
+        self.cross_outputs = cross_outputs
+        self.qks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # each (1, tokens, C)
+        self.outputs: dict[tuple[int, str], torch.Tensor] = {}  # (1, tokens, C)
+
+    def steps(self) -> list[int]:
+        return self.step if isinstance(self.step, list) else [self.step]
+
+    def qk(self, name, project):
+        q, k = project()
+        if not (self.cross_outputs and is_cross_attention(name)):
+            for i, step in enumerate(self.steps()):
+                self.qks[step, name] = (per_sample(q, i), per_sample(k, i))
         return q, k
+
+    def out(self, name, attend):
+        o = attend()
+        if self.cross_outputs and is_cross_attention(name):
+            for i, step in enumerate(self.steps()):
+                self.outputs[step, name] = per_sample(o, i)
+        return o
+
+
+# Attention over runs that share q and k (injection): softmax(QK^T) once for all runs (True) or
+# SDPA run by run (False), whichever `python bench.py models` measured faster on the device type:
+# on a 2-core CPU a modulated step of 8 runs took 6.5 s against 7.0 s at 32x32 latents, 31.8 s against
+# 34.1 s at 64x64. Not yet measured on CUDA (nor mps): SDPA there.
+SHARE_PROBABILITIES: dict[str, bool] = {"cpu": True}
 
 
 class Modulation(AttentionHooks):
@@ -124,16 +176,31 @@ class Modulation(AttentionHooks):
     the unmodulated pass), every attention layer at every step uses the recorded queries and keys
     ("attention injection"), so the modulated images stay aligned with the original; with None,
     no injection.
+
+    Under injection nothing is computed that the record replaces: cross-attention outputs recorded
+    whole are replayed (the modulated layer adds its offset to the replayed output), and the
+    replaced q/k projections are skipped (`skip_projections=False`: computed and thrown away, the
+    plain path). `share_probabilities` (None: SHARE_PROBABILITIES of the device type) computes each
+    self-attention's probabilities once for all runs of the batch.
     """
 
-    def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None,
-                 layer: str = MODULATED_LAYER):
-        self.offsets, self.replay, self.layer = offsets, replay, layer
+    def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None, layer: str = MODULATED_LAYER,
+                 *, skip_projections: bool = True, share_probabilities: bool | None = None):
+        self.offsets, self.replay, self.layer, self.skip_projections = offsets, replay, layer, skip_projections
+        if share_probabilities is None:
+            share_probabilities = SHARE_PROBABILITIES.get(offsets.device.type, False)
+        self.share_probabilities = replay is not None and share_probabilities
 
-    def qk(self, name, q, k):
-        return (q, k) if self.replay is None else self.replay.qks[self.step, name]
-
-    def out(self, name, o):
+    def out(self, name, attend):
+        o = None if self.replay is None else self.replay.outputs.get((self.step, name))
+        o = attend() if o is None else o
         if self.step == 0 and name == self.layer:
             return o + self.offsets[:, :, None].to(o.dtype)
         return o
+
+    def qk(self, name, project):
+        if self.replay is None:
+            return project()
+        if not self.skip_projections:
+            project()
+        return self.replay.qks[self.step, name]

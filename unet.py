@@ -24,21 +24,43 @@ MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 
 
 class AttentionHooks:
-    """The hook protocol every attention layer calls; this base class does nothing.
+    """The hook protocol every attention layer calls; this base class changes nothing.
 
-    `name` is the layer's diffusers-style module name. q, k and o are (B, tokens, channels) with
-    all heads concatenated. A hook may return tensors of batch 1 that broadcast over B.
-    The samplers set `step` to the index of the current denoising step before each UNet call.
+    A layer computes o = to_out[0](softmax(q k^T / sqrt(d)) v), q = to_q(x), k = to_k(context),
+    v = to_v(context), and asks the hooks twice, by its diffusers-style `name`, each time handing
+    over a function that computes what the hook may replace:
+
+      out(name, attend) -> o        first. attend() computes the whole output o (after to_out[0],
+                                    before the residual add). A hook returns attend(), changed or not,
+                                    or a tensor of its own without calling attend: then the layer
+                                    computes nothing at all.
+      qk(name, project) -> (q, k)   inside attend(). project() computes q and k. A hook returns them
+                                    (after reading them), or tensors of its own without calling
+                                    project: then to_q and to_k are not computed.
+
+    q, k and o are (B, tokens, channels) with all heads together. A hook may return batch 1 where
+    the layer has B (broadcast). `share_probabilities`: when q and k have batch 1 and the values
+    batch B > 1, softmax(q k^T / sqrt(d)) is computed once and applied to all B values together
+    (the same numbers as B separate SDPA calls, up to rounding; faster where bench.py says so).
+    The samplers set `step` before each UNet call: the index of its denoising step, or a list with
+    one index per sample when one call carries several steps (the batched inversion).
     """
-    step: int = 0
+    step: int | list[int] = 0
+    share_probabilities: bool = False
 
-    def qk(self, name: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called after the q/k projections, before attention: read them or return replacements."""
-        return q, k
+    def out(self, name: str, attend) -> torch.Tensor:
+        return attend()
 
-    def out(self, name: str, o: torch.Tensor) -> torch.Tensor:
-        """Called right after the output projection `to_out[0]`, before the residual add."""
-        return o
+    def qk(self, name: str, project) -> tuple[torch.Tensor, torch.Tensor]:
+        return project()
+
+
+NO_HOOKS = AttentionHooks()
+
+
+def is_cross_attention(name: str) -> bool:
+    """attn2 of a transformer block attends to the prompt; attn1 (and the VAE's attention) to itself."""
+    return name.endswith("attn2")
 
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")  # diffusers' names: with / without attention
@@ -108,17 +130,35 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+SMALL_MAP = 16  # pixels: maps this small are convolved by one matrix product on the CPU (Conv2d)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, "same" padding). On the CPU, a map of at most SMALL_MAP pixels is
+    convolved as one matrix product of the weights with its unfolded patches, all samples at once:
+    the same sums, where oneDNN's direct convolution is 1.5-3x slower (the 1280-channel 2x2 and 4x4
+    maps of a 16x16 or 32x32 latent, measured on a 2-core CPU)."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        if x.device.type != "cpu" or h * w > SMALL_MAP:
+            return super().forward(x)
+        patches = F.unfold(x, self.kernel_size, padding=self.padding).transpose(0, 1).flatten(1)  # (C_in k k, B h w)
+        out = self.weight.flatten(1) @ patches + self.bias[:, None]  # (C_out, B h w)
+        return out.unflatten(1, (b, h, w)).transpose(0, 1).contiguous()
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added in between (when there is one)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -141,22 +181,40 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(self, x, context=None, hooks: AttentionHooks | None = None):
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, tokens, dim)
-        if hooks is not None:
-            q, k = hooks.qk(self.name, q, k)
-        batch = max(q.shape[0], k.shape[0], v.shape[0])
-        o = F.scaled_dot_product_attention(*(self._split_heads(a, batch) for a in (q, k, v)))
-        o = self.to_out[0](o.transpose(1, 2).flatten(2))  # (B, tokens, dim)
-        if hooks is not None:
-            o = hooks.out(self.name, o)
-        return o
+        hooks = NO_HOOKS if hooks is None else hooks
+        return hooks.out(self.name, lambda: self.attend(x, x if context is None else context, hooks))
+
+    def attend(self, x, context, hooks: AttentionHooks):
+        """to_out[0](softmax(q k^T / sqrt(d)) v), (B, tokens, dim); q and k as the hooks give them."""
+        q, k = hooks.qk(self.name, lambda: (self.to_q(x), self.to_k(context)))
+        v = self.to_v(context)
+        if hooks.share_probabilities and len(q) == len(k) == 1 and len(v) > 1:
+            o = shared_probabilities_attention(q, k, v, self.heads)
+        else:
+            batch = max(len(q), len(k), len(v))
+            o = F.scaled_dot_product_attention(*(self._split_heads(a, batch) for a in (q, k, v)))
+            o = o.transpose(1, 2).flatten(2)
+        return self.to_out[0](o)
 
     def _split_heads(self, a, batch):
         """(b, tokens, dim) -> (batch, heads, tokens, dim / heads), repeating b = 1 over batch
         (materialised, not a stride-0 view, so that every fused attention kernel sees usual strides)."""
         a = a.unflatten(-1, (self.heads, -1)).transpose(1, 2)
         return a if a.shape[0] == batch else a.expand(batch, -1, -1, -1).contiguous()
+
+
+def shared_probabilities_attention(q, k, v, heads: int) -> torch.Tensor:
+    """Attention of B runs that share their queries and keys: q (1, N, C), k (1, M, C), v (B, M, C).
+
+    P = softmax(q k^T / sqrt(d)) (heads, N, M) is computed once; the runs are folded into the value
+    dimension, (heads, M, B * d), so that one matrix product applies P to all of them -> (B, N, C).
+    """
+    runs, _, channels = v.shape
+    d = channels // heads
+    q, k = (a[0].unflatten(-1, (heads, d)).transpose(0, 1) for a in (q, k))  # (heads, N or M, d)
+    p = torch.softmax((q * d ** -0.5) @ k.transpose(1, 2), dim=-1)  # (heads, N, M)
+    folded = v.unflatten(-1, (heads, d)).permute(2, 1, 0, 3).flatten(2)  # (heads, M, B * d)
+    return (p @ folded).unflatten(-1, (runs, d)).permute(2, 1, 0, 3).flatten(2)  # (B, N, C)
 
 
 class FeedForward(nn.Module):
@@ -190,7 +248,10 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm -> 1x1 conv -> transformer block over the h*w tokens -> 1x1 conv -> + input."""
+    """GroupNorm -> 1x1 conv -> transformer block over the h*w tokens -> 1x1 conv -> + input.
+
+    The 1x1 convolutions run as matrix products on the tokens (the same arithmetic): the tokens are
+    laid out contiguously once, on the way in, and the image once, on the way out."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
         super().__init__()
@@ -200,11 +261,16 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context, hooks):
-        b, c, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        _, c, h, w = x.shape
+        tokens = pointwise(self.proj_in, self.norm(x).flatten(2).transpose(1, 2))  # (B, h*w, C)
         for block in self.transformer_blocks:
             tokens = block(tokens, context, hooks)
-        return x + self.proj_out(tokens.transpose(1, 2).unflatten(2, (h, w)))
+        return x + pointwise(self.proj_out, tokens).transpose(1, 2).reshape(len(tokens), c, h, w)  # a hook may batch
+
+
+def pointwise(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to tokens (B, n, C_in) -> (B, n, C_out): a linear layer."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
 class Downsample2D(nn.Module):
@@ -224,7 +290,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         if size is None:
@@ -341,7 +407,8 @@ class UNet(nn.Module):
         name_attention_layers(self)
 
     def forward(self, x, t, context, hooks: AttentionHooks | None = None):
-        """x (B, 4, h, w), t an int or (B,) tensor, context (B or 1, 77, 768) -> eps (B, 4, h, w)."""
+        """x (B, 4, h, w), t an int or a (1,) or (B,) tensor, context (B or 1, 77, 768) -> eps (B, 4, h, w).
+        (On a GPU, give t as a tensor on the device: an int is copied over, which waits for the GPU.)"""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype))
         h = self.conv_in(x)

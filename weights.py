@@ -310,14 +310,16 @@ def open_safetensors(path: Path):
 
 def read_safetensors(path: Path, dtype, rename=lambda key: key) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file whose `rename(key)` is not None, under that name, each
-    cast to dtype (floating point ones) as it is read: no second copy of the file in memory."""
+    cast to dtype (floating point ones) as it is read: no second copy of the file in memory. Each is
+    copied out of the file into memory of its own, aligned as torch aligns it: at the file's offsets
+    matrix products round differently (by a last bit) from one layout of the same file to another."""
     with open_safetensors(path) as f:
         tensors = {}
         for key in f.keys():
             name = rename(key)
             if name is not None:
                 tensor = f.get_tensor(key)
-                tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                tensors[name] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor
         return tensors
 
 

@@ -1,13 +1,14 @@
 """Our UNet, VAE and CLIP text encoder against diffusers/transformers with the same weights."""
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig as RefCLIPConfig
 from transformers import CLIPTextModel as RefCLIPTextModel
 
 from clip_text import CLIPTextConfig, CLIPTextModel
 from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE
-from unet import UNet, UNetConfig
+from unet import Conv2d, UNet, UNetConfig
 from vae import VAE, VAEConfig
 from weights import WeightsError, config_from_dict
 
@@ -40,6 +41,23 @@ def test_vae_matches_diffusers(sd, tiny_reference):
         assert_close(latent, ref_latent)
         assert_close(sd.vae.decode(ref_latent), ref.decode(ref_latent / ref.config.scaling_factor).sample)
 
+
+
+def test_compiled_models_match_diffusers(tiny_sd_dir, tiny_reference):
+    """--compile (torch.compile of the UNet's resnets and feed-forwards and of the VAE decoder, on
+    the channels_last layout) computes what diffusers computes, hooks included."""
+    import emerdiff
+    from sampler import AttentionRecord
+    from weights import load_stable_diffusion
+    compiled = load_stable_diffusion(tiny_sd_dir)
+    emerdiff.prepare_models(compiled, compile=True)
+    ref_unet, ref_vae = tiny_reference[:2]
+    g = torch.Generator().manual_seed(4)
+    x, context = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, TINY_UNET["cross_attention_dim"], generator=g)
+    t = torch.tensor([281, 1])
+    with torch.no_grad():
+        assert_close(compiled.unet(x, t, context, AttentionRecord()), ref_unet(x, t, context).sample)
+        assert_close(compiled.vae.decode(x), ref_vae.decode(x / ref_vae.config.scaling_factor).sample)
 
 def test_text_encoder_matches_transformers(sd, tiny_reference):
     tokens = sd.tokenizer(["", "a photograph of an astronaut riding a horse", "two cats, 3 dogs!"])
@@ -95,3 +113,13 @@ def test_configs_the_references_refuse_are_refused_before_any_tensor(reference, 
         reference(**config)
     with pytest.raises(WeightsError):
         config_from_dict(config_cls, config)
+
+
+@pytest.mark.parametrize("kernel, side", [(3, 2), (3, 4), (1, 3), (3, 5)])  # maps of 4, 16, 9 and 25 pixels
+def test_conv2d_matches_torch_convolution(kernel, side):
+    """Small maps go through one matrix product on the CPU (unet.Conv2d), larger ones through torch's."""
+    g = torch.Generator().manual_seed(kernel + side)
+    conv = Conv2d(6, 5, kernel, padding=kernel // 2)
+    x = torch.randn(3, 6, side, side, generator=g)
+    with torch.no_grad():
+        assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=kernel // 2), rel=1e-6)

@@ -92,10 +92,21 @@ def inversion(sd, x0_and_context):
 
 
 def test_record_holds_every_layer_at_every_step(sd, inversion):
+    """Queries and keys of the self-attention layers, whole outputs of the cross-attention layers."""
     record = inversion[-1]
     layers = {m.name for m in sd.unet.modules() if hasattr(m, "to_q")}
     assert len(layers) == 32 and MODULATED_LAYER in layers  # 16 transformers x (attn1, attn2)
-    assert set(record.qks) == {(step, name) for step in range(15) for name in layers}
+    cross = {name for name in layers if name.endswith("attn2")}
+    assert set(record.qks) == {(step, name) for step in range(15) for name in layers - cross}
+    assert set(record.outputs) == {(step, name) for step in range(15) for name in cross}
+
+
+def test_record_of_queries_and_keys_only_holds_every_layer_at_every_step(sd, x0_and_context):
+    record = AttentionRecord(cross_outputs=False)
+    invert(sd.unet, *x0_and_context, generator=torch.Generator().manual_seed(42), hooks=record)
+    layers = {m.name for m in sd.unet.modules() if hasattr(m, "to_q")}
+    assert len(layers) == 32 and MODULATED_LAYER in layers  # 16 transformers x (attn1, attn2)
+    assert set(record.qks) == {(step, name) for step in range(15) for name in layers} and not record.outputs
 
 
 def test_injection_is_a_no_op_without_modulation(sd, inversion):
