@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size,
+from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size, embed_prompt,
                       model_device_dtype, open_image, pick_device, pick_dtype, segment, to_rgb, working_size)
 from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples, shown
+from sampler import timestep_grid
 
 # ---- Options ----
 
@@ -108,12 +109,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision; auto: float16 on a GPU, float32 on the CPU")
     p.add_argument("--no-injection", action="store_true", help="turn attention injection off")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="denoising runs (and decodes) per batch, >= 1; lower it when GPU memory runs out")
+    p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["batch_size"],
+                   help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
+                   "memory free at the start; elsewhere 8); lower it when GPU memory runs out")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and VAE decoder: minutes at the start, for a gain not yet measured "
+                   "(python bench.py compile measures it on a GPU)")
     p.add_argument("--save-diffmaps", action="store_true",
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def batch_size(text: str):
+    """--batch-size: "auto" or a whole number (its range is checked with the other options)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text[:20]!r}: auto or a whole number") from None
 
 
 def parse_size(text: str):
@@ -132,7 +147,7 @@ def method_options(args) -> dict:
     options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
                    kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
                    injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
-                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma))
+                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma), compile=args.compile)
     check_options(DEFAULTS | options)
     return options
 
@@ -219,13 +234,59 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
     good = []
     for job in jobs:
         try:
-            with open_image(job.path, decode=False) as image:
-                width, height = (min(image.size),) * 2 if job.crop else image.size
-            working_size(width, height, options["size"])
+            job_working_size(job, options)
             good.append(job)
         except EmerDiffError as e:
             summary.fail(job.path, e)
     return good
+
+
+def job_working_size(job: Job, options: dict) -> tuple[int, int]:
+    """(W, H) the job's image runs at, from its header (its centre square for a crop)."""
+    with open_image(job.path, decode=False) as image:
+        width, height = (min(image.size),) * 2 if job.crop else image.size
+    return working_size(width, height, options["size"])
+
+
+# ---- How long it will take ----
+
+FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
+LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
+
+
+@torch.no_grad()
+def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, float, int]:
+    """(seconds per image, UNet evaluations, seconds of one, decodes) at the working size (W, H),
+    from one UNet call and one decode timed here after an untimed one of each: the cost model of
+    README's "Time and cost"."""
+    device, dtype = model_device_dtype(sd)
+    latent = torch.zeros(1, 4, size[1] // 8, size[0] // 8, device=device, dtype=dtype)
+    context = embed_prompt(sd, options["prompt"]).to(dtype)
+    timestep = torch.tensor([1], device=device)
+    seconds = []
+    for call in (lambda: sd.unet(latent, timestep, context), lambda: sd.vae.decode(latent)):
+        call()  # the first call of a size allocates; the second is the one that repeats
+        clock = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - clock)
+    unet_s, decode_s = seconds
+    steps = sum(t <= options["t_m"] for t in timestep_grid(options["steps"]))
+    runs = 2 * options["masks"]
+    evaluations = FEATURE_PASS * options["feature_samples"] + steps + runs * steps
+    return evaluations * unet_s + runs * decode_s, evaluations, unet_s, runs
+
+
+def announce_long_run(sd, size: tuple[int, int], options: dict):
+    """Off CUDA, one line before a run that will take minutes per image: how long, and what cuts it."""
+    device, _ = model_device_dtype(sd)
+    if device.type == "cuda":
+        return
+    seconds, evaluations, unet_s, decodes = estimate(sd, size, options)
+    if seconds >= LONG_RUN_S:
+        duration = f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+        note(f"about {duration} per image on the {device.type} ({evaluations:.0f} UNet evaluations of "
+             f"{unet_s:.2f} s and {decodes} decodes): --masks, --feature-samples, --size and --steps cut it "
+             "(README, Time and cost)")
 
 
 # ---- The pictures ----
@@ -403,6 +464,9 @@ def merged(parts: list[dict]) -> dict:
     return whole.as_dict(parts[0]["options"])
 
 
+SPEED_ONLY = {"batch_size", "compile"}  # options that change the speed, not the result (beyond rounding)
+
+
 def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
     """What makes an output folder what it is: the image file, the weights, the options. A folder
     whose run.json holds the same record is complete and is not made again."""
@@ -412,7 +476,8 @@ def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
                       "centre_crop": job.crop},
             "weights": {"source": str(weights.resolve()) if weights.exists() else args.weights,
                         "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
-            "options": json.loads(json.dumps(options)), "diffmaps": args.save_diffmaps}
+            "options": {k: v for k, v in json.loads(json.dumps(options)).items() if k not in SPEED_ONLY},
+            "diffmaps": args.save_diffmaps}
 
 
 def is_done(folder: Path, record: dict) -> bool:
@@ -446,10 +511,12 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
         if todo:
             sd = load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
                                        config_dir=args.config_dir)
+        announce = rank == 0  # the first image that opens says how long each will take
         for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or rank > 0):
             try:
-                summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args))
+                summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args, announce))
                 summary.done += 1
+                announce = False
             except EmerDiffError as e:  # say it, and go on with the other images
                 summary.fail(job.path, e)
             except OSError as e:
@@ -476,11 +543,14 @@ def write_summary(out: Path, summary: dict, rank: int, world: int):
         say(f"cannot write {out / SUMMARY}: {e.strerror or e}")
 
 
-def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args) -> float:
-    """Segment one image file, write its folder, print its one-line summary."""
+def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, announce: bool = False) -> float:
+    """Segment one image file, write its folder, print its one-line summary (after a line on how
+    long it takes, if `announce` and it takes minutes)."""
     device, _ = model_device_dtype(sd)
     image = to_rgb(open_image(job.path), exif_rotation=not job.crop)
     image = center_crop(image) if job.crop else image
+    if announce:
+        announce_long_run(sd, working_size(*image.size, options["size"]), options)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seg = segment(image, sd, progress=not args.quiet, **options)
@@ -547,8 +617,8 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError on mps/cpu
         if "out of memory" not in str(e).lower():
             raise
-        say(f"out of memory at --batch-size {args.batch_size}: lower it "
-            f"(e.g. --batch-size {max(1, args.batch_size // 2)}) or the --size")
+        smaller = max(1, args.batch_size // 2) if isinstance(args.batch_size, int) else 4
+        say(f"out of memory at --batch-size {args.batch_size}: lower it (e.g. --batch-size {smaller}) or the --size")
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,5 @@
 """The command line end to end on the example image with a tiny model, and every bad input."""
+import re
 import subprocess
 import sys
 
@@ -174,10 +175,11 @@ def test_bad_weights(capsys, tmp_path, tiny_sd_dir):
 
 
 def test_out_of_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):
+    monkeypatch.setattr(runner, "LONG_RUN_S", float("inf"))  # no line on how long it takes: only the error
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(runner, "segment", exhausted)
-    expect_error(capsys, tmp_path, "out of memory at --batch-size 8: lower it (e.g. --batch-size 4)",
+    expect_error(capsys, tmp_path, "out of memory at --batch-size auto: lower it (e.g. --batch-size 4)",
                  "--image", str(EXAMPLE), weights=tiny_sd_dir)
 
 
@@ -195,6 +197,7 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
 
 
 def test_out_of_memory_on_the_cpu_or_mps_too(capsys, tmp_path, tiny_sd_dir, monkeypatch):
+    monkeypatch.setattr(runner, "LONG_RUN_S", float("inf"))  # no line on how long it takes: only the error
     def exhausted(*args, **kwargs):
         raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")
     monkeypatch.setattr(runner, "segment", exhausted)
@@ -284,3 +287,13 @@ def test_help_gives_ranges_and_no_empty_defaults():
     assert "(default: None)" not in help_text and "(default: False)" not in help_text
     for words in ("1..256", "> 0", "0..999", "0..2^63-1", "64..2048", "odd, 1..63", "2..1000", "in pixels"):
         assert words in help_text, words
+
+
+def test_a_long_run_off_cuda_first_says_how_long(tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "LONG_RUN_S", 0)  # the tiny model is fast: count every run as long
+    assert run_cli(tiny_sd_dir, tmp_path, "--image", str(EXAMPLE)) == 0
+    # FAST: 2 feature draws at 0.4 of a call, 15 inversion steps, 2 x 4 runs of 15 steps; 8 decodes
+    line, = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"emerdiff: about \d+ min per image on the cpu \(136 UNet evaluations of \d+\.\d\d s and "
+                        r"8 decodes\): --masks, --feature-samples, --size and --steps cut it \(README, Time and cost\)",
+                        line), line
