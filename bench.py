@@ -447,7 +447,8 @@ def bench_method(args, device, _dtype):
 
 def method_report(results, args, o, device, load) -> dict:
     """Per contender and stage: median seconds, calls, images, FLOPs; the agreement of its labels with
-    ours; the ratio reference / ours of every number."""
+    ours (each contender runs its own k-means, which may number the same clusters differently: the
+    numbers are matched first); the ratio reference / ours of every number."""
     ours_name = next(iter(results))
     ours_maps = results[ours_name]["maps"]
     contenders = {}
@@ -458,8 +459,8 @@ def method_report(results, args, o, device, load) -> dict:
                                                                                 "flops")}
         contenders[name] = dict(stages=stages, total=total,
                                 round_totals_seconds=[sum(t) for t in zip(*r["seconds"].values())],  # round 0: warm-up
-                                label_agreement_with_ours=(r["maps"].argmax(0) == ours_maps.argmax(0)).float().mean()
-                                .item(),
+                                label_agreement_with_ours=matched_agreement(r["maps"].argmax(0), ours_maps.argmax(0),
+                                                                            len(ours_maps)),
                                 max_map_difference_to_ours=relative_difference(r["maps"], ours_maps))
     ratios = {name: {key: c["total"][key] / max(contenders[ours_name]["total"][key], 1e-12)
                      for key in ("seconds", "unet_calls", "unet_images", "flops")}
