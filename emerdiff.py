@@ -88,6 +88,8 @@ def as_image(image) -> Image.Image | torch.Tensor:
             raise EmerDiffError(f"a batch of {image.shape[0]} images: segment them one at a time")
         if image.ndim not in (3, 4) or image.shape[-3] != 3:
             raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
+        if image.is_meta:
+            raise EmerDiffError("a meta tensor holds no pixel values: give one with data")
         image = image.reshape(image.shape[-3:])
     else:
         raise EmerDiffError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, "

@@ -599,7 +599,8 @@ def process_group() -> tuple[int, int]:
 
 def main(argv=None) -> int:
     """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
-    (interrupted by Ctrl-C / SIGTERM). Under torchrun each process returns its own."""
+    (interrupted by Ctrl-C / SIGTERM; from then on both signals are ignored, as the process is
+    ending). Under torchrun each process returns its own."""
     args = parse_args(argv)
     from weights import WeightsError
     summary = Summary()
@@ -611,6 +612,8 @@ def main(argv=None) -> int:
         say(str(e))
         return 2
     except (KeyboardInterrupt, Terminated) as e:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the process is ending: a second Ctrl-C must not
+            signal.signal(signum, signal.SIG_IGN)       # break this line or the exit with a traceback
         say(f"interrupted: {summary.done + summary.skipped} of {summary.total} images done and saved; "
             "run the same command again to do the rest")
         return 143 if isinstance(e, Terminated) else 130
@@ -621,7 +624,8 @@ def main(argv=None) -> int:
         say(f"out of memory at --batch-size {args.batch_size}: lower it (e.g. --batch-size {smaller}) or the --size")
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is raise_terminated:  # after an interrupt both stay ignored
+            signal.signal(signal.SIGTERM, previous)
         if world > 1:
             import torch.distributed as dist
             dist.destroy_process_group()

@@ -265,9 +265,11 @@ def test_an_interrupt_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny
     process = start_cli("--image", str(big_images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST)
     wait_for(lambda: (out / "img0" / "run.json").is_file(), process)
     process.send_signal(signum)
+    first = process.stderr.readline()
+    process.send_signal(signum)  # pressed again while it shuts down: changes nothing
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == status, stderr
-    lines = stderr.splitlines()
+    assert process.returncode == status, first + stderr
+    lines = (first + stderr).splitlines()
     assert len(lines) == 1 and lines[0].startswith("emerdiff: error: interrupted: ") and \
         "of 5 images done and saved; run the same command again to do the rest" in lines[0], stderr
     assert not temporaries(out)
@@ -306,13 +308,14 @@ RGB = np.array(Image.open(EXAMPLE))  # (300, 451, 3) uint8
     (torch.full((3, 64, 64), math.inf), "the image holds NaN or infinite values"),
     (torch.rand(3, 64, 64, dtype=torch.complex64), "image values must be uint8, or float in [0, 1]; got torch.complex64"),
     (torch.zeros(3, 0, 64), "the image is empty"),
+    (torch.rand(3, 64, 64, device="meta"), "a meta tensor holds no pixel values"),
     (torch.rand(64, 64, 3), "an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got (64, 64, 3)"),
     (np.zeros((64, 64)), "an image array must be RGB, (H, W, 3); got shape (64, 64)"),
     (np.zeros((64, 64, 3), dtype=np.int64), "image values must be uint8, or float in [0, 1]; got an array of int64"),
     (None, "cannot read an image from NoneType"),
     (3, "cannot read an image from int"),
     (b"\xff\xd8", "cannot read an image from bytes"),
-], ids=["batch", "0-255", "negative", "nan", "inf", "complex", "empty", "channels-last-tensor", "gray-array",
+], ids=["batch", "0-255", "negative", "nan", "inf", "complex", "empty", "meta", "channels-last-tensor", "gray-array",
         "int-array", "none", "int", "bytes"])
 def test_segment_refuses_what_is_not_an_image(sd, image, message):
     with pytest.raises(EmerDiffError) as error:
