@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 import emerdiff
+import runner
 import sampler
 from clip_text import BYTE_ENCODER, END, START, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
@@ -149,17 +150,6 @@ class Stopwatch:
 
 def load_average() -> float:
     return os.getloadavg()[0]
-
-
-def write_json(path, data):
-    """Through a temporary file, then renamed: no half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- Models ----
@@ -394,7 +384,7 @@ class NotebookPipeline:
                                                   alpha_bar_prev)
             zs.append((xs[i + 1] - mu) / sigma)
             xs[i + 1] = mu + sigma * zs[-1]
-        kept = [t for t in grid if t <= o["t_m"]]
+        kept = sampler.timesteps_until(o["t_m"], o["steps"])
         return kept, x_start, torch.stack(zs[-len(kept):])
 
     def regenerate(self, x, zs, timesteps, stage):
@@ -499,7 +489,7 @@ def bench_flops(args, _device, _dtype):
     with torch.device("meta"):
         sd = random_stable_diffusion("meta", torch.float32)
     sd = StableDiffusion(MeteredUNet(sd.unet, meter), MeteredVAE(sd.vae, meter), sd.text_encoder, sd.tokenizer)
-    side, runs, steps = o["size"], 2 * o["masks"], (o["t_m"] - 1) // (sampler.TRAIN_STEPS // o["steps"]) + 1
+    side, runs, steps = o["size"], 2 * o["masks"], len(sampler.timesteps_until(o["t_m"], o["steps"]))
     batch = emerdiff.CPU_BATCH_SIZE if args.batch_size is None else args.batch_size
     x0 = emerdiff.encode(sd, torch.zeros(1, 3, side, side, device="meta"))
     emerdiff.extract_features(sd, x0, samples=o["feature_samples"], batch_size=batch)
@@ -598,7 +588,6 @@ def bench_time(args, device, dtype):
     the defaults, to take minutes), then scaled to the defaults stage by stage: the features by the
     draws, the modulated runs and decodes by the masks; beside it, what the CLI's estimate line says
     for both settings (runner.estimate: one UNet call and one decode, times their counts)."""
-    import runner
     sd = tiny_stable_diffusion() if args.tiny else load_models(args, device, dtype)
     emerdiff.prepare_models(sd)
     measured_options = dict(masks=args.masks, feature_samples=args.feature_samples)
@@ -724,7 +713,7 @@ def main(argv=None):
                     time=bench_time, cuda=bench_cuda, compile=bench_compile)
     result = commands[args.command](args, device, dtype)
     if args.json:
-        write_json(args.json, result)
+        runner.atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
 
 if __name__ == "__main__":

@@ -494,12 +494,13 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
         device = pick_device("auto")
         sd = load_stable_diffusion(device=device, dtype=pick_dtype("auto", device))
     prepare_models(sd, o["compile"])
+    device, _ = model_device_dtype(sd)
     seconds, clock = {}, time.perf_counter()
 
     def lap(stage):
         nonlocal clock
-        if model_device_dtype(sd)[0].type == "cuda":
-            torch.cuda.synchronize()  # the GPU runs behind the Python code: wait, so the stage is timed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the GPU runs behind the Python code: wait, so the stage is timed
         seconds[stage], clock = time.perf_counter() - clock, time.perf_counter()
 
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
@@ -511,7 +512,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
                             "feature grid: lower --masks or raise --size")
     x0 = encode(sd, pixels)
     batch, decode_batch = batch_sizes(sd, x0, o["batch_size"], runs=2 * o["masks"],
-                                      steps=len([t for t in sampler.timestep_grid(o["steps"]) if t <= o["t_m"]]))
+                                      steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
                                 batch_size=batch, prompt=o["prompt"], progress=progress)
     check_finite(features, "features")

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size, embed_prompt,
                       model_device_dtype, open_image, pick_device, pick_dtype, segment, to_rgb, working_size)
 from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples, shown
-from sampler import timestep_grid
+from sampler import timesteps_until
 
 # ---- Options ----
 
@@ -234,18 +234,13 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
     good = []
     for job in jobs:
         try:
-            job_working_size(job, options)
+            with open_image(job.path, decode=False) as image:
+                width, height = (min(image.size),) * 2 if job.crop else image.size
+            working_size(width, height, options["size"])
             good.append(job)
         except EmerDiffError as e:
             summary.fail(job.path, e)
     return good
-
-
-def job_working_size(job: Job, options: dict) -> tuple[int, int]:
-    """(W, H) the job's image runs at, from its header (its centre square for a crop)."""
-    with open_image(job.path, decode=False) as image:
-        width, height = (min(image.size),) * 2 if job.crop else image.size
-    return working_size(width, height, options["size"])
 
 
 # ---- How long it will take ----
@@ -270,7 +265,7 @@ def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, fl
         call()
         seconds.append(time.perf_counter() - clock)
     unet_s, decode_s = seconds
-    steps = sum(t <= options["t_m"] for t in timestep_grid(options["steps"]))
+    steps = len(timesteps_until(options["t_m"], options["steps"]))
     runs = 2 * options["masks"]
     evaluations = FEATURE_PASS * options["feature_samples"] + steps + runs * steps
     return evaluations * unet_s + runs * decode_s, evaluations, unet_s, runs

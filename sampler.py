@@ -30,6 +30,12 @@ def timestep_grid(steps: int = 50) -> list[int]:
     return [i * ratio + 1 for i in reversed(range(steps))]
 
 
+def timesteps_until(until: int, steps: int = 50) -> list[int]:
+    """The grid's timesteps from `until` down to 1: the inversion's steps, and each modulated run's
+    (281, 261, ..., 1: 15 for the defaults)."""
+    return [t for t in timestep_grid(steps) if t <= until]
+
+
 def alpha_bars(timesteps: list[int]) -> list[tuple[float, float]]:
     """(alpha_bar_t, alpha_bar_prev) for each step of a descending run of grid timesteps ending
     at t = 1. The previous timestep is the next one in the run; after t = 1 it is alphas_cumprod[0]
@@ -77,7 +83,7 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
     previous step's result mu + sigma z, bit-equal to the input the regeneration computes; in a batch
     it is the drawn x_t, equal to that up to rounding. `progress` wraps the loop over calls (e.g. tqdm).
     """
-    timesteps = [t for t in timestep_grid(steps) if t <= until]
+    timesteps = timesteps_until(until, steps)
     if timesteps[0] != until:
         raise ValueError(f"t = {until} is not on the {steps}-step grid (it holds 1, "
                          f"{1 + TRAIN_STEPS // steps}, ...); pick a timestep on it")
