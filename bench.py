@@ -6,7 +6,7 @@
     python bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
     python bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
     python bench.py cuda --json c.json                 # CUDA: the defaults within 12 GB; no host sync in the loop
-    python bench.py compile --json k.json              # CUDA: what torch.compile costs and gains, per image
+    python bench.py compile --preset gpu --json k.json # what torch.compile costs and gains, per image (cpu preset: 128x128)
 
 Needs the dev requirements (diffusers). Without --weights the models are SD v1.5's architecture
 with random weights (the speed is the same). Times are medians of --repeats interleaved runs,
@@ -23,6 +23,7 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -181,17 +182,11 @@ def reference_models(unet: UNet, vae: VAE, device, dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging
     logging.set_verbosity_error()
-    c, levels = unet.config, len(vae.config.block_out_channels)
-    with torch.device(device):
-        ref_unet = UNet2DConditionModel(
-            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
-            attention_head_dim=c.attention_head_dim, cross_attention_dim=c.cross_attention_dim,
-            norm_num_groups=c.norm_num_groups, down_block_types=c.down_block_types, up_block_types=c.up_block_types)
-        ref_vae = AutoencoderKL(block_out_channels=vae.config.block_out_channels,
-                                layers_per_block=vae.config.layers_per_block,
-                                down_block_types=("DownEncoderBlock2D",) * levels,
-                                up_block_types=("UpDecoderBlock2D",) * levels,
-                                latent_channels=vae.config.latent_channels)
+    levels = len(vae.config.block_out_channels)
+    with torch.device(device):  # our configs hold diffusers' field names
+        ref_unet = UNet2DConditionModel(**asdict(unet.config))
+        ref_vae = AutoencoderKL(**asdict(vae.config), down_block_types=("DownEncoderBlock2D",) * levels,
+                                up_block_types=("UpDecoderBlock2D",) * levels)
     ref_unet.load_state_dict(unet.state_dict())
     ref_vae.load_state_dict(vae.state_dict())
     return ref_unet.to(device, dtype).eval(), ref_vae.to(device, dtype).eval()
@@ -409,15 +404,13 @@ class OurPipeline:
 
 def bench_method(args, device, _dtype):
     preset = PRESETS[args.preset]
-    if preset["device"] == "cuda" and device.type != "cuda":
-        raise SystemExit("the gpu preset needs CUDA")
     o = emerdiff.DEFAULTS | preset["options"]
     meter, load = Meter(), load_average()
     sd = load_models(args, device, torch.float32)
     contenders = {f"ours, {name}": OurPipeline(sd, getattr(torch, name), meter) for name in preset["dtypes"]}
     contenders["notebook, float32"] = NotebookPipeline(sd, torch.float32, meter)
-    if device.type == "cuda":  # the notebook at our precision too: the method's structure against precision
-        ours_dtype = preset["dtypes"][0]
+    ours_dtype = preset["dtypes"][0]
+    if ours_dtype != "float32":  # the notebook at our precision too: the method's structure against precision
         contenders[f"notebook, {ours_dtype}"] = NotebookPipeline(sd, getattr(torch, ours_dtype), meter)
     results = {name: dict(seconds=defaultdict(list)) for name in contenders}
     for rep in range(args.repeats + 1):  # round 0: the warm-up, which also counts calls, images and FLOPs
@@ -616,8 +609,8 @@ GIB = 2 ** 30
 
 
 def bench_cuda(args, device, dtype):
-    """(1) segment() with its defaults at 512x512 within a 12 GB cap (set_per_process_memory_fraction):
-    the automatic batch sizes and the peak memory. (2) Synchronisations of the host with the GPU in
+    """(1) segment() with its defaults at 512x512 within what a 12 GB card leaves PyTorch (--cap-gib,
+    set by set_per_process_memory_fraction): the automatic batch sizes and the peak memory. (2) Synchronisations of the host with the GPU in
     the modulated runs: counted by torch.cuda's sync debug mode for 5 and for 15 steps; equal counts
     mean that no step waits for the GPU."""
     if device.type != "cuda":
@@ -631,7 +624,7 @@ def bench_cuda(args, device, dtype):
     seg = emerdiff.segment(args.image, sd, size=512)
     peak, seconds = torch.cuda.max_memory_allocated(device) / GIB, time.perf_counter() - start
     x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
-    batch = emerdiff.batch_sizes(sd, x0, "auto", runs=50, steps=15)
+    batch = emerdiff.batch_sizes(sd, x0, "auto", runs=50, steps=15)  # what segment() chose, within the cap
     memory = dict(cap_gib=args.cap_gib, peak_gib=peak, seconds=seconds, stages=seg.seconds, batch_sizes=batch)
     print(f"defaults at 512x512 within {args.cap_gib} GiB: peak {memory['peak_gib']:.2f} GiB, batch sizes "
           f"(UNet, decode) {batch}, {memory['seconds']:.1f} s")
@@ -659,11 +652,9 @@ def bench_cuda(args, device, dtype):
 # ---- python bench.py compile: torch.compile on a single image and on a folder ----
 
 def bench_compile(args, device, dtype):
-    """segment() at 512x512 with and without compile=True: the first image (compilation included)
-    and a second one; the number of images from which compiling pays off."""
-    if device.type != "cuda":
-        raise SystemExit("bench.py compile needs CUDA")
-    o = dict(size=512)
+    """segment() with the preset's options, without and with compile=True: the first image
+    (compilation included) and a second one; the number of images from which compiling pays off."""
+    o = PRESETS[args.preset]["options"]
     times = {}
     for compiled in (False, True):
         sd = load_models(args, device, dtype)
@@ -680,7 +671,8 @@ def bench_compile(args, device, dtype):
     gain = eager_next - compiled_next
     break_even = math.ceil((compiled_first - eager_first) / gain) + 1 if gain > 0 else None
     print(f"compiling pays off from image {break_even}" if break_even else "compiling does not pay off")
-    return dict(command="compile", seconds=times, pays_off_from_image=break_even)
+    return dict(command="compile", preset=args.preset, device=str(device), dtype=str(dtype), options=o,
+                seconds=times, pays_off_from_image=break_even)
 
 
 def main(argv=None):
@@ -689,7 +681,7 @@ def main(argv=None):
                                                                  "cuda", "compile"])
     p.add_argument("--weights", help="real weights (hub id, folder or file); default: random SD v1.5-size models")
     p.add_argument("--image", default=str(EXAMPLE), help="the image segmented by method, precision, time, cuda, compile")
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="method: the sizes and options")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="method, compile: the device, sizes and options")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--size", type=int, nargs="+", default=[512], help="models: image sides in pixels")
@@ -701,12 +693,16 @@ def main(argv=None):
     p.add_argument("--masks", type=int, default=4, help="time: K of the measured runs")
     p.add_argument("--feature-samples", type=int, default=8, help="time: feature draws of the measured runs")
     p.add_argument("--tiny", action="store_true", help="time: the tests' tiny model instead of SD v1.5's size")
-    p.add_argument("--cap-gib", type=float, default=12, help="cuda: the memory the defaults must fit in")
+    p.add_argument("--cap-gib", type=float, default=11, help="cuda: the memory the defaults must fit in (a 12 GB "
+                   "card, less the CUDA context and the display)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1: the first round of each is a warm-up, not timed")
-    device = emerdiff.pick_device(PRESETS[args.preset]["device"] if args.command == "method" else args.device)
+    preset_device = PRESETS[args.preset]["device"] if args.command in ("method", "compile") else args.device
+    if preset_device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"the {args.preset} preset needs CUDA")
+    device = emerdiff.pick_device(preset_device)
     dtype = emerdiff.pick_dtype(args.dtype, device)
     print(f"{args.command}: device {device}, {dtype}, torch {torch.__version__}, load average {load_average():.2f}")
     commands = dict(models=bench_models, method=bench_method, flops=bench_flops, precision=bench_precision,

@@ -113,8 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
                    "memory free at the start; elsewhere 8); lower it when GPU memory runs out")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and VAE decoder: minutes at the start, for a gain not yet measured "
-                   "(python bench.py compile measures it on a GPU)")
+                   help="torch.compile the UNet and VAE decoder: minutes at the start; no gain on the CPU, "
+                   "not yet measured on a GPU (README, Speed)")
     p.add_argument("--save-diffmaps", action="store_true",
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -44,8 +44,8 @@ def test_vae_matches_diffusers(sd, tiny_reference):
 
 
 def test_compiled_models_match_diffusers(tiny_sd_dir, tiny_reference):
-    """--compile (torch.compile of the UNet's resnets and feed-forwards and of the VAE decoder, on
-    the channels_last layout) computes what diffusers computes, hooks included."""
+    """--compile (torch.compile of the UNet's resnets and feed-forwards and of the VAE decoder, the
+    decoder in the channels_last layout) computes what diffusers computes, hooks included."""
     import emerdiff
     from sampler import AttentionRecord
     from weights import load_stable_diffusion
@@ -58,6 +58,23 @@ def test_compiled_models_match_diffusers(tiny_sd_dir, tiny_reference):
     with torch.no_grad():
         assert_close(compiled.unet(x, t, context, AttentionRecord()), ref_unet(x, t, context).sample)
         assert_close(compiled.vae.decode(x), ref_vae.decode(x / ref_vae.config.scaling_factor).sample)
+
+def test_the_cuda_layout_computes_what_diffusers_computes(tiny_sd_dir, tiny_reference):
+    """On CUDA the UNet runs in the channels_last layout (emerdiff.prepare_models): in it, the
+    attention record's pass and a modulated step (zero offsets: 3 runs made from one sample by the
+    hooks, every layer replayed) compute what diffusers computes on the default layout."""
+    from sampler import AttentionRecord, Modulation, predict_noise
+    from weights import load_stable_diffusion
+    unet = load_stable_diffusion(tiny_sd_dir).unet.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(5)
+    x, context = torch.randn(1, 4, 8, 12, generator=g), torch.randn(1, 77, TINY_UNET["cross_attention_dim"], generator=g)
+    t, record = torch.tensor([281]), AttentionRecord()
+    with torch.no_grad():
+        ref = tiny_reference[0](x, t, context).sample
+        assert_close(predict_noise(unet, x, t, context, record, step=0), ref)
+        runs = predict_noise(unet, x, t, context, Modulation(torch.zeros(3, 6), record), step=0)
+    assert_close(runs, ref.expand(3, -1, -1, -1))
+
 
 def test_text_encoder_matches_transformers(sd, tiny_reference):
     tokens = sd.tokenizer(["", "a photograph of an astronaut riding a horse", "two cats, 3 dogs!"])

@@ -1,0 +1,58 @@
+"""bench.py method, the evidence behind README's speed figures, on the tiny model: the UNet calls
+and images it counts for both pipelines against the counts worked out by hand from the method's
+options, and the notebook pipeline (written on diffusers) against ours: the same segments."""
+import json
+import math
+
+import pytest
+
+import bench
+
+PRESET = bench.PRESETS["cpu"]["options"]  # 128x128, K = 4, 8 feature draws
+K, N, B = PRESET["masks"], PRESET["feature_samples"], 8  # B: runs per UNet call on the CPU
+S, GRID = 15, 50  # denoising steps t_m = 281 .. 1 on the 50-step grid; the whole grid
+
+
+def run_method(tiny_sd_dir, tmp_path, preset) -> dict:
+    out = tmp_path / f"{preset}.json"
+    bench.main(["method", "--preset", preset, "--weights", str(tiny_sd_dir), "--repeats", "1", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def counted(contender, key) -> dict:
+    return {stage: counts[key] for stage, counts in contender["stages"].items() if counts[key]}
+
+
+def test_the_method_benchmark_counts_the_calls_of_both_pipelines(tiny_sd_dir, tmp_path):
+    report = run_method(tiny_sd_dir, tmp_path, "cpu")
+    ours, notebook = report["contenders"]["ours, float32"], report["contenders"]["notebook, float32"]
+    # Ours: the feature draws and the inversion steps in batches of B; each step of the modulated runs
+    # as ceil(2K / B) calls of up to B runs.
+    assert counted(ours, "unet_calls") == dict(features=math.ceil(N / B), inversion=math.ceil(S / B),
+                                               modulation=S * math.ceil(2 * K / B))
+    assert counted(ours, "unet_images") == dict(features=N, inversion=S, modulation=2 * K * S)
+    # The notebook: one call per draw, the whole grid inverted, a recording pass, one call of 2 runs per mask.
+    assert counted(notebook, "unet_calls") == dict(features=N, inversion=GRID, recording=S, modulation=K * S)
+    assert counted(notebook, "unet_images") == dict(features=N, inversion=GRID, recording=S, modulation=2 * K * S)
+    # Fewer FLOPs in every stage the two share (the feature passes stop at the feature layer).
+    for stage in ("features", "inversion", "modulation"):
+        assert 0 < ours["stages"][stage]["flops"] < notebook["stages"][stage]["flops"], stage
+    # Two implementations of the method, one on diffusers: the same segments.
+    assert notebook["label_agreement_with_ours"] > 0.99
+    assert notebook["max_map_difference_to_ours"] < 1e-3
+    assert report["ratio_to_ours"]["notebook, float32"]["unet_calls"] == pytest.approx(
+        (N + GRID + S + K * S) / (math.ceil(N / B) + math.ceil(S / B) + S * math.ceil(2 * K / B)))
+
+
+def test_the_gpu_presets_contenders_run_at_lower_precision(tiny_sd_dir, tmp_path, monkeypatch):
+    """The gpu preset's code path on the CPU, its options cut to seconds: ours in float16 and
+    bfloat16, the notebook in float32 and in float16, each compared with ours in float16."""
+    small = dict(size=64, masks=2, feature_samples=2)
+    monkeypatch.setitem(bench.PRESETS, "gpu", bench.PRESETS["gpu"] | dict(device="cpu", options=small))
+    report = run_method(tiny_sd_dir, tmp_path, "gpu")
+    contenders = report["contenders"]
+    assert list(contenders) == ["ours, float16", "ours, bfloat16", "notebook, float32", "notebook, float16"]
+    assert report["options"]["size"] == 64 and set(report["ratio_to_ours"]) == set(list(contenders)[1:])
+    agreement = {name: contender["label_agreement_with_ours"] for name, contender in contenders.items()}
+    assert agreement["notebook, float32"] > 0.95 and agreement["notebook, float16"] > 0.95  # read 0.99 and 0.99
+    assert agreement["ours, bfloat16"] > 0.8  # read 0.92: bfloat16 keeps 8 bits of mantissa, float16 11
