@@ -1,10 +1,12 @@
-"""bench.py method, the evidence behind README's speed figures, on the tiny model: the UNet calls
-and images it counts for both pipelines against the counts worked out by hand from the method's
-options, and the notebook pipeline (written on diffusers) against ours: the same segments."""
+"""bench.py, the evidence behind README's speed figures. bench.py method on the tiny model: the
+UNet calls and images it counts for both pipelines against the counts worked out by hand from the
+method's options, and the notebook pipeline (written on diffusers) against ours: the same segments.
+bench.py flops: its FLOPs per UNet image and per decode against diffusers' models counted alike."""
 import json
 import math
 
 import pytest
+import torch
 
 import bench
 
@@ -56,3 +58,28 @@ def test_the_gpu_presets_contenders_run_at_lower_precision(tiny_sd_dir, tmp_path
     agreement = {name: contender["label_agreement_with_ours"] for name, contender in contenders.items()}
     assert agreement["notebook, float32"] > 0.95 and agreement["notebook, float16"] > 0.95  # read 0.99 and 0.99
     assert agreement["ours, bfloat16"] > 0.8  # read 0.92: bfloat16 keeps 8 bits of mantissa, float16 11
+
+
+def test_the_flop_count_is_diffusers_count(tmp_path):
+    """bench.py flops (our models on the meta device, counted by torch.utils.flop_counter): a full
+    UNet image and a decode at the cpu preset's size cost what diffusers' SD v1.5 models cost,
+    counted alike; the UNet images of each stage are the hand-worked counts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from tiny_models import SD15_UNET, SD15_VAE
+    out = tmp_path / "flops.json"
+    bench.main(["flops", "--preset", "cpu", "--json", str(out)])
+    report = json.loads(out.read_text())
+    side = PRESET["size"] // 8
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
+        latent, context = torch.zeros(1, 4, side, side), torch.zeros(1, 77, 768)
+        with FlopCounterMode(display=False, custom_mapping=bench.CPU_ATTENTION_FLOPS) as unet_flops:
+            unet(latent, torch.tensor([1]), context)
+        with FlopCounterMode(display=False, custom_mapping=bench.CPU_ATTENTION_FLOPS) as decode_flops:
+            vae.decode(latent)
+    assert report["unet_image_flops"] == unet_flops.get_total_flops()
+    assert report["decode_flops"] == decode_flops.get_total_flops()
+    assert {stage: counts["unet_images"] for stage, counts in report["ours"].items()} == dict(
+        features=N, inversion=S, modulation=2 * K * S)
+    assert report["total"]["ours"] < report["total"]["notebook"]
