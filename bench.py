@@ -35,6 +35,7 @@ import emerdiff
 import runner
 import sampler
 from clip_text import BYTE_ENCODER, END, START, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from emerdiff import synchronize
 from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
 from vae import VAE, VAEConfig
 from weights import StableDiffusion
@@ -48,15 +49,10 @@ PRESETS = {
     "cpu": dict(device="cpu", dtypes=["float32"], options=dict(size=128, masks=4, feature_samples=8)),
     "gpu": dict(device="cuda", dtypes=["float16", "bfloat16"], options=dict(size=512, masks=25, feature_samples=100)),
 }
-STAGES = ["features", "k-means", "inversion", "recording", "modulation"]
+STAGES = ["batch sizes", "features", "k-means", "inversion", "recording", "modulation"]
 
 
 # ---- Measuring ----
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def timed(fns, device, repeats: int) -> list[float]:
     """Median seconds of each of `fns`, called in turn `repeats` times after a warm-up call each:
@@ -219,6 +215,7 @@ def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
     """Our UNet call and decode against diffusers' on the same weights (freed on return)."""
     unet, vae = sd.unet, sd.vae
     ref_unet, ref_vae = reference_models(unet, vae, device, dtype)
+    emerdiff.prepare_models(StableDiffusion(ref_unet, ref_vae, None, None))  # the memory layout ours has
     h, w = x.shape[-2:]
     contexts, size = context.expand(len(x), -1, -1), 8 * w
     rows = []
@@ -390,16 +387,25 @@ class NotebookPipeline:
 
 
 class OurPipeline:
-    """emerdiff.segment() on metered models."""
+    """emerdiff.segment() on metered models. The batch sizes are chosen first, on the models
+    unmetered: a stage of its own (on CUDA, "auto" probes the memory with UNet calls and decodes
+    that are not the method's), the pair chosen then given to segment()."""
 
     def __init__(self, sd, dtype, meter):
-        sd = sd if next(sd.unet.parameters()).dtype == dtype else converted(sd, dtype)
-        self.sd = StableDiffusion(MeteredUNet(sd.unet, meter), MeteredVAE(sd.vae, meter), sd.text_encoder,
-                                  sd.tokenizer)
+        self.plain = sd if next(sd.unet.parameters()).dtype == dtype else converted(sd, dtype)
+        emerdiff.prepare_models(self.plain)
+        self.sd = StableDiffusion(MeteredUNet(self.plain.unet, meter), MeteredVAE(self.plain.vae, meter),
+                                  self.plain.text_encoder, self.plain.tokenizer)
 
     def __call__(self, image, o):
-        seg = emerdiff.segment(image, self.sd, **o)
-        return seg.difference_maps, seg.seconds
+        watch = Stopwatch(next(self.plain.unet.parameters()).device)
+        pixels, _ = emerdiff.load_image(image, o["size"])
+        sizes = emerdiff.batch_sizes(self.plain, emerdiff.latent_shape(self.plain, *pixels.shape[-2:]),
+                                     o["batch_size"], runs=2 * o["masks"],
+                                     steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+        watch.lap("batch sizes")
+        seg = emerdiff.segment(image, self.sd, **o | dict(batch_size=sizes))
+        return seg.difference_maps, watch.seconds | seg.seconds
 
 
 def bench_method(args, device, _dtype):
@@ -610,25 +616,29 @@ GIB = 2 ** 30
 
 def bench_cuda(args, device, dtype):
     """(1) segment() with its defaults at 512x512 within what a 12 GB card leaves PyTorch (--cap-gib,
-    set by set_per_process_memory_fraction): the automatic batch sizes and the peak memory. (2) Synchronisations of the host with the GPU in
-    the modulated runs: counted by torch.cuda's sync debug mode for 5 and for 15 steps; equal counts
+    set by set_per_process_memory_fraction): the batch sizes "auto" chooses within it, then the peak
+    memory and the time of the run with them. (2) Synchronisations of the host with the GPU in the
+    modulated runs: counted by torch.cuda's sync debug mode for 5 and for 15 steps; equal counts
     mean that no step waits for the GPU."""
     if device.type != "cuda":
         raise SystemExit("bench.py cuda needs CUDA")
     sd = load_models(args, device, dtype)
+    emerdiff.prepare_models(sd)
+    o = emerdiff.DEFAULTS
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), device)
     torch.cuda.empty_cache()
+    batch = emerdiff.batch_sizes(sd, emerdiff.latent_shape(sd, 512, 512), "auto", runs=2 * o["masks"],
+                                 steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    seg = emerdiff.segment(args.image, sd, size=512)
+    seg = emerdiff.segment(args.image, sd, size=512, batch_size=batch)
     peak, seconds = torch.cuda.max_memory_allocated(device) / GIB, time.perf_counter() - start
-    x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
-    batch = emerdiff.batch_sizes(sd, x0, "auto", runs=50, steps=15)  # what segment() chose, within the cap
     memory = dict(cap_gib=args.cap_gib, peak_gib=peak, seconds=seconds, stages=seg.seconds, batch_sizes=batch)
-    print(f"defaults at 512x512 within {args.cap_gib} GiB: peak {memory['peak_gib']:.2f} GiB, batch sizes "
-          f"(UNet, decode) {batch}, {memory['seconds']:.1f} s")
+    print(f"defaults at 512x512 within {args.cap_gib} GiB: batch sizes (UNet, decode) {batch}, peak "
+          f"{memory['peak_gib']:.2f} GiB, {memory['seconds']:.1f} s")
     torch.cuda.set_per_process_memory_fraction(1.0, device)
+    x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
     inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(0), batch_size=15)
     offsets = torch.zeros(8, 256, device=device, dtype=dtype)
 

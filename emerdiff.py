@@ -35,6 +35,7 @@ import sampler
 from unet import FEATURE_LAYER, AttentionHooks, FeedForward, ResnetBlock2D
 
 GRID_FACTOR = 32  # image side / side of the 16x16 ("up16") feature grid
+LATENT_FACTOR = 8  # image side / latent side: the VAE halves the image three times
 SIZE_MULTIPLE = 64  # the UNet halves the latent three times: image sides are multiples of 64
 MAX_SIDE = 2048  # an explicit --size beyond this does not fit a GPU
 MAX_MASKS = 256  # labels.png is a palette image
@@ -118,6 +119,19 @@ def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
 def model_device_dtype(sd) -> tuple[torch.device, torch.dtype]:
     parameter = next(sd.unet.parameters())
     return parameter.device, parameter.dtype
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU (CUDA or mps), which runs behind the Python code: before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def latent_shape(sd, height: int, width: int) -> tuple[int, int, int, int]:
+    """The shape of the latent of one height x width image: (1, 4, H/8, W/8)."""
+    return 1, sd.vae.config.latent_channels, height // LATENT_FACTOR, width // LATENT_FACTOR
 
 
 @torch.no_grad()
@@ -375,17 +389,18 @@ CPU_BATCH_SIZE = 8  # batch_size "auto" off CUDA: UNet runs and decodes per call
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
 
 
-def batch_sizes(sd, x0, batch_size, *, runs: int, steps: int) -> tuple[int, int]:
-    """(UNet images per call, decodes per call) for `batch_size` an int or "auto".
+def batch_sizes(sd, shape, batch_size, *, runs: int, steps: int) -> tuple[int, int]:
+    """(UNet images per call, decodes per call) for `batch_size`: an int (both), such a pair, or "auto".
 
-    "auto" on CUDA fills the memory free at the start (see auto_batch_sizes); elsewhere it is
-    CPU_BATCH_SIZE. `runs` (2K) bounds both; `steps` is the number of recorded denoising steps."""
+    "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
+    latent `shape`); elsewhere it is CPU_BATCH_SIZE. `runs` (2K) bounds both; `steps`
+    is the number of recorded denoising steps."""
     if batch_size != "auto":
-        return batch_size, batch_size
+        return (batch_size, batch_size) if is_int(batch_size) else tuple(batch_size)
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
         return CPU_BATCH_SIZE, CPU_BATCH_SIZE
-    return auto_batch_sizes(sd, x0, runs=runs, steps=steps)
+    return auto_batch_sizes(sd, shape, runs=runs, steps=steps)
 
 
 def free_cuda_memory(device) -> int:
@@ -414,12 +429,14 @@ def fixed_and_per_image(call, device) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def auto_batch_sizes(sd, x0, *, runs: int, steps: int) -> tuple[int, int]:
+def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
     """The largest batches that fit in MEMORY_HEADROOM of the free CUDA memory, measured at the
     start by probes at this image's size: one recording UNet call (the attention record's bytes
     per step, kept through the modulated runs and the decoding), one modulated UNet step and one
-    decode at 1 and 2 images each (their peaks give the memory per image)."""
+    decode at 1 and 2 images each (their peaks give the memory per image). The probes reset
+    CUDA's peak-memory count: its reading afterwards covers what follows them."""
     device, dtype = model_device_dtype(sd)
+    x0 = torch.zeros(shape, device=device)
     context, t = embed_prompt(sd), torch.tensor([1], device=device)
     record = sampler.AttentionRecord()
     sampler.predict_noise(sd.unet, x0, t, context, record, step=0)
@@ -499,8 +516,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
 
     def lap(stage):
         nonlocal clock
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the GPU runs behind the Python code: wait, so the stage is timed
+        synchronize(device)
         seconds[stage], clock = time.perf_counter() - clock, time.perf_counter()
 
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
@@ -510,9 +526,9 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     if o["masks"] > grid[0] * grid[1]:
         raise EmerDiffError(f"{o['masks']} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
                             "feature grid: lower --masks or raise --size")
-    x0 = encode(sd, pixels)
-    batch, decode_batch = batch_sizes(sd, x0, o["batch_size"], runs=2 * o["masks"],
+    batch, decode_batch = batch_sizes(sd, latent_shape(sd, *pixels.shape[-2:]), o["batch_size"], runs=2 * o["masks"],
                                       steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+    x0 = encode(sd, pixels)  # after the probes of "auto" on CUDA, which reset the peak-memory count
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
                                 batch_size=batch, prompt=o["prompt"], progress=progress)
     check_finite(features, "features")
@@ -553,7 +569,8 @@ OPTION_TYPES = {
     "size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v) or is_pair(v, is_int, is_int),
              '"auto", an integer or (width, height)'),
     "injection": (lambda v: isinstance(v, bool), "True or False"),
-    "batch_size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v), '"auto" or an integer'),
+    "batch_size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v) or is_pair(v, is_int, is_int),
+                   '"auto", an integer or (UNet runs, decodes) per call'),
     "compile": (lambda v: isinstance(v, bool), "True or False"),
     "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
     "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
@@ -578,7 +595,7 @@ def check_options(o: dict):
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
               (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
-              (o["batch_size"] == "auto" or o["batch_size"] >= 1, "batch size must be at least 1"),
+              (o["batch_size"] == "auto" or min(np.ravel(o["batch_size"])) >= 1, "batch size must be at least 1"),
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
               (sigma > 0, "the blur sigma must be above 0")]
@@ -607,6 +624,9 @@ def pick_device(name: str = "auto") -> torch.device:
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise EmerDiffError(f"device {name!r} is not available here: use --device auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise EmerDiffError(f"device {name!r} is not available here: the CUDA devices are cuda:0 to cuda:{count - 1}")
     return device
 
 

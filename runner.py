@@ -38,7 +38,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size, embed_prompt,
-                      model_device_dtype, open_image, pick_device, pick_dtype, segment, to_rgb, working_size)
+                      latent_shape, model_device_dtype, open_image, pick_device, pick_dtype, segment, synchronize,
+                      to_rgb, working_size)
 from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples, shown
 from sampler import timesteps_until
 
@@ -255,14 +256,16 @@ def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, fl
     from one UNet call and one decode timed here after an untimed one of each: the cost model of
     README's "Time and cost"."""
     device, dtype = model_device_dtype(sd)
-    latent = torch.zeros(1, 4, size[1] // 8, size[0] // 8, device=device, dtype=dtype)
+    latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
     context = embed_prompt(sd, options["prompt"]).to(dtype)
     timestep = torch.tensor([1], device=device)
     seconds = []
     for call in (lambda: sd.unet(latent, timestep, context), lambda: sd.vae.decode(latent)):
         call()  # the first call of a size allocates; the second is the one that repeats
+        synchronize(device)
         clock = time.perf_counter()
         call()
+        synchronize(device)
         seconds.append(time.perf_counter() - clock)
     unet_s, decode_s = seconds
     steps = len(timesteps_until(options["t_m"], options["steps"]))
@@ -588,6 +591,8 @@ def process_group() -> tuple[int, int]:
     if world == 1:
         return 0, 1
     import torch.distributed as dist
+    if torch.cuda.is_available():  # this process's GPU, before NCCL's collectives need one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
 

@@ -323,6 +323,21 @@ def test_segment_refuses_what_is_not_an_image(sd, image, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
+    """batch_size=(2, 4): the 2K = 4 modulated runs in UNet calls of 2 runs, decoded 4 images per call."""
+    unet_batches, decode_batches = [], []
+    unet_forward, decode = sd.unet.forward, sd.vae.decode
+    monkeypatch.setattr(sd.unet, "forward", lambda x, *args: unet_batches.append(len(x)) or unet_forward(x, *args))
+    monkeypatch.setattr(sd.vae, "decode", lambda latent: decode_batches.append(len(latent)) or decode(latent))
+    paired = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=(2, 4))
+    # t = 101 and 1 on the 10-step grid: 1 feature draw, the 2 inversion steps in one call, then per batch
+    # of 2 runs a first step of one sample (the runs differ from the modulated layer on) and a step of 2.
+    assert unet_batches == [1, 2] + [1, 2] * 2
+    assert decode_batches == [4]
+    single = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=1)  # one run per call, one pair per decode
+    assert torch.allclose(paired.difference_maps, single.difference_maps, rtol=0, atol=1e-4 * single.difference_maps.max())
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("masks", 4.5, "option masks must be an integer, not 4.5"),
     ("masks", "4", "option masks must be an integer, not '4'"),
@@ -332,7 +347,10 @@ def test_segment_refuses_what_is_not_an_image(sd, image, message):
     ("blur", 3, "option blur must be (kernel size, sigma), not 3"),
     ("prompt", None, "option prompt must be a string, not None"),
     ("injection", 1, "option injection must be True or False, not 1"),
-], ids=["masks-float", "masks-str", "masks-bool", "size-str", "lam-str", "blur-int", "prompt-none", "injection-int"])
+    ("batch_size", (4,), 'option batch_size must be "auto", an integer or (UNet runs, decodes) per call, not (4,)'),
+    ("batch_size", (4, 0), "batch size must be at least 1"),
+], ids=["masks-float", "masks-str", "masks-bool", "size-str", "lam-str", "blur-int", "prompt-none", "injection-int",
+        "batch-one", "batch-zero"])
 def test_segment_checks_option_types(sd, option, value, message):
     with pytest.raises(EmerDiffError) as error:
         emerdiff.segment(EXAMPLE, sd, **OPTIONS | {option: value})
