@@ -304,7 +304,8 @@ class NotebookPipeline:
     """The authors' notebook approach on diffusers, written here to measure against: features
     from one full UNet pass per draw, the whole 50-step inversion, a separate recording pass, each
     mask's two runs as a batch of 2 and its two images decoded together, the record kept on the
-    host. Same weights and options as ours. k-means: the notebook uses scikit-learn's KMeans
+    host. Same weights and options as ours, and PyTorch's default precision settings (on CUDA, float32
+    convolutions in TF32, matrix products not). k-means: the notebook uses scikit-learn's KMeans
     (k-means++, restarts, Lloyd), which is not a dependency here, so this uses emerdiff.kmeans."""
 
     def __init__(self, sd, dtype, meter):
