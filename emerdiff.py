@@ -510,7 +510,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
         from weights import load_stable_diffusion
         device = pick_device("auto")
         sd = load_stable_diffusion(device=device, dtype=pick_dtype("auto", device))
-    prepare_models(sd, o["compile"])
+    prepare_models(sd)  # the memory layout, which the memory probes of batch_sizes measure uncompiled
     device, _ = model_device_dtype(sd)
     seconds, clock = {}, time.perf_counter()
 
@@ -528,6 +528,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
                             "feature grid: lower --masks or raise --size")
     batch, decode_batch = batch_sizes(sd, latent_shape(sd, *pixels.shape[-2:]), o["batch_size"], runs=2 * o["masks"],
                                       steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+    prepare_models(sd, o["compile"])  # compiled after the probes: they would compile shapes of their own
     x0 = encode(sd, pixels)  # after the probes of "auto" on CUDA, which reset the peak-memory count
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
                                 batch_size=batch, prompt=o["prompt"], progress=progress)
