@@ -5,8 +5,8 @@
     python bench.py method --preset gpu --json m.json  # the same at 512x512, K = 25, 100 draws, on CUDA
     python bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
     python bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
-    python bench.py cuda --json c.json                 # CUDA: the defaults within 12 GB; no host sync in the loop
-    python bench.py compile --preset gpu --json k.json # what torch.compile costs and gains, per image (cpu preset: 128x128)
+    python bench.py cuda --json c.json                 # CUDA: the defaults on a 12 GB card; no host sync in the loop
+    python bench.py compile --preset gpu --json k.json # torch.compile: what it costs and gains, per image
 
 Needs the dev requirements (diffusers). Without --weights the models are SD v1.5's architecture
 with random weights (the speed is the same). Times are medians of --repeats interleaved runs,
