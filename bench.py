@@ -239,7 +239,8 @@ def hooked_steps(unet, x, context, t, args, device) -> list[dict]:
     record = sampler.AttentionRecord()
     sampler.predict_noise(unet, x[:1], t, context, record, step=0)
     x = x[:1].expand(args.runs, -1, -1, -1).contiguous()  # one modulated step after t_m: every run in full
-    offsets = torch.zeros(args.runs, (x.shape[-2] // 4) * (x.shape[-1] // 4), device=device, dtype=x.dtype)
+    tokens = math.prod(side // (emerdiff.GRID_FACTOR // emerdiff.LATENT_FACTOR) for side in x.shape[-2:])
+    offsets = torch.zeros(args.runs, tokens, device=device, dtype=x.dtype)  # the modulated layer's h*w
 
     def step(share):
         hooks = sampler.Modulation(offsets, record, share_probabilities=share)
@@ -401,9 +402,7 @@ class OurPipeline:
     def __call__(self, image, o):
         watch = Stopwatch(next(self.plain.unet.parameters()).device)
         pixels, _ = emerdiff.load_image(image, o["size"])
-        sizes = emerdiff.batch_sizes(self.plain, emerdiff.latent_shape(self.plain, *pixels.shape[-2:]),
-                                     o["batch_size"], runs=2 * o["masks"],
-                                     steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+        sizes = emerdiff.batch_sizes(self.plain, *pixels.shape[-2:], o)
         watch.lap("batch sizes")
         seg = emerdiff.segment(image, self.sd, **o | dict(batch_size=sizes))
         return seg.difference_maps, watch.seconds | seg.seconds
@@ -625,12 +624,10 @@ def bench_cuda(args, device, dtype):
         raise SystemExit("bench.py cuda needs CUDA")
     sd = load_models(args, device, dtype)
     emerdiff.prepare_models(sd)
-    o = emerdiff.DEFAULTS
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), device)
     torch.cuda.empty_cache()
-    batch = emerdiff.batch_sizes(sd, emerdiff.latent_shape(sd, 512, 512), "auto", runs=2 * o["masks"],
-                                 steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+    batch = emerdiff.batch_sizes(sd, 512, 512, emerdiff.DEFAULTS)
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     seg = emerdiff.segment(args.image, sd, size=512, batch_size=batch)
@@ -641,7 +638,7 @@ def bench_cuda(args, device, dtype):
     torch.cuda.set_per_process_memory_fraction(1.0, device)
     x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
     inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(0), batch_size=15)
-    offsets = torch.zeros(8, 256, device=device, dtype=dtype)
+    offsets = torch.zeros(8, (512 // emerdiff.GRID_FACTOR) ** 2, device=device, dtype=dtype)  # the 16x16 grid
 
     def syncs(steps):
         with warnings.catch_warnings(record=True) as caught:

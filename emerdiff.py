@@ -389,18 +389,19 @@ CPU_BATCH_SIZE = 8  # batch_size "auto" off CUDA: UNet runs and decodes per call
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
 
 
-def batch_sizes(sd, shape, batch_size, *, runs: int, steps: int) -> tuple[int, int]:
-    """(UNet images per call, decodes per call) for `batch_size`: an int (both), such a pair, or "auto".
+def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
+    """(UNet images per call, decodes per call) for a height x width image with options `o`: its
+    batch_size an int (both), such a pair, or "auto".
 
     "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
-    latent `shape`); elsewhere it is CPU_BATCH_SIZE. `runs` (2K) bounds both; `steps`
-    is the number of recorded denoising steps."""
-    if batch_size != "auto":
-        return (batch_size, batch_size) if is_int(batch_size) else tuple(batch_size)
+    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZE."""
+    if o["batch_size"] != "auto":
+        return (o["batch_size"],) * 2 if is_int(o["batch_size"]) else tuple(o["batch_size"])
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
         return CPU_BATCH_SIZE, CPU_BATCH_SIZE
-    return auto_batch_sizes(sd, shape, runs=runs, steps=steps)
+    return auto_batch_sizes(sd, latent_shape(sd, height, width), runs=2 * o["masks"],
+                            steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
 
 
 def free_cuda_memory(device) -> int:
@@ -442,7 +443,7 @@ def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
     sampler.predict_noise(sd.unet, x0, t, context, record, step=0)
     record_bytes = steps * sum(a.numel() * a.element_size()
                                for a in [*record.outputs.values(), *(a for qk in record.qks.values() for a in qk)])
-    tokens = (x0.shape[-2] // 4) * (x0.shape[-1] // 4)  # the modulated layer's h*w: a quarter of the latent side
+    tokens = math.prod(side // (GRID_FACTOR // LATENT_FACTOR) for side in shape[-2:])  # the modulated layer's h*w
 
     def modulated_step(n):
         offsets = torch.zeros(n, tokens, device=device, dtype=dtype)
@@ -526,8 +527,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     if o["masks"] > grid[0] * grid[1]:
         raise EmerDiffError(f"{o['masks']} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
                             "feature grid: lower --masks or raise --size")
-    batch, decode_batch = batch_sizes(sd, latent_shape(sd, *pixels.shape[-2:]), o["batch_size"], runs=2 * o["masks"],
-                                      steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+    batch, decode_batch = batch_sizes(sd, *pixels.shape[-2:], o)
     prepare_models(sd, o["compile"])  # compiled after the probes: they would compile shapes of their own
     x0 = encode(sd, pixels)  # after the probes of "auto" on CUDA, which reset the peak-memory count
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
