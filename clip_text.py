@@ -210,6 +210,14 @@ class CLIPTokenizer:
         self._cache = {START: (START,), END: (END,)}  # byte-encoded word -> its BPE symbols
 
     @classmethod
+    def bytes_only(cls, max_length: int = 77) -> "CLIPTokenizer":
+        """A tokenizer without merges and without a vocabulary file: the symbols BPE can make without
+        merges, numbered in turn. Enough for the empty prompt of a model with random weights (its ids
+        are not CLIP's)."""
+        symbols = [START, END, *BYTE_ENCODER.values(), *(s + "</w>" for s in BYTE_ENCODER.values())]
+        return cls({s: i for i, s in enumerate(symbols)}, [], max_length)
+
+    @classmethod
     def from_files(cls, vocab_json_path: str | os.PathLike, merges_txt_path: str | os.PathLike, max_length: int = 77):
         """Load the hub's `tokenizer/vocab.json` and `tokenizer/merges.txt`."""
         try:

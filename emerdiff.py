@@ -5,45 +5,38 @@ Models", ICLR 2024 (arXiv 2401.11739). Read top to bottom, this file is the meth
 per step of the paper's Sec. 3, in its order:
 
   Step 0  load_image, encode              the image into SD's latent space
-  Step 1  extract_features, kmeans,       low-resolution masks: k-means on the up16 query
-          low_resolution_masks            features of the first up16 cross-attention (Sec. 3.2)
+  Step 1  extract_features, kmeans,       low-resolution masks: k-means on the query features of
+          low_resolution_masks            the first cross-attention of the 16x16 up block (Sec. 3.2)
   Step 2  invert                          edit-friendly DDPM inversion, attention recorded (Sec. 3.3)
-  Step 3  modulated_latents               denoise again with +-lambda added on each mask at t_m (Sec. 3.3)
+  Step 3  modulation_offsets,             denoise again with -lambda and +lambda added on each mask
+          modulated_latents               at t_m (Sec. 3.3)
   Step 4  difference_maps, assign_labels  ||I- - I+|| per mask, blurred; argmax over masks (Sec. 3.3)
-          segment                         all of it;  main: the command line
+          segment                         all of it, on one image
 
 Defaults are the paper's (Sec. 4.1) and, where it is silent, the authors' example notebook:
 K = 25 masks, lambda = 10, t_m = 281, t_f = 1, 100 feature draws, 50-step grid, seed 42.
 Every random draw comes from a CPU torch.Generator, so a seed gives the same draws on any device.
+
+What is not the method lives beside it: sampler.py (the DDPM schedule, the inversion and the
+hooks that record, replay and modulate the attention), unet.py / vae.py / clip_text.py (the
+networks), inputs.py (what segment() accepts, checked), devices.py (device, precision, batch
+sizes) and runner.py, the command line that `python emerdiff.py` runs.
 """
 import math
-import numbers
-import os
-import stat
 import sys
-import warnings
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
+import devices
 import sampler
-from unet import FEATURE_LAYER, AttentionHooks, FeedForward, ResnetBlock2D
-
-GRID_FACTOR = 32  # image side / side of the 16x16 ("up16") feature grid
-LATENT_FACTOR = 8  # image side / latent side: the VAE halves the image three times
-SIZE_MULTIPLE = 64  # the UNet halves the latent three times: image sides are multiples of 64
-MAX_SIDE = 2048  # an explicit --size beyond this does not fit a GPU
-MAX_MASKS = 256  # labels.png is a palette image
-
-
-class EmerDiffError(Exception):
-    """Bad input to the method; the message is one line that says what to do."""
-
+from inputs import (EmerDiffError, as_image, check_masks_fit, checked_options, feature_grid,  # noqa: F401
+                    working_size)  # EmerDiffError: the API's error type, emerdiff.EmerDiffError
+from unet import FEATURE_LAYER, AttentionHooks
 
 # ---- Step 0: the image in SD's latent space ----
 
@@ -67,84 +60,17 @@ def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
     return source * 2 - 1, (width, height)
 
 
-def as_image(image) -> Image.Image | torch.Tensor:
-    """What `segment` accepts, as an RGB PIL image or a (1, 3, H, W) float tensor in [0, 1].
-
-    A path or a PIL image (any mode, see to_rgb); a numpy array (H, W, 3) or a tensor (3, H, W) /
-    (1, 3, H, W), either uint8 or float in [0, 1]. uint8 pixels go through Pillow, as a file's
-    would. Anything else is an EmerDiffError that says what was given.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        return to_rgb(open_image(image))
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise EmerDiffError(f"an image array must be RGB, (H, W, 3); got shape {image.shape}")
-        if image.dtype != np.uint8 and image.dtype.kind != "f":
-            raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got an array of {image.dtype}")
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the input may be read-only
-    elif isinstance(image, torch.Tensor):
-        if image.ndim == 4 and image.shape[0] != 1:
-            raise EmerDiffError(f"a batch of {image.shape[0]} images: segment them one at a time")
-        if image.ndim not in (3, 4) or image.shape[-3] != 3:
-            raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
-        if image.is_meta:
-            raise EmerDiffError("a meta tensor holds no pixel values: give one with data")
-        image = image.reshape(image.shape[-3:])
-    else:
-        raise EmerDiffError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, "
-                            "a numpy array (H, W, 3) or a tensor (3, H, W)")
-    return checked_pixels(image.detach().cpu())
-
-
-def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
-    """(3, H, W) uint8 -> a PIL image; float in [0, 1] -> (1, 3, H, W) fp32; anything else refused."""
-    if pixels.numel() == 0:
-        raise EmerDiffError(f"the image is empty (shape {tuple(pixels.shape)})")
-    if pixels.dtype == torch.uint8:
-        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    if not pixels.is_floating_point():
-        raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got {pixels.dtype}")
-    pixels = pixels.float()
-    if not torch.isfinite(pixels).all():
-        raise EmerDiffError("the image holds NaN or infinite values")
-    low, high = pixels.min().item(), pixels.max().item()
-    if low < 0 or high > 1:
-        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:g}..{high:g} "
-                            "(divide 0..255 values by 255)")
-    return pixels[None]
-
-
-def model_device_dtype(sd) -> tuple[torch.device, torch.dtype]:
-    parameter = next(sd.unet.parameters())
-    return parameter.device, parameter.dtype
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU (CUDA or mps), which runs behind the Python code: before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def latent_shape(sd, height: int, width: int) -> tuple[int, int, int, int]:
-    """The shape of the latent of one height x width image: (1, 4, H/8, W/8)."""
-    return 1, sd.vae.config.latent_channels, height // LATENT_FACTOR, width // LATENT_FACTOR
-
-
 @torch.no_grad()
 def encode(sd, image: torch.Tensor) -> torch.Tensor:
     """x0 = VAE encoder mean x 0.18215, (1, 4, H/8, W/8) in fp32."""
-    device, dtype = model_device_dtype(sd)
+    device, dtype = devices.model_device_dtype(sd)
     return sd.vae.encode(image.to(device, dtype)).float()
 
 
 @torch.no_grad()
 def embed_prompt(sd, prompt: str = "") -> torch.Tensor:
     """The CLIP embedding (1, 77, 768) of `prompt`; EmerDiff uses the empty prompt everywhere."""
-    device, _ = model_device_dtype(sd)
+    device, _ = devices.model_device_dtype(sd)
     return sd.text_encoder(sd.tokenizer(prompt).to(device))
 
 
@@ -152,7 +78,7 @@ def embed_prompt(sd, prompt: str = "") -> torch.Tensor:
 
 class FeatureCapture(AttentionHooks):
     """Adds up the feature layer's queries over a batch, then stops the UNet by raising `Done`:
-    nothing after that layer is needed (at SD v1.5 size, 0.32 of the UNet's 0.80 TFLOP are run)."""
+    nothing after that layer is needed, so well under half of the UNet runs."""
 
     class Done(Exception):
         pass
@@ -313,15 +239,16 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
                       progress: bool = False) -> torch.Tensor:
     """Regenerate from x_{t_m} once per row of offsets, `batch_size` runs per UNet batch -> (R, 4, h, w).
 
-    At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M; with injection,
-    every attention layer at every step takes the recorded Q and K of the unmodulated pass. What
-    injection makes the same in every run is not computed again (sampler.Modulation):
-    `skip_projections` and `share_probabilities` turn those savings off for comparison.
+    At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's
+    modulation (added in sampler.Modulation.out); with injection, every attention layer at every
+    step takes the recorded Q and K of the unmodulated pass. What injection makes the same in every
+    run is not computed again (sampler.Modulation): `skip_projections` and `share_probabilities`
+    turn those savings off for comparison.
     """
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
     replay = inversion.record if injection else None
-    _, dtype = model_device_dtype(sd)
+    _, dtype = devices.model_device_dtype(sd)
     batches = offsets.to(dtype).split(batch_size)  # the offsets in the model's dtype once, not at every step
     savings = dict(skip_projections=skip_projections, share_probabilities=share_probabilities)
     latents = []
@@ -359,17 +286,20 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8
 def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float = 10.0, injection: bool = True,
                     batch_size: int = 8, decode_batch_size: int | None = None, blur=(3, 0.8),
                     progress: bool = False) -> torch.Tensor:
-    """d_i = || blur(I-_i - I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32.
+    """d_i = || blur(I-_i) - blur(I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32.
 
+    The blur comes before the norm, as in the authors' notebook, which blurs both decoded images
+    and then takes the norm of their difference; the blur is linear, so here the difference is
+    blurred once. (Blurring the map after the norm would give other maps: the norm is not linear.)
     All 2K runs go through the UNet in batches of `batch_size` runs, then the VAE decoder in
     batches of `decode_batch_size` images (default: batch_size), each rounded down to whole +-
-    pairs, at least one pair. The blur is linear, so blurring the difference is blurring both images.
+    pairs, at least one pair.
     """
     def whole_pairs(size):
         return 2 * max(1, size // 2)
     latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection,
                                 batch_size=whole_pairs(batch_size), progress=progress)
-    _, dtype = model_device_dtype(sd)
+    _, dtype = devices.model_device_dtype(sd)
     maps = []
     for batch in tqdm(latents.split(whole_pairs(decode_batch_size or batch_size)), desc="decoding",
                       disable=not progress, leave=False):
@@ -383,103 +313,11 @@ def assign_labels(maps: torch.Tensor) -> torch.Tensor:
     return maps.argmax(0)
 
 
-# ---- Speed: batch sizes, memory layout, compilation (none of it changes a number) ----
-
-CPU_BATCH_SIZE = 8  # batch_size "auto" off CUDA: UNet runs and decodes per call
-MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
-
-
-def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
-    """(UNet images per call, decodes per call) for a height x width image with options `o`: its
-    batch_size an int (both), such a pair, or "auto".
-
-    "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
-    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZE."""
-    if o["batch_size"] != "auto":
-        return (o["batch_size"],) * 2 if is_int(o["batch_size"]) else tuple(o["batch_size"])
-    device, _ = model_device_dtype(sd)
-    if device.type != "cuda":
-        return CPU_BATCH_SIZE, CPU_BATCH_SIZE
-    return auto_batch_sizes(sd, latent_shape(sd, height, width), runs=2 * o["masks"],
-                            steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
-
-
-def free_cuda_memory(device) -> int:
-    """Bytes this process may still allocate on `device`: the device's free memory plus what
-    PyTorch holds unused, within torch.cuda.set_per_process_memory_fraction's cap."""
-    free, total = torch.cuda.mem_get_info(device)
-    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-    cap = torch.cuda.get_per_process_memory_fraction(device) * total
-    return int(min(free + reserved - allocated, cap - allocated))
-
-
-def peak_memory(call, device) -> int:
-    """Peak bytes allocated by call() above what was allocated before it."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    call()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def fixed_and_per_image(call, device) -> tuple[int, int]:
-    """(fixed, per image) peak bytes of call(n), from its peaks at n = 1 and n = 2 images."""
-    one, two = (peak_memory(lambda: call(n), device) for n in (1, 2))
-    return max(0, 2 * one - two), max(1, two - one)
-
-
-@torch.no_grad()
-def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
-    """The largest batches that fit in MEMORY_HEADROOM of the free CUDA memory, measured at the
-    start by probes at this image's size: one recording UNet call (the attention record's bytes
-    per step, kept through the modulated runs and the decoding), one modulated UNet step and one
-    decode at 1 and 2 images each (their peaks give the memory per image). The probes reset
-    CUDA's peak-memory count: its reading afterwards covers what follows them."""
-    device, dtype = model_device_dtype(sd)
-    x0 = torch.zeros(shape, device=device)
-    context, t = embed_prompt(sd), torch.tensor([1], device=device)
-    record = sampler.AttentionRecord()
-    sampler.predict_noise(sd.unet, x0, t, context, record, step=0)
-    record_bytes = steps * sum(a.numel() * a.element_size()
-                               for a in [*record.outputs.values(), *(a for qk in record.qks.values() for a in qk)])
-    tokens = math.prod(side // (GRID_FACTOR // LATENT_FACTOR) for side in shape[-2:])  # the modulated layer's h*w
-
-    def modulated_step(n):
-        offsets = torch.zeros(n, tokens, device=device, dtype=dtype)
-        sampler.predict_noise(sd.unet, x0.expand(n, -1, -1, -1), t, context, sampler.Modulation(offsets, record), 0)
-
-    budget = MEMORY_HEADROOM * free_cuda_memory(device) - record_bytes
-    unet_fixed, per_run = fixed_and_per_image(modulated_step, device)
-    decode_fixed, per_decode = fixed_and_per_image(
-        lambda n: sd.vae.decode(x0.expand(n, -1, -1, -1).to(dtype)), device)
-    return tuple(int(min(runs, max(2, (budget - fixed) // per_image)))
-                 for fixed, per_image in ((unet_fixed, per_run), (decode_fixed, per_decode)))
-
-
-COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
-
-
-def prepare_models(sd, compile: bool = False) -> None:
-    """The memory layout where convolutions run faster: channels_last for the VAE decoder on the CPU
-    and on CUDA, for the UNet on CUDA (on the CPU its small maps run faster as they are; bench.py
-    measured both; the encoder, run once, keeps the layout the UNet expects).
-
-    `compile`: torch.compile the UNet's blocks without hooks (resnets and feed-forwards) and the VAE
-    decoder, once per model; shapes are static, so each batch size compiles on its first call
-    (minutes; whether it pays off is for `python bench.py compile` to measure). In place; idempotent."""
-    device, _ = model_device_dtype(sd)
-    if device.type in ("cpu", "cuda"):
-        for module in (sd.vae.post_quant_conv, sd.vae.decoder):
-            module.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        sd.unet.to(memory_format=torch.channels_last)
-    if compile and not getattr(sd.unet, "compiled", False):
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
-        for module in [*sd.unet.modules(), sd.vae.decoder]:
-            if isinstance(module, (ResnetBlock2D, FeedForward)) or module is sd.vae.decoder:
-                module.compile(dynamic=False)
-        sd.unet.compiled = True
+def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Labels (H, W) at the working size -> (height, width) uint8 at the input's own size = (width,
+    height), nearest neighbour (Step 0 resized the input; this undoes it)."""
+    resized = F.interpolate(labels[None, None].float(), size=size[::-1], mode="nearest-exact")
+    return resized[0, 0].to(torch.uint8).cpu().numpy()
 
 
 # ---- The whole method ----
@@ -498,207 +336,47 @@ DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
-    """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see as_image). `sd` is a
-    loaded model (weights.load_stable_diffusion); without one the default weights are loaded on the
-    best device. Options and their defaults: DEFAULTS; each is checked before any work is done."""
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    o = DEFAULTS | options
-    check_options(o)
+    """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see inputs.as_image).
+    `sd` is a loaded model (weights.load_stable_diffusion); without one the default weights are
+    loaded on the best device. Options and their defaults: DEFAULTS; each is checked before any
+    work is done."""
+    o = checked_options(options, DEFAULTS)
     pixels, (width, height) = load_image(image, o["size"])
-    if sd is None:
-        from weights import load_stable_diffusion
-        device = pick_device("auto")
-        sd = load_stable_diffusion(device=device, dtype=pick_dtype("auto", device))
-    prepare_models(sd)  # the memory layout, which the memory probes of batch_sizes measure uncompiled
-    device, _ = model_device_dtype(sd)
-    seconds, clock = {}, time.perf_counter()
-
-    def lap(stage):
-        nonlocal clock
-        synchronize(device)
-        seconds[stage], clock = time.perf_counter() - clock, time.perf_counter()
+    grid = feature_grid(*pixels.shape[-2:])
+    check_masks_fit(o["masks"], grid)
+    sd = default_model() if sd is None else sd
+    device, _ = devices.model_device_dtype(sd)
+    watch = devices.Stopwatch(device)  # seconds per stage
 
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
         return torch.Generator().manual_seed(o["seed"])
 
-    grid = (pixels.shape[-2] // GRID_FACTOR, pixels.shape[-1] // GRID_FACTOR)
-    if o["masks"] > grid[0] * grid[1]:
-        raise EmerDiffError(f"{o['masks']} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
-                            "feature grid: lower --masks or raise --size")
-    batch, decode_batch = batch_sizes(sd, *pixels.shape[-2:], o)
-    prepare_models(sd, o["compile"])  # compiled after the probes: they would compile shapes of their own
-    x0 = encode(sd, pixels)  # after the probes of "auto" on CUDA, which reset the peak-memory count
+    batch, decode_batch = devices.prepare(sd, *pixels.shape[-2:], o)  # before the encode: see auto_batch_sizes
+    x0 = encode(sd, pixels)
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
                                 batch_size=batch, prompt=o["prompt"], progress=progress)
-    check_finite(features, "features")
-    lap("features")
+    devices.check_finite(features, "features")
+    watch.lap("features")
     low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
     masks = low_resolution_masks(low_res, grid, len(centers))
-    lap("k-means")
+    watch.lap("k-means")
     inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
                        record_attention=o["injection"], batch_size=batch, progress=progress)
-    lap("inversion")
+    watch.lap("inversion")
     maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
                            batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"], progress=progress)
-    check_finite(maps, "difference maps")
-    lap("modulation")
-    labels = F.interpolate(assign_labels(maps)[None, None].float(), size=(height, width), mode="nearest-exact")
-    return Segmentation(labels=labels[0, 0].to(torch.uint8).cpu().numpy(),
+    devices.check_finite(maps, "difference maps")
+    watch.lap("modulation")
+    return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),
                         low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
-                        difference_maps=maps.cpu(), options=o, seconds=seconds)
+                        difference_maps=maps.cpu(), options=o, seconds=watch.seconds)
 
 
-def is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_pair(value, first, second) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) == 2 and first(value[0]) and second(value[1])
-
-
-# What each option must be: (check, the words for it).
-OPTION_TYPES = {
-    "masks": (is_int, "an integer"), "lam": (is_real, "a finite number"), "t_m": (is_int, "an integer"),
-    "t_f": (is_int, "an integer"), "feature_samples": (is_int, "an integer"),
-    "kmeans_restarts": (is_int, "an integer"), "seed": (is_int, "an integer"),
-    "size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v) or is_pair(v, is_int, is_int),
-             '"auto", an integer or (width, height)'),
-    "injection": (lambda v: isinstance(v, bool), "True or False"),
-    "batch_size": (lambda v: v == "auto" if isinstance(v, str) else is_int(v) or is_pair(v, is_int, is_int),
-                   '"auto", an integer or (UNet runs, decodes) per call'),
-    "compile": (lambda v: isinstance(v, bool), "True or False"),
-    "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
-    "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
-}
-MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)
-
-
-def check_options(o: dict):
-    """One-line errors for options of the wrong type or out of range, before any work is done."""
-    for name, (ok, kind) in OPTION_TYPES.items():
-        if not ok(o[name]):
-            raise EmerDiffError(f"option {name} must be {kind}, not {o[name]!r:.40}")
-    if not 2 <= o["steps"] <= sampler.TRAIN_STEPS:
-        raise EmerDiffError(f"steps must be between 2 and {sampler.TRAIN_STEPS}")
-    grid = sampler.timestep_grid(o["steps"])
-    kernel, sigma = o["blur"]
-    checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
-              (o["lam"] > 0, "lambda (lam) must be above 0: it is the strength of the modulation"),
-              (o["t_m"] in grid,
-               f"t_m = {o['t_m']} is not on the {o['steps']}-step grid ({grid[-1]}, {grid[-2]}, ...)"),
-              (0 <= o["t_f"] < sampler.TRAIN_STEPS, f"t_f must be a timestep in 0..{sampler.TRAIN_STEPS - 1}"),
-              (o["feature_samples"] >= 1, "feature samples must be at least 1"),
-              (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
-              (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
-              (o["batch_size"] == "auto" or min(np.ravel(o["batch_size"])) >= 1, "batch size must be at least 1"),
-              (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
-               f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
-              (sigma > 0, "the blur sigma must be above 0")]
-    for ok, message in checks:
-        if not ok:
-            raise EmerDiffError(message)
-    if o["size"] != "auto":
-        check_size((o["size"], o["size"]) if is_int(o["size"]) else tuple(o["size"]))
-
-
-def check_finite(values: torch.Tensor, what: str):
-    """Stop with one line when NaN or inf came out of the model (NaN weights, or a float16 overflow)."""
-    if not torch.isfinite(values).all():
-        raise EmerDiffError(f"the {what} hold NaN or inf: the weights may hold NaN, or float16 overflowed; "
-                            "try float32 (--dtype float32)")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; a named device must be available."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EmerDiffError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.type, False):
-        raise EmerDiffError(f"device {name!r} is not available here: use --device auto or cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise EmerDiffError(f"device {name!r} is not available here: the CUDA devices are cuda:0 to cuda:{count - 1}")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": fp16 on a GPU (SD v1.5's usual precision), fp32 on the CPU."""
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-# ---- Reading images (Step 0's helpers) ----
-
-def open_image(path, decode: bool = True) -> Image.Image:
-    """The image at `path`, decoded (or only its header read: decode=False), or a one-line error.
-    Pillow's warnings (corrupt EXIF, large images) are not shown: a problem is an error or nothing."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
-            raise EmerDiffError(f"{path}: not a regular file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(path)
-            if decode:
-                image.load()
-    except FileNotFoundError:
-        raise EmerDiffError(f"{path}: no such file") from None
-    except PermissionError:
-        raise EmerDiffError(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise EmerDiffError(f"{path}: not an image that Pillow can read") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise EmerDiffError(f"{path}: cannot decode the image ({e})") from None
-    return image
-
-
-def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
-    """RGB of any Pillow mode: EXIF rotation applied (unless the pixels must stay as stored, e.g. to
-    align with a dataset's label maps), alpha composited on white, 16-bit scaled."""
-    if exif_rotation:
-        with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as Pillow then does
-            warnings.simplefilter("ignore")
-            image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        scale = 1 / 257 if image.mode != "F" else 255
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
-    """(W, H) to run a width x height image at: multiples of 64; "auto" keeps the aspect ratio at an
-    area of about 512^2. Images under 64 px a side are refused."""
-    if min(width, height) < SIZE_MULTIPLE:
-        raise EmerDiffError(f"the image is {width}x{height}: at least {SIZE_MULTIPLE} px per side is needed")
-    if size == "auto":
-        scale = math.sqrt(512 * 512 / (width * height))
-        auto = tuple(max(SIZE_MULTIPLE, -(-int(side * scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE)
-                     for side in (width, height))
-        if max(auto) > MAX_SIDE:
-            raise EmerDiffError(f"the image is {width}x{height}: too elongated for the automatic size; "
-                                "crop it or give --size")
-        return auto
-    return check_size((size, size) if isinstance(size, int) else tuple(size))
-
-
-def check_size(size: tuple[int, int]) -> tuple[int, int]:
-    if any(side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE for side in size):
-        raise EmerDiffError(f"size {size[0]}x{size[1]}: each side must be a multiple of {SIZE_MULTIPLE} "
-                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}")
-    return size
+def default_model():
+    """SD v1.5 from the hub (weights.md), on the best device in its usual precision there."""
+    from weights import load_stable_diffusion
+    device = devices.pick_device("auto")
+    return load_stable_diffusion(device=device, dtype=devices.pick_dtype("auto", device))
 
 
 if __name__ == "__main__":

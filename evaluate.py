@@ -18,12 +18,11 @@ Both sum TP/FP/FN over the dataset: IoU_c = TP/(TP+FP+FN), mIoU = mean over the 
 The dataset readers (`dataset_samples`, `center_crop`) also serve `emerdiff.py --dataset`: the
 presets evaluate the centred square of each image, the crop DiffSeg's protocol segments (resized to
 512x512); the same `center_crop` cuts the labels here, so predictions and ground truth align.
-Only the standard library, numpy, scipy, Pillow and tqdm are used: no model, no GPU.
+Only the standard library, numpy, scipy, Pillow, tqdm and files.py are used: no model, no GPU.
 """
 import argparse
 import json
 import math
-import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
+
+from files import atomic_save
 
 DATASETS = ("coco-stuff-27", "cityscapes", "folder")
 IGNORE = 255  # label value of unlabelled pixels, in every dataset
@@ -125,7 +126,7 @@ def dataset_samples(dataset: str, root, list_file=None) -> list[Sample]:
 
 def existing_folder(folder: Path, hint: str) -> Path:
     if not folder.is_dir():
-        raise EvaluationError(f"{shown(folder)}: no such folder; {hint} (see README, Evaluation)")
+        raise EvaluationError(f"{shown(folder)}: no such folder; {hint} (see docs/evaluation.md)")
     return folder
 
 
@@ -322,7 +323,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="evaluate.py", description="mIoU and pixel accuracy of emerdiff.py's segmentations against ground "
         "truth, under DiffSeg's per-image Hungarian matching and the many-to-one (majority) matching.")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="a benchmark preset, or any folder")
-    p.add_argument("--root", required=True, help="the dataset's folder, laid out as README's Evaluation says")
+    p.add_argument("--root", required=True, help="the dataset's folder, laid out as docs/evaluation.md says")
     p.add_argument("--pred", required=True, help="emerdiff.py's output folder: PRED/<stem>/labels.png")
     p.add_argument("--json", metavar="OUT.json", help="also write the result to this JSON file")
     p.add_argument("--list", metavar="F",
@@ -386,15 +387,11 @@ def json_ready(x):
 
 
 def write_json(path: Path, result: dict):
-    """Through a temporary file in the same folder, then rename: no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Through a temporary file in the same folder, then rename (files.atomic_save): no half-written file."""
     try:
-        tmp.write_text(json.dumps(json_ready(result), indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(json_ready(result), indent=1) + "\n"))
     except OSError as e:
         raise EvaluationError(f"--json {shown(path)}: cannot write it ({e.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def percent(x: float) -> str:

@@ -10,22 +10,19 @@ emerdiff.py stays the paper's steps in order:
 - the pictures written per image (labels.png, labels.npy, overlay.png, lowres.png, diffmaps.png);
 - dataset runs: a benchmark's images (evaluate.py's readers and centre crop), resumable, and shared
   out over torchrun's processes, each taking every N-th image;
-- safe writing: each image's folder is written under a temporary name and swapped in whole, so a
-  reader finds the previous complete set or the new one, never a mix; a run.json in it records
-  how it was made, so a rerun skips what is done; temporaries of dead runs are removed;
+- safe writing (files.py): each image's folder is written under a temporary name and swapped in
+  whole, so a reader finds the previous complete set or the new one, never a mix; a run.json in it
+  records how it was made, so a rerun skips what is done; temporaries of dead runs are removed;
 - clean failure: one line per problem, exit status 2; Ctrl-C / SIGTERM end with one line and exit
   status 130 / 143, leaving every finished image saved and nothing half-written.
 """
 import argparse
 import colorsys
-import errno
 import json
 import math
 import os
 import re
-import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,10 +34,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from emerdiff import (DEFAULTS, MAX_MASKS, EmerDiffError, Segmentation, check_options, check_size, embed_prompt,
-                      latent_shape, model_device_dtype, open_image, pick_device, pick_dtype, segment, synchronize,
-                      to_rgb, working_size)
+from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, synchronize
+from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples, shown
+from files import atomic_save, remove_dead_temporaries, temporary_path, write_folder
+from inputs import MAX_MASKS, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
 # ---- Options ----
@@ -75,12 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "line, relative to the list); give it several times for several")
     inputs.add_argument("--dataset", choices=DATASETS,
                         help="a benchmark's images under --root (the presets: each image's centre square, "
-                        "as evaluate.py scores it; see README, Evaluation)")
+                        "as evaluate.py scores it; see docs/evaluation.md)")
     p.add_argument("--root", help="with --dataset: the dataset's folder")
     p.add_argument("--list", metavar="F", help="with --dataset: only the images this file lists (one id or "
                    "file name per line)")
-    p.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="SD v1.x: hub repo id, diffusers folder or single .safetensors file (see weights.md)")
+    models = p.add_mutually_exclusive_group()
+    models.add_argument("--weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="SD v1.x: hub repo id, diffusers folder or single .safetensors file (see weights.md)")
+    models.add_argument("--random-weights", action="store_true",
+                        help="instead of --weights: a tiny model with random weights, built on the spot (no "
+                        "download, seconds on a CPU); its segments mean nothing: it shows what emerdiff writes")
     p.add_argument("--config-dir", help="for a single-file --weights: a diffusers folder with the tokenizer/configs")
     p.add_argument("--variant", choices=["fp16"], help="for a hub id: download the half-size fp16 files")
     p.add_argument("--out", default="emerdiff_out", help="output folder; one subfolder per image")
@@ -115,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "memory free at the start; elsewhere 8); lower it when GPU memory runs out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder: minutes at the start; no gain on the CPU, "
-                   "not yet measured on a GPU (README, Speed)")
+                   "not yet measured on a GPU (docs/speed.md)")
     p.add_argument("--save-diffmaps", action="store_true",
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -140,7 +142,7 @@ def parse_size(text: str):
     parts = text.split("x")
     if len(parts) not in (1, 2) or not all(re.fullmatch(r"[0-9]{1,5}", part) for part in parts):
         raise EmerDiffError(f"--size {text:.20}: use auto, N or WxH (N, W, H multiples of 64)")
-    return check_size((int(parts[0]), int(parts[-1])))
+    return fixed_size((int(parts[0]), int(parts[-1])))
 
 
 def method_options(args) -> dict:
@@ -350,18 +352,11 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
 RUN_RECORD = "run.json"  # in each output folder: how it was made; written last, with the rest
 SUMMARY = "summary.json"  # in --out: what the last run did
 OUTPUT_FILES = {"labels.png", "labels.npy", "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD}
-HOST = socket.gethostname().replace(".", "-")
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
-
-
-def temporary_path(final: Path) -> Path:
-    """`.name.host.pid.tmp` beside `final`: hidden, and removable once its process is gone."""
-    return final.with_name(f".{final.name}.{HOST}.{os.getpid()}.tmp")
 
 
 def prepare_out(out: Path):
     """Create the output folder and prove it writable (before any weights load), then remove the
-    temporaries that runs killed on this machine left in it."""
+    temporaries that runs killed on this machine left in it (files.py)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = temporary_path(out / "write-probe")
@@ -371,66 +366,7 @@ def prepare_out(out: Path):
         raise EmerDiffError(f"--out {out}: a file of that name is in the way; give a folder") from None
     except OSError as e:
         raise EmerDiffError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    for entry in out.iterdir():
-        match = TEMPORARY.fullmatch(entry.name)
-        if match and match["host"] == HOST and not process_alive(int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def atomic_save(path: Path, write):
-    """Write one file through a temporary file beside it, then rename: never a half-written file."""
-    tmp = temporary_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_folder(folder: Path, files: dict):
-    """Write `files` (name -> writer) into a temporary folder, then swap it in as `folder` whole."""
-    tmp = temporary_path(folder)
-    tmp.mkdir()
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        swap_in(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # still there only when something failed
-
-
-def swap_in(tmp: Path, final: Path, tries: int = 100):
-    """Rename the complete folder `tmp` to `final`. An earlier output folder there is renamed aside
-    and removed first (`final` is absent for that instant: never a mix of two runs' files); a file
-    or a folder of other files in the way is an error. Concurrent runs: the last one wins."""
-    for _ in range(tries):
-        try:
-            os.rename(tmp, final)  # atomic; refused while `final` is a non-empty folder or a file
-            return
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                raise
-        if not final.is_dir():
-            raise OSError(errno.EEXIST, "a file of that name is in the way", str(final))
-        if not {entry.name for entry in final.iterdir()} <= OUTPUT_FILES:
-            raise OSError(errno.EEXIST, "that folder holds files emerdiff does not write; move it away", str(final))
-        aside = temporary_path(final.with_name(final.name + "-old"))
-        try:
-            os.rename(final, aside)
-        except FileNotFoundError:  # another run moved it first
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-    raise OSError(errno.EBUSY, "other runs keep replacing it", str(final))
+    remove_dead_temporaries(out)
 
 
 # ---- Running ----
@@ -462,6 +398,7 @@ def merged(parts: list[dict]) -> dict:
     return whole.as_dict(parts[0]["options"])
 
 
+RANDOM_WEIGHTS = "random: the tiny model of weights.random_stable_diffusion, seed 0"
 SPEED_ONLY = {"batch_size", "compile"}  # options that change the speed, not the result (beyond rounding)
 
 
@@ -469,13 +406,20 @@ def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
     """What makes an output folder what it is: the image file, the weights, the options. A folder
     whose run.json holds the same record is complete and is not made again."""
     image = job.path.stat()
-    weights = Path(args.weights).expanduser()
     return {"image": {"path": str(job.path.resolve()), "bytes": image.st_size, "modified_ns": image.st_mtime_ns,
                       "centre_crop": job.crop},
-            "weights": {"source": str(weights.resolve()) if weights.exists() else args.weights,
+            "weights": {"source": weights_source(args),
                         "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
             "options": {k: v for k, v in json.loads(json.dumps(options)).items() if k not in SPEED_ONLY},
             "diffmaps": args.save_diffmaps}
+
+
+def weights_source(args) -> str:
+    """The weights a run uses: a local path resolved, a hub id as given, or the random tiny model."""
+    if args.random_weights:
+        return RANDOM_WEIGHTS
+    weights = Path(args.weights).expanduser()
+    return str(weights.resolve()) if weights.exists() else args.weights
 
 
 def is_done(folder: Path, record: dict) -> bool:
@@ -489,7 +433,7 @@ def is_done(folder: Path, record: dict) -> bool:
 def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     """Segment the images of the command line (process `rank` of `world`: every world-th one) into
     their own folders of --out, skipping those done."""
-    from weights import load_stable_diffusion
+    from weights import load_stable_diffusion, random_stable_diffusion
     options = method_options(args)
     jobs = all_jobs(args)[rank::world]
     summary.total = len(jobs)
@@ -503,12 +447,16 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     records = {job: run_record(job, args, options, dtype) for job in jobs}
     todo = [job for job in jobs if args.overwrite or not is_done(out / job.name, records[job])]
     summary.skipped = len(jobs) - len(todo)
+    if args.random_weights:
+        note("--random-weights: a tiny model with random weights; its segments mean nothing, the run shows "
+             "the files emerdiff writes (README, Set-up, for the real weights)")
     if summary.skipped:
         note(f"{summary.skipped} of {len(jobs)} images already done with these options (--overwrite redoes them)")
     try:
         if todo:
-            sd = load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
-                                       config_dir=args.config_dir)
+            sd = (random_stable_diffusion("tiny", device, dtype) if args.random_weights else
+                  load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
+                                        config_dir=args.config_dir))
         announce = rank == 0  # the first image that opens says how long each will take
         for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or rank > 0):
             try:
@@ -556,7 +504,7 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     files = output_files(seg, image, args.save_diffmaps)
     result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files)}
     files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
-    write_folder(folder, files)
+    write_folder(folder, files, OUTPUT_FILES)
     seg.seconds["saving"] = time.perf_counter() - clock
     stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"

@@ -31,9 +31,12 @@ def timestep_grid(steps: int = 50) -> list[int]:
 
 
 def timesteps_until(until: int, steps: int = 50) -> list[int]:
-    """The grid's timesteps from `until` down to 1: the inversion's steps, and each modulated run's
-    (281, 261, ..., 1: 15 for the defaults)."""
-    return [t for t in timestep_grid(steps) if t <= until]
+    """The grid's timesteps from `until` (t_m) down to 1: the inversion's steps, and each modulated
+    run's (281, 261, ..., 1: 15 for the defaults). A ValueError where `until` is not on the grid."""
+    grid = timestep_grid(steps)
+    if until not in grid:
+        raise ValueError(f"t_m = {until} is not on the {steps}-step grid ({grid[-1]}, {grid[-2]}, ...)")
+    return [t for t in grid if t <= until]
 
 
 def alpha_bars(timesteps: list[int]) -> list[tuple[float, float]]:
@@ -84,9 +87,6 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
     it is the drawn x_t, equal to that up to rounding. `progress` wraps the loop over calls (e.g. tqdm).
     """
     timesteps = timesteps_until(until, steps)
-    if timesteps[0] != until:
-        raise ValueError(f"t = {until} is not on the {steps}-step grid (it holds 1, "
-                         f"{1 + TRAIN_STEPS // steps}, ...); pick a timestep on it")
     x0 = x0.float()
     device = generator.device if generator is not None else x0.device
     # Drawn from t = 1 upwards, the order of the reference implementation (Huberman-Spiegelglas et
@@ -168,9 +168,8 @@ class AttentionRecord(AttentionHooks):
 
 
 # Attention over runs that share q and k (injection): softmax(QK^T) once for all runs (True) or
-# SDPA run by run (False), whichever `python bench.py models` measured faster on the device type:
-# on a 2-core CPU a modulated step of 8 runs took 6.5 s against 7.0 s at 32x32 latents, 31.8 s against
-# 34.1 s at 64x64. Not yet measured on CUDA (nor mps): SDPA there.
+# SDPA run by run (False), per device type, whichever `python tools/bench.py models` measured
+# faster there (docs/speed.md); SDPA where nothing was measured.
 SHARE_PROBABILITIES: dict[str, bool] = {"cpu": True}
 
 
@@ -178,7 +177,7 @@ class Modulation(AttentionHooks):
     """The modulated regeneration's hooks (paper Sec. 3.3).
 
     At step 0 (t_m) the modulated layer's output gets `offsets` (B, tokens) added, broadcast over
-    channels: f(softmax(QK^T / sqrt(d)) V) + c M, one run per row. With `replay` (the record of
+    channels: f(softmax(QK^T / sqrt(d)) V) + c M, one run per row (the "+ c M" is in `out`). With `replay` (the record of
     the unmodulated pass), every attention layer at every step uses the recorded queries and keys
     ("attention injection"), so the modulated images stay aligned with the original; with None,
     no injection.
@@ -200,7 +199,7 @@ class Modulation(AttentionHooks):
     def out(self, name, attend):
         o = None if self.replay is None else self.replay.outputs.get((self.step, name))
         o = attend() if o is None else o
-        if self.step == 0 and name == self.layer:
+        if self.step == 0 and name == self.layer:  # the paper's f(softmax(QK^T / sqrt(d)) V) + c M
             return o + self.offsets[:, :, None].to(o.dtype)
         return o
 

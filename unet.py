@@ -18,7 +18,7 @@ from torch import nn
 
 # The 16x16 up block ("up16": feature maps 1/32 of the image side) holds three spatial
 # transformers, each with one cross-attention layer. EmerDiff reads its low-resolution features
-# from the first and modulates the third (method spec, "Names used below").
+# from the first and modulates the third (paper Sec. 3.2 and 3.3; the authors' notebook names them).
 FEATURE_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATED_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 
@@ -41,7 +41,7 @@ class AttentionHooks:
     q, k and o are (B, tokens, channels) with all heads together. A hook may return batch 1 where
     the layer has B (broadcast). `share_probabilities`: when q and k have batch 1 and the values
     batch B > 1, softmax(q k^T / sqrt(d)) is computed once and applied to all B values together
-    (the same numbers as B separate SDPA calls, up to rounding; faster where bench.py says so).
+    (the same numbers as B separate SDPA calls, up to rounding; where it is faster: docs/speed.md).
     The samplers set `step` before each UNet call: the index of its denoising step, or a list with
     one index per sample when one call carries several steps (the batched inversion).
     """
@@ -136,8 +136,8 @@ SMALL_MAP = 16  # pixels: maps this small are convolved by one matrix product on
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (stride 1, "same" padding). On the CPU, a map of at most SMALL_MAP pixels is
     convolved as one matrix product of the weights with its unfolded patches, all samples at once:
-    the same sums, where oneDNN's direct convolution is 1.5-3x slower (the 1280-channel 2x2 and 4x4
-    maps of a 16x16 or 32x32 latent, measured on a 2-core CPU)."""
+    the same sums, faster there than oneDNN's direct convolution on the 1280-channel 2x2 and 4x4
+    maps of small latents (docs/speed.md)."""
 
     def forward(self, x):
         b, _, h, w = x.shape

@@ -52,6 +52,26 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 MODELS = {"unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig), "text_encoder": (CLIPTextModel, CLIPTextConfig)}
 
 
+# SD v1.5's structure at toy width (the tests' tiny model): a run in seconds on a CPU.
+TINY_CONFIGS = dict(unet=UNetConfig(block_out_channels=(32, 32, 64, 64), attention_head_dim=4, cross_attention_dim=32,
+                                    norm_num_groups=8),
+                    vae=VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
+                    text_encoder=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                num_hidden_layers=2))
+RANDOM_CONFIGS = {"tiny": TINY_CONFIGS, "sd15": {name: config_cls() for name, (_, config_cls) in MODELS.items()}}
+
+
+def random_stable_diffusion(size: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> StableDiffusion:
+    """SD v1.x with random weights, built without reading a file: "tiny" (TINY_CONFIGS: seconds on a
+    CPU, to see the tool work without the 4 GB of weights) or "sd15" (SD v1.5's configurations: the
+    speed of the real model). Its segments mean nothing. The tokenizer knows only the byte symbols."""
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialised where they run (on the meta device: shapes only)
+        models = {name: model_cls(RANDOM_CONFIGS[size][name]).to(dtype).eval()
+                  for name, (model_cls, _) in MODELS.items()}
+    return StableDiffusion(**models, tokenizer=CLIPTokenizer.bytes_only())
+
+
 def weights_file(name: str, variant: str | None) -> str:
     return f"{WEIGHTS_STEMS[name]}{'.fp16' if variant == 'fp16' else ''}.safetensors"
 

@@ -12,7 +12,8 @@ import emerdiff
 import runner
 from conftest import ROOT
 from emerdiff import load_image
-from runner import atomic_save, main
+from files import atomic_save
+from runner import main
 
 EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
 FAST = ["--size", "128", "--masks", "4", "--feature-samples", "2", "--kmeans-restarts", "5", "--quiet"]

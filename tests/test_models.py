@@ -46,11 +46,12 @@ def test_vae_matches_diffusers(sd, tiny_reference):
 def test_compiled_models_match_diffusers(tiny_sd_dir, tiny_reference):
     """--compile (torch.compile of the UNet's resnets and feed-forwards and of the VAE decoder, the
     decoder in the channels_last layout) computes what diffusers computes, hooks included."""
-    import emerdiff
+    import devices
     from sampler import AttentionRecord
     from weights import load_stable_diffusion
     compiled = load_stable_diffusion(tiny_sd_dir)
-    emerdiff.prepare_models(compiled, compile=True)
+    devices.set_memory_layout(compiled)
+    devices.compile_models(compiled)
     ref_unet, ref_vae = tiny_reference[:2]
     g = torch.Generator().manual_seed(4)
     x, context = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, TINY_UNET["cross_attention_dim"], generator=g)
@@ -60,7 +61,7 @@ def test_compiled_models_match_diffusers(tiny_sd_dir, tiny_reference):
         assert_close(compiled.vae.decode(x), ref_vae.decode(x / ref_vae.config.scaling_factor).sample)
 
 def test_the_cuda_layout_computes_what_diffusers_computes(tiny_sd_dir, tiny_reference):
-    """On CUDA the UNet runs in the channels_last layout (emerdiff.prepare_models): in it, the
+    """On CUDA the UNet runs in the channels_last layout (devices.set_memory_layout): in it, the
     attention record's pass and a modulated step (zero offsets: 3 runs made from one sample by the
     hooks, every layer replayed) compute what diffusers computes on the default layout."""
     from sampler import AttentionRecord, Modulation, predict_noise

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import emerdiff
+import files
 import runner
 from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, save_image,
                           start_cli, temporaries)
@@ -204,10 +205,10 @@ def test_two_concurrent_runs_on_one_name_each_leave_a_consistent_folder(tmp_path
 
 def test_temporaries_of_dead_processes_are_removed(tmp_path, tiny_sd_dir):
     out = tmp_path / "out"
-    dead = out / f".x.{runner.HOST}.999999999.tmp"  # no process has this id (Linux caps them at 2^22)
+    dead = out / f".x.{files.HOST}.999999999.tmp"  # no process has this id (Linux caps them at 2^22)
     (dead / "sub").mkdir(parents=True)
-    (out / f".summary.json.{runner.HOST}.999999999.tmp").write_text("{")
-    alive = out / f".y.{runner.HOST}.{os.getpid()}.tmp"
+    (out / f".summary.json.{files.HOST}.999999999.tmp").write_text("{")
+    alive = out / f".y.{files.HOST}.{os.getpid()}.tmp"
     alive.mkdir()
     elsewhere = out / ".z.another-machine.999999999.tmp"
     elsewhere.mkdir()

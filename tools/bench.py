@@ -1,14 +1,15 @@
 """Speed, measured side by side in one process.
 
-    python bench.py models --size 256 512 --batch 1    # our UNet and VAE decoder against diffusers', same weights
-    python bench.py method --preset cpu --json m.json  # segment() against the authors' notebook approach, per stage
-    python bench.py method --preset gpu --json m.json  # the same at 512x512, K = 25, 100 draws, on CUDA
-    python bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
-    python bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
-    python bench.py cuda --json c.json                 # CUDA: the defaults on a 12 GB card; no host sync in the loop
-    python bench.py compile --preset gpu --json k.json # torch.compile: what it costs and gains, per image
+    python tools/bench.py models --size 256 512 --batch 1    # our UNet and VAE decoder against diffusers', same weights
+    python tools/bench.py method --preset cpu --json m.json  # segment() against the authors' notebook approach, per stage
+    python tools/bench.py method --preset gpu --json m.json  # the same at 512x512, K = 25, 100 draws, on CUDA
+    python tools/bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
+    python tools/bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
+    python tools/bench.py cuda --json c.json                 # CUDA: the defaults on a 12 GB card; no host sync in the loop
+    python tools/bench.py compile --preset gpu --json k.json # torch.compile: what it costs and gains, per image
 
-Needs the dev requirements (diffusers). Without --weights the models are SD v1.5's architecture
+Needs the dev requirements (diffusers). notebook.py beside it holds the reference pipeline written
+after the authors' notebook, on diffusers, that `method` measures against. Without --weights the models are SD v1.5's architecture
 with random weights (the speed is the same). Times are medians of --repeats interleaved runs,
 after a warm-up run of each contender; the warm-up also counts the FLOPs (torch.utils.flop_counter).
 Ratios are reference / ours: above 1, ours is faster.
@@ -23,24 +24,28 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
-import emerdiff
-import runner
-import sampler
-from clip_text import BYTE_ENCODER, END, START, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from emerdiff import synchronize
-from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
-from vae import VAE, VAEConfig
-from weights import StableDiffusion
+ROOT = Path(__file__).resolve().parent.parent  # the project's files: one folder up
+sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parent
+import devices  # noqa: E402 (after the path is set)
+import emerdiff  # noqa: E402
+import runner  # noqa: E402
+import sampler  # noqa: E402
+from clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from devices import Stopwatch, synchronize  # noqa: E402
+from files import atomic_save  # noqa: E402
+from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
+from notebook import NotebookPipeline, reference_models  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
+from vae import VAE, VAEConfig  # noqa: E402
+from weights import StableDiffusion, random_stable_diffusion  # noqa: E402
+
 EXAMPLE = ROOT / "examples" / "chelsea.jpg"
 
 # The method's options per preset, the same for every contender. "cpu": minutes on 2 cores;
@@ -123,7 +128,7 @@ class MeteredVAE(nn.Module):
     def __init__(self, vae, meter):
         super().__init__()
         self.vae, self.meter, self.config = vae, meter, vae.config
-        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv  # for emerdiff.prepare_models
+        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv  # for devices.set_memory_layout
 
     def encode(self, image):
         return self.meter.run("features", lambda: self.vae.encode(image))
@@ -132,60 +137,17 @@ class MeteredVAE(nn.Module):
         return self.meter.run("modulation", lambda: self.vae.decode(latent))
 
 
-class Stopwatch:
-    """Seconds per stage, the device synchronised at each lap."""
-
-    def __init__(self, device):
-        self.device, self.seconds = device, {}
-        synchronize(device)
-        self.clock = time.perf_counter()
-
-    def lap(self, stage):
-        synchronize(self.device)
-        self.seconds[stage], self.clock = time.perf_counter() - self.clock, time.perf_counter()
-
-
 def load_average() -> float:
     return os.getloadavg()[0]
 
 
 # ---- Models ----
 
-def byte_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer without merges: enough for the empty prompt, and it needs no vocabulary file."""
-    symbols = [START, END, *BYTE_ENCODER.values(), *(s + "</w>" for s in BYTE_ENCODER.values())]
-    return CLIPTokenizer({s: i for i, s in enumerate(symbols)}, [])
-
-
-def random_stable_diffusion(device, dtype) -> StableDiffusion:
-    """SD v1.5's architecture with random weights (seeded): the speed of the real thing."""
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where they run: on a GPU in a moment
-        return StableDiffusion(unet=UNet(UNetConfig()).to(dtype).eval(), vae=VAE(VAEConfig()).to(dtype).eval(),
-                               text_encoder=CLIPTextModel(CLIPTextConfig()).to(dtype).eval(),
-                               tokenizer=byte_tokenizer())
-
-
 def load_models(args, device, dtype) -> StableDiffusion:
     if args.weights:
         from weights import load_stable_diffusion
         return load_stable_diffusion(args.weights, device=device, dtype=dtype)
-    return random_stable_diffusion(device, dtype)
-
-
-def reference_models(unet: UNet, vae: VAE, device, dtype):
-    """diffusers' UNet2DConditionModel and AutoencoderKL holding our models' weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.utils import logging
-    logging.set_verbosity_error()
-    levels = len(vae.config.block_out_channels)
-    with torch.device(device):  # our configs hold diffusers' field names
-        ref_unet = UNet2DConditionModel(**asdict(unet.config))
-        ref_vae = AutoencoderKL(**asdict(vae.config), down_block_types=("DownEncoderBlock2D",) * levels,
-                                up_block_types=("UpDecoderBlock2D",) * levels)
-    ref_unet.load_state_dict(unet.state_dict())
-    ref_vae.load_state_dict(vae.state_dict())
-    return ref_unet.to(device, dtype).eval(), ref_vae.to(device, dtype).eval()
+    return random_stable_diffusion("sd15", device, dtype)
 
 
 def converted(sd: StableDiffusion, dtype) -> StableDiffusion:
@@ -215,7 +177,7 @@ def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
     """Our UNet call and decode against diffusers' on the same weights (freed on return)."""
     unet, vae = sd.unet, sd.vae
     ref_unet, ref_vae = reference_models(unet, vae, device, dtype)
-    emerdiff.prepare_models(StableDiffusion(ref_unet, ref_vae, None, None))  # the memory layout ours has
+    devices.set_memory_layout(StableDiffusion(ref_unet, ref_vae, None, None))  # the memory layout ours has
     h, w = x.shape[-2:]
     contexts, size = context.expand(len(x), -1, -1), 8 * w
     rows = []
@@ -239,7 +201,7 @@ def hooked_steps(unet, x, context, t, args, device) -> list[dict]:
     record = sampler.AttentionRecord()
     sampler.predict_noise(unet, x[:1], t, context, record, step=0)
     x = x[:1].expand(args.runs, -1, -1, -1).contiguous()  # one modulated step after t_m: every run in full
-    tokens = math.prod(side // (emerdiff.GRID_FACTOR // emerdiff.LATENT_FACTOR) for side in x.shape[-2:])
+    tokens = math.prod(side // (GRID_FACTOR // LATENT_FACTOR) for side in x.shape[-2:])
     offsets = torch.zeros(args.runs, tokens, device=device, dtype=x.dtype)  # the modulated layer's h*w
 
     def step(share):
@@ -262,7 +224,7 @@ def print_rows(title, rows):
 
 def bench_models(args, device, dtype):
     sd = load_models(args, device, dtype)
-    emerdiff.prepare_models(sd)
+    devices.set_memory_layout(sd)
     load = load_average()
     rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
     print_rows(f"batch {args.batch}, reference: diffusers", rows)
@@ -271,123 +233,6 @@ def bench_models(args, device, dtype):
 
 # ---- python bench.py method: segment() against the authors' notebook approach ----
 
-class NotebookAttention:
-    """A diffusers attention processor doing what the authors' notebook's does: q, k and v are
-    projected; when recording, q and k are cloned to the host; when replaying, the host copies are
-    written over the computed q and k; SDPA; to_out[0]; in the modulated layer at t_m, each run's
-    lambda times the mask is added. In the feature passes the feature layer's query is summed on
-    the host."""
-
-    def __init__(self, name, state):
-        self.name, self.state = name, state
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        s = self.state
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        if s["mode"] == "features" and self.name == FEATURE_LAYER:
-            s["features"] = s["features"] + q[0].detach().cpu()
-        elif s["mode"] == "record":
-            s["record"][s["t"], self.name] = (q.detach().clone().cpu(), k.detach().clone().cpu())
-        elif s["mode"] == "replay":
-            recorded_q, recorded_k = s["record"][s["t"], self.name]
-            q[:] = recorded_q[0].to(q.device)
-            k[:] = recorded_k[0].to(k.device)
-        batch, heads = q.shape[0], attn.heads
-        q, k, v = (a.view(batch, -1, heads, a.shape[-1] // heads).transpose(1, 2) for a in (q, k, v))
-        o = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
-        if s["mode"] == "replay" and s["t"] == s["t_m"] and self.name == MODULATED_LAYER:
-            o = o + s["lam"].to(o.dtype)[:, None, None] * s["mask"].to(o.dtype).reshape(1, -1, 1)
-        return o
-
-
-class NotebookPipeline:
-    """The authors' notebook approach on diffusers, written here to measure against: features
-    from one full UNet pass per draw, the whole 50-step inversion, a separate recording pass, each
-    mask's two runs as a batch of 2 and its two images decoded together, the record kept on the
-    host. Same weights and options as ours, and PyTorch's default precision settings (on CUDA, float32
-    convolutions in TF32, matrix products not). k-means: the notebook uses scikit-learn's KMeans
-    (k-means++, restarts, Lloyd), which is not a dependency here, so this uses emerdiff.kmeans."""
-
-    def __init__(self, sd, dtype, meter):
-        self.device = next(sd.unet.parameters()).device
-        self.unet, self.vae = reference_models(sd.unet, sd.vae, self.device, dtype)
-        self.state = dict(mode=None, t=None)
-        self.unet.set_attn_processor({name: NotebookAttention(name.removesuffix(".processor"), self.state)
-                                      for name in self.unet.attn_processors})
-        self.context = emerdiff.embed_prompt(sd).to(dtype)  # the notebook embeds "" once, when it loads
-        self.dtype, self.meter = dtype, meter
-
-    def unet_call(self, stage, x, t):
-        self.state["t"] = t
-        context = self.context.expand(len(x), -1, -1)
-        return self.meter.run(stage, lambda: self.unet(x.to(self.dtype), t, context).sample.float(),
-                              unet_images=len(x))
-
-    @torch.no_grad()
-    def __call__(self, image, o) -> tuple[torch.Tensor, dict]:
-        watch, s, scaling = Stopwatch(self.device), self.state, self.vae.config.scaling_factor
-        pixels, _ = emerdiff.load_image(image, o["size"])
-        x0 = self.meter.run("features", lambda: self.vae.encode(pixels.to(self.device, self.dtype)))
-        x0 = x0.latent_dist.mean.float() * scaling
-        # Step 1: one full UNet pass per draw, the feature layer's query summed on the host.
-        rng, ab = torch.Generator().manual_seed(o["seed"]), sampler.ALPHAS_CUMPROD
-        s.update(mode="features", features=0)
-        for _ in range(o["feature_samples"]):
-            noise = torch.randn(x0.shape, generator=rng).to(self.device)
-            self.unet_call("features", ab[o["t_f"]] ** 0.5 * x0 + (1 - ab[o["t_f"]]) ** 0.5 * noise, o["t_f"])
-        features = (s["features"] / o["feature_samples"]).to(self.device)
-        watch.lap("features")
-        labels, centers = emerdiff.kmeans(features, o["masks"], n_init=o["kmeans_restarts"],
-                                          generator=torch.Generator().manual_seed(o["seed"]))
-        grid = (pixels.shape[-2] // emerdiff.GRID_FACTOR, pixels.shape[-1] // emerdiff.GRID_FACTOR)
-        masks = emerdiff.low_resolution_masks(labels, grid, len(centers))
-        watch.lap("k-means")
-        # Step 2: the inversion over the whole grid, one step per call; the record in a second pass.
-        s["mode"] = None
-        timesteps, x_start, zs = self.invert(x0, o)
-        watch.lap("inversion")
-        s.update(mode="record", record={})
-        self.regenerate(x_start, zs, timesteps, "recording")
-        watch.lap("recording")
-        # Steps 3-4: per mask, the -lambda and +lambda runs as a batch of 2, decoded together.
-        s.update(mode="replay", t_m=timesteps[0], lam=torch.tensor([-o["lam"], o["lam"]], device=self.device))
-        maps = []
-        for mask in masks:
-            s["mask"] = mask.float().to(self.device)
-            latents = self.regenerate(x_start.expand(2, -1, -1, -1), zs, timesteps, "modulation")
-            images = self.meter.run("modulation", lambda: self.vae.decode((latents / scaling).to(self.dtype)).sample)
-            maps.append(emerdiff.gaussian_blur(images[0:1] - images[1:2], *o["blur"]).norm(dim=1).float().cpu())
-        maps = torch.cat(maps)
-        watch.lap("modulation")
-        return maps, watch.seconds
-
-    def invert(self, x0, o):
-        """The notebook's inversion: every x_t of the grid drawn around x0 (from t = 1 upwards), then
-        z_t for every step from the top of the grid, one UNet call each; z_t below t_m kept."""
-        grid = sampler.timestep_grid(o["steps"])
-        rng = torch.Generator().manual_seed(o["seed"])
-        noise = {t: torch.randn(x0.shape, generator=rng).to(self.device) for t in reversed(grid)}
-        ab = sampler.ALPHAS_CUMPROD
-        xs = [ab[t] ** 0.5 * x0 + (1 - ab[t]) ** 0.5 * noise[t] for t in grid] + [x0]
-        zs, x_start = [], None
-        for i, t, alpha_bar, alpha_bar_prev in sampler.denoising_steps(grid):
-            if t == o["t_m"]:
-                x_start = xs[i]
-            mu, sigma = sampler.ddpm_mean_and_std(xs[i], self.unet_call("inversion", xs[i], t), alpha_bar,
-                                                  alpha_bar_prev)
-            zs.append((xs[i + 1] - mu) / sigma)
-            xs[i + 1] = mu + sigma * zs[-1]
-        kept = sampler.timesteps_until(o["t_m"], o["steps"])
-        return kept, x_start, torch.stack(zs[-len(kept):])
-
-    def regenerate(self, x, zs, timesteps, stage):
-        for i, t, alpha_bar, alpha_bar_prev in sampler.denoising_steps(timesteps):
-            mu, sigma = sampler.ddpm_mean_and_std(x, self.unet_call(stage, x, t), alpha_bar, alpha_bar_prev)
-            x = mu + sigma * zs[i]
-        return x
-
-
 class OurPipeline:
     """emerdiff.segment() on metered models. The batch sizes are chosen first, on the models
     unmetered: a stage of its own (on CUDA, "auto" probes the memory with UNet calls and decodes
@@ -395,14 +240,14 @@ class OurPipeline:
 
     def __init__(self, sd, dtype, meter):
         self.plain = sd if next(sd.unet.parameters()).dtype == dtype else converted(sd, dtype)
-        emerdiff.prepare_models(self.plain)
+        devices.set_memory_layout(self.plain)
         self.sd = StableDiffusion(MeteredUNet(self.plain.unet, meter), MeteredVAE(self.plain.vae, meter),
                                   self.plain.text_encoder, self.plain.tokenizer)
 
     def __call__(self, image, o):
         watch = Stopwatch(next(self.plain.unet.parameters()).device)
         pixels, _ = emerdiff.load_image(image, o["size"])
-        sizes = emerdiff.batch_sizes(self.plain, *pixels.shape[-2:], o)
+        sizes = devices.batch_sizes(self.plain, *pixels.shape[-2:], o)
         watch.lap("batch sizes")
         seg = emerdiff.segment(image, self.sd, **o | dict(batch_size=sizes))
         return seg.difference_maps, watch.seconds | seg.seconds
@@ -486,14 +331,14 @@ def bench_flops(args, _device, _dtype):
     meter = Meter()
     meter.reset(count_flops=True)
     with torch.device("meta"):
-        sd = random_stable_diffusion("meta", torch.float32)
+        sd = random_stable_diffusion("sd15", "meta", torch.float32)
     sd = StableDiffusion(MeteredUNet(sd.unet, meter), MeteredVAE(sd.vae, meter), sd.text_encoder, sd.tokenizer)
     side, runs, steps = o["size"], 2 * o["masks"], len(sampler.timesteps_until(o["t_m"], o["steps"]))
-    batch = emerdiff.CPU_BATCH_SIZE if args.batch_size is None else args.batch_size
+    batch = devices.CPU_BATCH_SIZE if args.batch_size is None else args.batch_size
     x0 = emerdiff.encode(sd, torch.zeros(1, 3, side, side, device="meta"))
     emerdiff.extract_features(sd, x0, samples=o["feature_samples"], batch_size=batch)
     inversion = emerdiff.invert(sd, x0, batch_size=batch)
-    grid = side // emerdiff.GRID_FACTOR
+    grid = side // GRID_FACTOR
     masks = emerdiff.low_resolution_masks(torch.arange(grid * grid, device="meta") % o["masks"], (grid, grid),
                                           o["masks"])
     emerdiff.difference_maps(sd, inversion, masks, batch_size=batch)
@@ -533,7 +378,7 @@ def tiny_stable_diffusion() -> StableDiffusion:
     vae.load_state_dict(ref_vae.state_dict())
     text_encoder.load_state_dict({k if k.startswith("text_model.") else "text_model." + k: v
                                   for k, v in ref_clip.state_dict().items()}, strict=False)
-    return StableDiffusion(unet.eval(), vae.eval(), text_encoder.eval(), byte_tokenizer())
+    return StableDiffusion(unet.eval(), vae.eval(), text_encoder.eval(), CLIPTokenizer.bytes_only())
 
 
 def matched_agreement(labels, reference, k) -> float:
@@ -556,7 +401,7 @@ def bench_precision(args, _device, _dtype):
     rows = []
     for size, k in ((128, 4), (256, 8)):
         pixels, _ = emerdiff.load_image(args.image, size)
-        grid = (size // emerdiff.GRID_FACTOR, size // emerdiff.GRID_FACTOR)
+        grid = feature_grid(size, size)
         seeded = lambda: torch.Generator().manual_seed(42)
         results = {}
         for name in ("float32", "float16", "bfloat16"):
@@ -588,7 +433,7 @@ def bench_time(args, device, dtype):
     draws, the modulated runs and decodes by the masks; beside it, what the CLI's estimate line says
     for both settings (runner.estimate: one UNet call and one decode, times their counts)."""
     sd = tiny_stable_diffusion() if args.tiny else load_models(args, device, dtype)
-    emerdiff.prepare_models(sd)
+    devices.set_memory_layout(sd)
     measured_options = dict(masks=args.masks, feature_samples=args.feature_samples)
     defaults = emerdiff.DEFAULTS
     scale = dict(features=defaults["feature_samples"] / args.feature_samples, modulation=defaults["masks"] / args.masks)
@@ -623,11 +468,11 @@ def bench_cuda(args, device, dtype):
     if device.type != "cuda":
         raise SystemExit("bench.py cuda needs CUDA")
     sd = load_models(args, device, dtype)
-    emerdiff.prepare_models(sd)
+    devices.set_memory_layout(sd)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), device)
     torch.cuda.empty_cache()
-    batch = emerdiff.batch_sizes(sd, 512, 512, emerdiff.DEFAULTS)
+    batch = devices.batch_sizes(sd, 512, 512, emerdiff.DEFAULTS)
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     seg = emerdiff.segment(args.image, sd, size=512, batch_size=batch)
@@ -638,7 +483,7 @@ def bench_cuda(args, device, dtype):
     torch.cuda.set_per_process_memory_fraction(1.0, device)
     x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
     inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(0), batch_size=15)
-    offsets = torch.zeros(8, (512 // emerdiff.GRID_FACTOR) ** 2, device=device, dtype=dtype)  # the 16x16 grid
+    offsets = torch.zeros(8, (512 // GRID_FACTOR) ** 2, device=device, dtype=dtype)  # the 16x16 grid
 
     def syncs(steps):
         with warnings.catch_warnings(record=True) as caught:
@@ -683,8 +528,9 @@ def bench_compile(args, device, dtype):
                 seconds=times, pays_off_from_image=break_even)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="models", choices=["models", "method", "flops", "precision", "time",
                                                                  "cuda", "compile"])
     p.add_argument("--weights", help="real weights (hub id, folder or file); default: random SD v1.5-size models")
@@ -707,17 +553,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1: the first round of each is a warm-up, not timed")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     preset_device = PRESETS[args.preset]["device"] if args.command in ("method", "compile") else args.device
     if preset_device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"the {args.preset} preset needs CUDA")
-    device = emerdiff.pick_device(preset_device)
-    dtype = emerdiff.pick_dtype(args.dtype, device)
+    device = devices.pick_device(preset_device)
+    dtype = devices.pick_dtype(args.dtype, device)
     print(f"{args.command}: device {device}, {dtype}, torch {torch.__version__}, load average {load_average():.2f}")
     commands = dict(models=bench_models, method=bench_method, flops=bench_flops, precision=bench_precision,
                     time=bench_time, cuda=bench_cuda, compile=bench_compile)
     result = commands[args.command](args, device, dtype)
     if args.json:
-        runner.atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""What `emerdiff.segment` accepts, checked before any work is done: images, sizes and options.
+
+Kept apart from emerdiff.py so that the method reads without detours: everything here turns what a
+caller gives into what the method needs (an RGB image, a working size that the networks can take,
+options of the right type and range), or refuses it with an `EmerDiffError` of one line that says
+what was wrong and what to do. Each check lives here once; the command line (runner.py) reuses them.
+"""
+import math
+import numbers
+import os
+import stat
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import sampler
+from evaluate import MAX_SEGMENTS
+
+# Sizes. The VAE halves the image three times (latent = image / 8) and the UNet the latent three
+# more: image sides are multiples of 64, and the 16x16 ("up16") block sees image / 32.
+LATENT_FACTOR = 8  # image side / latent side
+GRID_FACTOR = 32  # image side / side of the feature grid the method clusters and modulates
+SIZE_MULTIPLE = 64
+MAX_SIDE = 2048  # an explicit size beyond this does not fit a GPU
+AUTO_AREA = 512 * 512  # size "auto": about this many pixels, the area SD v1 was trained at
+
+
+class EmerDiffError(Exception):
+    """Bad input to the method; the message is one line that says what to do."""
+
+
+# ---- Images ----
+
+def as_image(image) -> Image.Image | torch.Tensor:
+    """What `segment` accepts, as an RGB PIL image or a (1, 3, H, W) float tensor in [0, 1].
+
+    A path or a PIL image (any mode, see to_rgb); a numpy array (H, W, 3) or a tensor (3, H, W) /
+    (1, 3, H, W), either uint8 or float in [0, 1]. uint8 pixels go through Pillow, as a file's
+    would. Anything else is an EmerDiffError that says what was given.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return to_rgb(open_image(image))
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise EmerDiffError(f"an image array must be RGB, (H, W, 3); got shape {image.shape}")
+        if image.dtype != np.uint8 and image.dtype.kind != "f":
+            raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got an array of {image.dtype}")
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the input may be read-only
+    elif isinstance(image, torch.Tensor):
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise EmerDiffError(f"a batch of {image.shape[0]} images: segment them one at a time")
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
+        if image.is_meta:
+            raise EmerDiffError("a meta tensor holds no pixel values: give one with data")
+        image = image.reshape(image.shape[-3:])
+    else:
+        raise EmerDiffError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, "
+                            "a numpy array (H, W, 3) or a tensor (3, H, W)")
+    return checked_pixels(image.detach().cpu())
+
+
+def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
+    """(3, H, W) uint8 -> a PIL image; float in [0, 1] -> (1, 3, H, W) fp32; anything else refused."""
+    if pixels.numel() == 0:
+        raise EmerDiffError(f"the image is empty (shape {tuple(pixels.shape)})")
+    if pixels.dtype == torch.uint8:
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    if not pixels.is_floating_point():
+        raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got {pixels.dtype}")
+    pixels = pixels.float()
+    if not torch.isfinite(pixels).all():
+        raise EmerDiffError("the image holds NaN or infinite values")
+    low, high = pixels.min().item(), pixels.max().item()
+    if low < 0 or high > 1:
+        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:g}..{high:g} "
+                            "(divide 0..255 values by 255)")
+    return pixels[None]
+
+
+def open_image(path, decode: bool = True) -> Image.Image:
+    """The image at `path`, decoded (or only its header read: decode=False), or a one-line error.
+    Pillow's warnings (corrupt EXIF, large images) are not shown: a problem is an error or nothing."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise EmerDiffError(f"{path}: not a regular file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(path)
+            if decode:
+                image.load()
+    except FileNotFoundError:
+        raise EmerDiffError(f"{path}: no such file") from None
+    except PermissionError:
+        raise EmerDiffError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise EmerDiffError(f"{path}: not an image that Pillow can read") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise EmerDiffError(f"{path}: cannot decode the image ({e})") from None
+    return image
+
+
+def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
+    """RGB of any Pillow mode: EXIF rotation applied (unless the pixels must stay as stored, e.g. to
+    align with a dataset's label maps), alpha composited on white, 16-bit scaled."""
+    if exif_rotation:
+        with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as Pillow then does
+            warnings.simplefilter("ignore")
+            image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        scale = 1 / 257 if image.mode != "F" else 255
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# ---- Sizes ----
+
+def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
+    """(W, H) to run a width x height image at: multiples of 64; "auto" keeps the aspect ratio at an
+    area of about 512^2 (the notebook's rule), an int is a square, a pair is (W, H). Images under
+    64 px a side are refused."""
+    if min(width, height) < SIZE_MULTIPLE:
+        raise EmerDiffError(f"the image is {width}x{height}: at least {SIZE_MULTIPLE} px per side is needed")
+    if size != "auto":
+        return fixed_size(size)
+    scale = math.sqrt(AUTO_AREA / (width * height))
+    auto = tuple(max(SIZE_MULTIPLE, -(-int(side * scale) // SIZE_MULTIPLE) * SIZE_MULTIPLE) for side in (width, height))
+    if max(auto) > MAX_SIDE:
+        raise EmerDiffError(f"the image is {width}x{height}: too elongated for the automatic size; "
+                            "crop it or give --size")
+    return auto
+
+
+def fixed_size(size) -> tuple[int, int]:
+    """An explicit working size, N (square) or (W, H), checked: sides multiples of 64 within 64..2048."""
+    size = (size, size) if is_int(size) else tuple(size)
+    if any(side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE for side in size):
+        raise EmerDiffError(f"size {size[0]}x{size[1]}: each side must be a multiple of {SIZE_MULTIPLE} "
+                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}")
+    return size
+
+
+def feature_grid(height: int, width: int) -> tuple[int, int]:
+    """(h, w) of the feature grid of a height x width working size: 16x16 at 512x512."""
+    return height // GRID_FACTOR, width // GRID_FACTOR
+
+
+def check_masks_fit(masks: int, grid: tuple[int, int]):
+    """K masks need at least K cells of the feature grid."""
+    if masks > grid[0] * grid[1]:
+        raise EmerDiffError(f"{masks} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
+                            "feature grid: lower --masks or raise --size")
+
+
+# ---- Options ----
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_pair(value, first, second) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and first(value[0]) and second(value[1])
+
+
+def is_flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+def is_auto_int_or_pair(value) -> bool:
+    return value == "auto" if isinstance(value, str) else is_int(value) or is_pair(value, is_int, is_int)
+
+
+# What each option must be: (check, the words for it).
+OPTION_TYPES = {
+    "masks": (is_int, "an integer"), "lam": (is_real, "a finite number"), "t_m": (is_int, "an integer"),
+    "t_f": (is_int, "an integer"), "feature_samples": (is_int, "an integer"),
+    "kmeans_restarts": (is_int, "an integer"), "seed": (is_int, "an integer"),
+    "size": (is_auto_int_or_pair, '"auto", an integer or (width, height)'),
+    "injection": (is_flag, "True or False"),
+    "batch_size": (is_auto_int_or_pair, '"auto", an integer or (UNet runs, decodes) per call'),
+    "compile": (is_flag, "True or False"),
+    "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
+    "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
+}
+MAX_MASKS = MAX_SEGMENTS  # labels.png, which evaluate.py reads, is an 8-bit palette image
+MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)
+
+
+def checked_options(options: dict, defaults: dict) -> dict:
+    """`defaults` updated with `options`, each checked: an unknown name is a TypeError that lists the
+    known ones; a wrong type or a value out of range an EmerDiffError naming the option."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(defaults)}")
+    o = defaults | options
+    check_options(o)
+    return o
+
+
+def check_options(o: dict):
+    """One-line errors for options of the wrong type or out of range, before any work is done."""
+    for name, (ok, kind) in OPTION_TYPES.items():
+        if not ok(o[name]):
+            raise EmerDiffError(f"option {name} must be {kind}, not {o[name]!r:.40}")
+    if not 2 <= o["steps"] <= sampler.TRAIN_STEPS:
+        raise EmerDiffError(f"steps must be between 2 and {sampler.TRAIN_STEPS}")
+    kernel, sigma = o["blur"]
+    checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
+              (o["lam"] > 0, "lambda (lam) must be above 0: it is the strength of the modulation"),
+              (0 <= o["t_f"] < sampler.TRAIN_STEPS, f"t_f must be a timestep in 0..{sampler.TRAIN_STEPS - 1}"),
+              (o["feature_samples"] >= 1, "feature samples must be at least 1"),
+              (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
+              (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
+              (o["batch_size"] == "auto" or min(np.ravel(o["batch_size"])) >= 1, "batch size must be at least 1"),
+              (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
+               f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
+              (sigma > 0, "the blur sigma must be above 0")]
+    for ok, message in checks:
+        if not ok:
+            raise EmerDiffError(message)
+    try:
+        sampler.timesteps_until(o["t_m"], o["steps"])  # the one check that t_m lies on the grid
+    except ValueError as e:
+        raise EmerDiffError(str(e)) from None
+    if o["size"] != "auto":
+        fixed_size(o["size"])

@@ -1,0 +1,81 @@
+"""README and docs/ as a newcomer uses them: every command they show parses as written (options
+that exist, values in range), and the demo command runs as written. The Python snippet is run by
+tests/test_cli.py."""
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bench
+import evaluate
+import runner
+from command_line import OUTPUTS
+from conftest import ROOT
+
+DOCUMENTS = [ROOT / "README.md", ROOT / "weights.md", ROOT / "tools" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPTS = ("emerdiff.py", "evaluate.py", "tools/bench.py")
+
+
+def code_lines(document) -> list[str]:
+    """The lines of the fenced code blocks of a Markdown file, then its inline code spans."""
+    text = document.read_text()
+    fenced = [line for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    inline = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    return fenced + inline
+
+
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(document, script, arguments) for each `python <script> ...` in code; commands chained with &&
+    are taken one by one, comments cut; usage synopses ([options], {a,b}) and a script named without
+    arguments are not commands."""
+    found = []
+    for document in DOCUMENTS:
+        for line in code_lines(document):
+            for command in line.split("&&"):
+                command = re.split(r"\s#\s", command)[0].strip()
+                match = re.fullmatch(rf"python ({'|'.join(map(re.escape, SCRIPTS))})(.*)", command)
+                if match and match[2].strip() and not re.search(r"[\[{]", match[2]):  # not a mere mention
+                    found.append((document.name, match[1], shlex.split(match[2])))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_documents_show_commands_of_every_script():
+    assert {script for _, script, _ in COMMANDS} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("document, script, arguments", COMMANDS,
+                         ids=[f"{d}: {s} {' '.join(a)}"[:80] for d, s, a in COMMANDS])
+def test_every_documented_command_parses(document, script, arguments):
+    try:
+        if script == "emerdiff.py":
+            runner.method_options(runner.parse_args(arguments))  # also checks every option's range
+        elif script == "evaluate.py":
+            evaluate.parse_args(arguments)
+        else:
+            bench.parse_args(arguments)
+    except SystemExit as e:  # argparse refused it (or showed --help: exit 0)
+        if e.code:
+                pytest.fail(f"{document}: python {script} {' '.join(arguments)}: refused (exit {e.code})")
+
+
+def test_the_demo_command_runs_as_written(tmp_path):
+    """README's command for a look without the weights: a tiny random-weight model, the example image."""
+    demo, = [line for line in code_lines(ROOT / "README.md") if "--random-weights" in line]
+    python, script, *arguments = shlex.split(demo)
+    assert (python, script) == ("python", "emerdiff.py")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")  # run from a folder like the repository's, writing there
+    result = subprocess.run([sys.executable, str(ROOT / script), *arguments], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "its segments mean nothing" in result.stderr
+    out = tmp_path / arguments[arguments.index("--out") + 1] / "chelsea"
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
+    labels = np.load(out / "labels.npy")
+    masks = int(arguments[arguments.index("--masks") + 1])
+    assert labels.shape == (300, 451) and 1 < len(np.unique(labels)) <= masks
