@@ -1,8 +1,8 @@
 """Where and how fast the method runs: device and precision, batch sizes, memory layout, compilation.
 
 None of this changes what the method computes (beyond float rounding); it decides how the work is
-laid out on the machine. Kept apart so that emerdiff.py reads as the paper: `segment` makes one call,
-`prepare`, and gets its batch sizes. What each choice gains is measured in docs/speed.md.
+laid out on the machine. Kept apart so that emerdiff.py reads as the paper: the choices are made in
+`prepare`, which `segment` calls once per image. What each choice gains is measured in docs/speed.md.
 """
 import math
 import time
@@ -171,7 +171,8 @@ def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
     CUDA's peak-memory count: its reading afterwards covers what follows them."""
     device, dtype = model_device_dtype(sd)
     x0 = torch.zeros(shape, device=device)
-    context, t = sd.text_encoder(sd.tokenizer("").to(device)), torch.tensor([1], device=device)
+    context = sd.text_encoder(sd.tokenizer("").to(device))  # emerdiff.embed_prompt's, without importing the method
+    t = torch.tensor([1], device=device)
     record = sampler.AttentionRecord()
     sampler.predict_noise(sd.unet, x0, t, context, record, step=0)
     record_bytes = steps * sum(a.numel() * a.element_size()

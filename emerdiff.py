@@ -10,7 +10,7 @@ per step of the paper's Sec. 3, in its order:
   Step 2  invert                          edit-friendly DDPM inversion, attention recorded (Sec. 3.3)
   Step 3  modulation_offsets,             denoise again with -lambda and +lambda added on each mask
           modulated_latents               at t_m (Sec. 3.3)
-  Step 4  difference_maps, assign_labels  ||I- - I+|| per mask, blurred; argmax over masks (Sec. 3.3)
+  Step 4  difference_maps, assign_labels  ||blur(I-) - blur(I+)|| per mask; argmax over masks (Sec. 3.3)
           segment                         all of it, on one image
 
 Defaults are the paper's (Sec. 4.1) and, where it is silent, the authors' example notebook:
@@ -19,8 +19,8 @@ Every random draw comes from a CPU torch.Generator, so a seed gives the same dra
 
 What is not the method lives beside it: sampler.py (the DDPM schedule, the inversion and the
 hooks that record, replay and modulate the attention), unet.py / vae.py / clip_text.py (the
-networks), inputs.py (what segment() accepts, checked), devices.py (device, precision, batch
-sizes) and runner.py, the command line that `python emerdiff.py` runs.
+networks), weights.py (loading them), inputs.py (what segment() accepts, checked), devices.py
+(device, precision, batch sizes) and runner.py, the command line that `python emerdiff.py` runs.
 """
 import math
 import sys
@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import devices
 import sampler
-from inputs import (EmerDiffError, as_image, check_masks_fit, checked_options, feature_grid,  # noqa: F401
-                    working_size)  # EmerDiffError: the API's error type, emerdiff.EmerDiffError
+from inputs import EmerDiffError  # noqa: F401 (re-exported: emerdiff.EmerDiffError, the API's error type)
+from inputs import as_image, check_masks_fit, checked_options, feature_grid, working_size
 from unet import FEATURE_LAYER, AttentionHooks
 
 # ---- Step 0: the image in SD's latent space ----
@@ -214,8 +214,8 @@ def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: s
     independent of each other: `batch_size` steps run in one call (1: one step per call). The
     record keeps the queries and keys of the self-attention layers and the outputs of the
     cross-attention layers, which the modulated runs replay whole (`replay_cross_attention=False`:
-    their queries and keys, as for the others). Without injection the record (about 1 GB at 512x512
-    in fp16) need not be kept: `record_attention=False`.
+    their queries and keys, as for the others). Without injection the record (all layers' q and k at
+    every step: the largest thing kept) need not be kept: `record_attention=False`.
     """
     context = embed_prompt(sd, prompt)
     record = sampler.AttentionRecord(cross_outputs=replay_cross_attention) if record_attention else None
@@ -314,7 +314,7 @@ def assign_labels(maps: torch.Tensor) -> torch.Tensor:
 
 
 def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Labels (H, W) at the working size -> (height, width) uint8 at the input's own size = (width,
+    """Labels (H, W) at the working size -> uint8 (height, width) at the input's own `size` = (width,
     height), nearest neighbour (Step 0 resized the input; this undoes it)."""
     resized = F.interpolate(labels[None, None].float(), size=size[::-1], mode="nearest-exact")
     return resized[0, 0].to(torch.uint8).cpu().numpy()
@@ -351,7 +351,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
         return torch.Generator().manual_seed(o["seed"])
 
-    batch, decode_batch = devices.prepare(sd, *pixels.shape[-2:], o)  # before the encode: see auto_batch_sizes
+    batch, decode_batch = devices.prepare(sd, *pixels.shape[-2:], o)  # first: its CUDA probes reset the peak memory
     x0 = encode(sd, pixels)
     features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
                                 batch_size=batch, prompt=o["prompt"], progress=progress)

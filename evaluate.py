@@ -33,11 +33,10 @@ from PIL import Image, UnidentifiedImageError
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from files import atomic_save
+from files import MAX_SEGMENTS, atomic_save, shown
 
 DATASETS = ("coco-stuff-27", "cityscapes", "folder")
 IGNORE = 255  # label value of unlabelled pixels, in every dataset
-MAX_SEGMENTS = 256  # prediction ids 0..255: labels.png is an 8-bit palette image
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PREDICTION_FILE = "labels.png"
 
@@ -100,11 +99,6 @@ class Sample:
     image: Path
     label: Path
     crop: bool  # True for the presets (centre square), False for "folder"
-
-
-def shown(path) -> str:
-    """A file name safe to print on one line: control (and other unprintable) characters escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(path))
 
 
 # ---- Dataset readers ----

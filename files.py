@@ -1,5 +1,6 @@
 """Files written whole or not at all: a reader finds the previous complete file (or folder) or the
-new complete one, never a mix, never half of one.
+new complete one, never a mix, never half of one. And the few facts about files that both sides
+share: the segment cap of the label files, file names shown safely on one line.
 
 Everything is first written under a hidden temporary name beside its final place,
 `.<name>.<host>.<pid>.tmp`, then renamed into place (a rename within a folder is atomic). The
@@ -14,8 +15,14 @@ import shutil
 import socket
 from pathlib import Path
 
+MAX_SEGMENTS = 256  # labels.png, which emerdiff.py writes and evaluate.py reads, is an 8-bit palette image
 HOST = socket.gethostname().replace(".", "-")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
+
+
+def shown(path) -> str:
+    """A file name safe to print on one line: control (and other unprintable) characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(path))
 
 
 def temporary_path(final: Path) -> Path:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import sampler
-from evaluate import MAX_SEGMENTS
+from files import MAX_SEGMENTS
 
 # Sizes. The VAE halves the image three times (latent = image / 8) and the UNet the latent three
 # more: image sides are multiples of 64, and the 16x16 ("up16") block sees image / 32.
@@ -193,7 +193,7 @@ OPTION_TYPES = {
     "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
     "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
 }
-MAX_MASKS = MAX_SEGMENTS  # labels.png, which evaluate.py reads, is an 8-bit palette image
+MAX_MASKS = MAX_SEGMENTS  # one segment per mask
 MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)
 
 

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, synchronize
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
-from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples, shown
-from files import atomic_save, remove_dead_temporaries, temporary_path, write_folder
+from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
+from files import atomic_save, remove_dead_temporaries, shown, temporary_path, write_folder
 from inputs import MAX_MASKS, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
@@ -435,6 +435,8 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     their own folders of --out, skipping those done."""
     from weights import load_stable_diffusion, random_stable_diffusion
     options = method_options(args)
+    if args.random_weights and (args.variant or args.config_dir):
+        raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
     jobs = all_jobs(args)[rank::world]
     summary.total = len(jobs)
     device = pick_device(args.device)

@@ -1,6 +1,6 @@
 """Loading Stable Diffusion v1.x weights from safetensors: hub repo, diffusers folder or single file.
 
-One entry point, `load_stable_diffusion(source)`, in three steps:
+`load_stable_diffusion(source)` loads a checkpoint in three steps:
 1. the files: a local folder or file as it is, a hub repo through huggingface_hub's cache (cached
    files without asking the network; the others announced in one line, then downloaded);
 2. the tokenizer and the three config.json files: each field checked against the annotation of its
@@ -10,7 +10,8 @@ One entry point, `load_stable_diffusion(source)`, in three steps:
    dtype as they are read, renamed only for the original single-file format (by prefix tables built
    from the model config), checked name by name, shape by shape and for a floating-point type
    against our models, and moved to the device before the next model is read.
-weights.md documents the layouts and the errors.
+weights.md documents the layouts and the errors. `random_stable_diffusion` builds the same models
+with random weights and reads nothing: a look at the tool without the weights, and the benchmarks.
 """
 import json
 import stat
@@ -65,8 +66,8 @@ def random_stable_diffusion(size: str = "tiny", device="cpu", dtype=torch.float3
     """SD v1.x with random weights, built without reading a file: "tiny" (TINY_CONFIGS: seconds on a
     CPU, to see the tool work without the 4 GB of weights) or "sd15" (SD v1.5's configurations: the
     speed of the real model). Its segments mean nothing. The tokenizer knows only the byte symbols."""
-    torch.manual_seed(seed)
-    with torch.device(device):  # initialised where they run (on the meta device: shapes only)
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # initialised where they run (meta: shapes only)
+        torch.manual_seed(seed)
         models = {name: model_cls(RANDOM_CONFIGS[size][name]).to(dtype).eval()
                   for name, (model_cls, _) in MODELS.items()}
     return StableDiffusion(**models, tokenizer=CLIPTokenizer.bytes_only())

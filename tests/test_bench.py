@@ -1,4 +1,4 @@
-"""tools/bench.py, the evidence behind README's speed figures. bench.py method on the tiny model: the
+"""tools/bench.py, the evidence behind docs/speed.md's figures. bench.py method on the tiny model: the
 UNet calls and images it counts for both pipelines against the counts worked out by hand from the
 method's options, and the notebook pipeline (written on diffusers) against ours: the same segments.
 bench.py flops: its FLOPs per UNet image and per decode against diffusers' models counted alike."""

@@ -141,3 +141,15 @@ def test_conv2d_matches_torch_convolution(kernel, side):
     x = torch.randn(3, 6, side, side, generator=g)
     with torch.no_grad():
         assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=kernel // 2), rel=1e-6)
+
+
+def test_the_random_tiny_model_has_the_tests_tiny_configuration():
+    """--random-weights builds weights.TINY_CONFIGS, documented as the tests' tiny model's shape."""
+    from weights import TINY_CONFIGS, random_stable_diffusion
+    assert TINY_CONFIGS["unet"] == config_from_dict(UNetConfig, TINY_UNET)
+    assert TINY_CONFIGS["vae"] == config_from_dict(VAEConfig, TINY_VAE)
+    assert TINY_CONFIGS["text_encoder"] == CLIPTextConfig(**TINY_CLIP)
+    state = torch.random.get_rng_state()
+    sd = random_stable_diffusion("tiny")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    assert sd.unet.config == TINY_CONFIGS["unet"] and sd.text_encoder(sd.tokenizer("")).shape == (1, 77, 32)

@@ -8,8 +8,8 @@
     python tools/bench.py cuda --json c.json                 # CUDA: the defaults on a 12 GB card; no host sync in the loop
     python tools/bench.py compile --preset gpu --json k.json # torch.compile: what it costs and gains, per image
 
-Needs the dev requirements (diffusers). notebook.py beside it holds the reference pipeline written
-after the authors' notebook, on diffusers, that `method` measures against. Without --weights the models are SD v1.5's architecture
+Needs the dev requirements (diffusers). notebook.py beside it holds the reference pipeline
+written after the authors' notebook, on diffusers, that `method` measures against. Without --weights the models are SD v1.5's architecture
 with random weights (the speed is the same). Times are medians of --repeats interleaved runs,
 after a warm-up run of each contender; the warm-up also counts the FLOPs (torch.utils.flop_counter).
 Ratios are reference / ours: above 1, ours is faster.
@@ -156,7 +156,7 @@ def converted(sd: StableDiffusion, dtype) -> StableDiffusion:
     return StableDiffusion(*(copy.deepcopy(m).to(dtype) for m in (sd.unet, sd.vae, sd.text_encoder)), sd.tokenizer)
 
 
-# ---- python bench.py models: our UNet and VAE against diffusers' ----
+# ---- python tools/bench.py models: our UNet and VAE against diffusers' ----
 
 def relative_difference(ours, ref) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -231,7 +231,7 @@ def bench_models(args, device, dtype):
     return dict(command="models", batch=args.batch, rows=rows, load_average=[load, load_average()])
 
 
-# ---- python bench.py method: segment() against the authors' notebook approach ----
+# ---- python tools/bench.py method: segment() against the authors' notebook approach ----
 
 class OurPipeline:
     """emerdiff.segment() on metered models. The batch sizes are chosen first, on the models
@@ -319,7 +319,7 @@ def print_method(report):
         print(f"{name} / ours: " + ", ".join(f"{key} {value:.2f}" for key, value in r.items()))
 
 
-# ---- python bench.py flops: the FLOPs of a preset, counted without computing ----
+# ---- python tools/bench.py flops: the FLOPs of a preset, counted without computing ----
 
 @torch.no_grad()
 def bench_flops(args, _device, _dtype):
@@ -363,7 +363,7 @@ def bench_flops(args, _device, _dtype):
                 decode_flops=decode, ours=ours, notebook=notebook, total=total)
 
 
-# ---- python bench.py precision: float16 / bfloat16 against float32 ----
+# ---- python tools/bench.py precision: float16 / bfloat16 against float32 ----
 
 def tiny_stable_diffusion() -> StableDiffusion:
     """The tests' tiny random-weight models (tests/tiny_models.py, built by diffusers/transformers)
@@ -425,7 +425,7 @@ def bench_precision(args, _device, _dtype):
     return dict(command="precision", image=str(args.image), rows=rows)
 
 
-# ---- python bench.py time: seconds per image, measured and extrapolated to the defaults ----
+# ---- python tools/bench.py time: seconds per image, measured and extrapolated to the defaults ----
 
 def bench_time(args, device, dtype):
     """segment() timed stage by stage at each --size with --masks and --feature-samples (fewer than
@@ -454,7 +454,7 @@ def bench_time(args, device, dtype):
                 device=str(device), dtype=str(dtype), rows=rows)
 
 
-# ---- python bench.py cuda: memory and synchronisation on the GPU ----
+# ---- python tools/bench.py cuda: memory and synchronisation on the GPU ----
 
 GIB = 2 ** 30
 
@@ -502,7 +502,7 @@ def bench_cuda(args, device, dtype):
                 synchronisations_by_steps=counts)
 
 
-# ---- python bench.py compile: torch.compile on a single image and on a folder ----
+# ---- python tools/bench.py compile: torch.compile on a single image and on a folder ----
 
 def bench_compile(args, device, dtype):
     """segment() with the preset's options, without and with compile=True: the first image

@@ -6,7 +6,7 @@ EmerDiff's authors published a minimal example notebook built on diffusers and s
 emerdiff.segment(): one full UNet pass per feature draw, the whole 50-step inversion, a separate
 recording pass, each mask's two runs as a batch of 2 and decoded together, the record kept on the
 host. A developer's tool: it needs the dev requirements (diffusers), which the project's own
-modules never import.
+modules never import; bench.py imports it after putting the project's folder on the path.
 """
 from dataclasses import asdict
 
