@@ -6,11 +6,13 @@ per step of the paper's Sec. 3, in its order:
 
   Step 0  load_image, encode              the image into SD's latent space
   Step 1  extract_features, kmeans,       low-resolution masks: k-means on the query features of
-          low_resolution_masks            the first cross-attention of the 16x16 up block (Sec. 3.2)
+          low_resolution_masks,           the first cross-attention of the 16x16 up block (Sec. 3.2),
+          mask_embeddings                 and each mask's mean feature, its embedding (Table 2)
   Step 2  invert                          edit-friendly DDPM inversion, attention recorded (Sec. 3.3)
   Step 3  modulation_offsets,             denoise again with -lambda and +lambda added on each mask
           modulated_latents               at t_m (Sec. 3.3)
   Step 4  difference_maps, assign_labels  ||blur(I-) - blur(I+)|| per mask; argmax over masks (Sec. 3.3)
+          upsampled_masks                 the paper's baseline instead of Steps 2-4: bilinear up-sampling
           segment                         all of it, on one image
 
 Defaults are the paper's (Sec. 4.1) and, where it is silent, the authors' example notebook:
@@ -192,6 +194,14 @@ def low_resolution_masks(labels: torch.Tensor, grid: tuple[int, int], k: int) ->
     return labels.reshape(grid)[None] == torch.arange(k, device=labels.device)[:, None, None]
 
 
+def mask_embeddings(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Each mask's embedding (K, C): the mean feature vector over its cells, its k-means centre. The
+    paper's evaluation describes a mask by it to give it a class (its Table 2; evaluate.py's concept
+    and clusters protocols). An empty mask's row is zero."""
+    flat = masks.flatten(1).float()  # (K, h*w)
+    return flat @ features.float() / flat.sum(1, keepdim=True).clamp_min(1)
+
+
 # ---- Step 2: edit-friendly DDPM inversion (Sec. 3.3) ----
 
 @dataclass
@@ -313,6 +323,13 @@ def assign_labels(maps: torch.Tensor) -> torch.Tensor:
     return maps.argmax(0)
 
 
+def upsampled_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The paper's baseline ("SD" in Table 2), instead of Steps 2-4: the low-resolution masks (K, h, w),
+    one-hot, up-sampled bilinearly to the working size (H, W) (align_corners=False) -> (K, H, W),
+    which assign_labels turns into labels as it does the difference maps. Costs the feature pass only."""
+    return F.interpolate(masks[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
 def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Labels (H, W) at the working size -> uint8 (height, width) at the input's own `size` = (width,
     height), nearest neighbour (Step 0 resized the input; this undoes it)."""
@@ -326,13 +343,15 @@ def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 class Segmentation:
     labels: np.ndarray  # (H0, W0) uint8 at the input image's own size
     low_res_labels: np.ndarray  # (h, w) uint8 on the feature grid (working size / 32)
-    difference_maps: torch.Tensor  # (K, H, W) at the working size
+    difference_maps: torch.Tensor  # (K, H, W) at the working size (the up-sampled masks with upsample="bilinear")
+    embeddings: np.ndarray  # (K, C) float32: mask i's embedding, the mean feature over its cells
     options: dict
     seconds: dict = field(default_factory=dict)  # per stage
 
 
 DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_restarts=100, seed=42,
-                size="auto", injection=True, batch_size="auto", steps=50, prompt="", blur=(3, 0.8), compile=False)
+                size="auto", injection=True, batch_size="auto", steps=50, prompt="", blur=(3, 0.8), compile=False,
+                upsample="modulation")  # "bilinear": the paper's baseline instead of Steps 2-4
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
@@ -359,17 +378,22 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     watch.lap("features")
     low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
     masks = low_resolution_masks(low_res, grid, len(centers))
+    embeddings = mask_embeddings(features, masks)
     watch.lap("k-means")
-    inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
-                       record_attention=o["injection"], batch_size=batch, progress=progress)
-    watch.lap("inversion")
-    maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
-                           batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"], progress=progress)
-    devices.check_finite(maps, "difference maps")
-    watch.lap("modulation")
+    if o["upsample"] == "bilinear":  # the paper's baseline: no inversion, no modulated runs
+        maps = upsampled_masks(masks, pixels.shape[-2:])
+    else:
+        inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
+                           record_attention=o["injection"], batch_size=batch, progress=progress)
+        watch.lap("inversion")
+        maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
+                               batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"], progress=progress)
+        devices.check_finite(maps, "difference maps")
+        watch.lap("modulation")
     return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),
                         low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
-                        difference_maps=maps.cpu(), options=o, seconds=watch.seconds)
+                        difference_maps=maps.cpu(), embeddings=embeddings.cpu().numpy(), options=o,
+                        seconds=watch.seconds)
 
 
 def default_model():

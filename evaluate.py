@@ -1,24 +1,33 @@
 """Benchmark evaluation of segmentations: mIoU and pixel accuracy against ground truth.
 
-    python evaluate.py --dataset {coco-stuff-27,cityscapes,folder} --root ROOT --pred PRED [--json OUT.json]
+    python evaluate.py --dataset DATASET --root ROOT --pred PRED [--json OUT.json]
 
-PRED is an output folder of emerdiff.py: PRED/<stem>/labels.png, one segment id per pixel. An unsupervised
-segmentor names no classes, so its segments are first matched to ground-truth classes; two protocols:
+PRED is an output folder of emerdiff.py: PRED/<stem>/labels.png, one segment id per pixel, and
+PRED/<stem>/embeddings.npy, one embedding per segment. An unsupervised segmentor names no classes,
+so its segments are first given classes; four protocols, computed from the same folders in one run:
 
-  hungarian  DiffSeg's published per-image protocol, which diffusion-based unsupervised segmentors report:
-             per image, the confusion matrix hist (ground-truth classes x predicted segments, at least as
+  hungarian  DiffSeg's per-image protocol, which diffusion-based unsupervised segmentors report: per
+             image, the confusion matrix hist (ground-truth classes x predicted segments, at least as
              many columns as classes) is matched one-to-one by scipy's linear_sum_assignment (maximum
              overlap); pixels of unmatched segments count as misses of their class, not as false positives.
   majority   many-to-one, an upper bound also reported in the literature: per image, each segment takes
-             the class it overlaps most; one confusion matrix over the dataset.
+             the class it overlaps most.
+  clusters   EmerDiff's Table 1 (the classic protocol of IIC, PiCIE and STEGO): the mask embeddings of
+             all images, L2-normalised, are clustered by k-means into as many clusters as classes; each
+             pixel takes its segment's cluster; one Hungarian matching on the dataset's confusion matrix.
+  concept    EmerDiff's Table 2 ("modified evaluation"): a pixel's embedding is its segment's embedding;
+             a class's concept embedding is the mean of the embeddings of its ground-truth pixels over the
+             dataset; each segment takes the class of highest cosine similarity. No matching.
 
-Both sum TP/FP/FN over the dataset: IoU_c = TP/(TP+FP+FN), mIoU = mean over the classes that have an IoU
+All sum TP/FP/FN over the dataset: IoU_c = TP/(TP+FP+FN), mIoU = mean over the classes that have an IoU
 (a class absent from ground truth and predictions alike has none), accuracy = sum(TP) / labelled pixels.
 
-The dataset readers (`dataset_samples`, `center_crop`) also serve `emerdiff.py --dataset`: the
-presets evaluate the centred square of each image, the crop DiffSeg's protocol segments (resized to
-512x512); the same `center_crop` cuts the labels here, so predictions and ground truth align.
-Only the standard library, numpy, scipy, Pillow, tqdm and files.py are used: no model, no GPU.
+Scoring resolution: DiffSeg scores every image at 512x512, the centre-cropped label map and the
+prediction each resized there by nearest neighbour (half-pixel centres), so every image weighs the
+same: `--resolution 512`, the default of its two presets (coco-stuff-27, cityscapes). `--resolution
+native` (the default of the others) scores at the label map's own size, the prediction resized to it.
+The datasets are read by datasets.py. Only the standard library, numpy, scipy, Pillow and tqdm are
+used: no model, no GPU.
 """
 import argparse
 import json
@@ -31,172 +40,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
+from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
 from files import MAX_SEGMENTS, atomic_save, shown
 
-DATASETS = ("coco-stuff-27", "cityscapes", "folder")
-IGNORE = 255  # label value of unlabelled pixels, in every dataset
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PREDICTION_FILE = "labels.png"
-
-# ---- COCO-Stuff-27 ----
-# The stuffthingmaps PNGs hold the 182 COCO-Stuff ids minus one (0 = person ... 181 = wood; 255 unlabelled).
-# The 27 coarse classes are their parents in the COCO-Stuff label hierarchy: 12 "things" then 15 "stuff",
-# in the order IIC introduced and PiCIE, STEGO and DiffSeg kept (IIC: `_sorted_coarse_names`; STEGO:
-# src/data.py `Coco.fine_to_coarse`; PiCIE/DiffSeg load the same table from `fine_to_coarse_dict.pickle`).
-COCO_CLASSES = (
-    "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory", "animal", "outdoor",
-    "person", "sports", "vehicle",  # things 0-11
-    "ceiling", "floor", "food-stuff", "furniture-stuff", "rawmaterial", "textile", "wall", "window",
-    "building", "ground", "plant", "sky", "solid", "structural", "water")  # stuff 12-26
-COCO_FINE_TO_COARSE = (  # index: fine id (COCO-Stuff id - 1); value: coarse class
-    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7,  # 0-19
-    7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10,  # 20-39
-    10, 10, 10, 5, 5, 5, 5, 5, 5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2,  # 40-59
-    2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 1, 1, 1,  # 60-79
-    1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25, 16,  # 80-99: things end at 90
-    13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26,  # 100-119
-    14, 14, 15, 22, 21, 21, 24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21,  # 120-139
-    17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24,  # 140-159
-    15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19,  # 160-179
-    19, 24)  # 180-181
-# (images folder, labels folder) under ROOT, tried in this order:
-COCO_LAYOUTS = (("val2017", "stuffthingmaps_trainval2017/val2017"),  # each zip unzipped into a folder of its name
-                ("images/val2017", "annotations/val2017"))  # the COCO-Stuff repository's set-up (PiCIE, STEGO)
-COCO_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"  # the 2,175 val images IIC curated, one id per line
-
-# ---- Cityscapes: the 27 classes of label ids 7..33; ids 0..6 (void) and the rest are ignored ----
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge", "tunnel",
-    "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider",
-    "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
-CITYSCAPES_FIRST_ID = 7
+EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
+SCORING_SIDE = 512  # --resolution 512: DiffSeg's
+RESOLUTIONS = ("512", "native")
 
 
-def lookup_table(mapping) -> np.ndarray:
-    """(256,) uint8: label value -> class, IGNORE where unmapped."""
-    table = np.full(256, IGNORE, dtype=np.uint8)
-    for value, cls in mapping.items():
-        table[value] = cls
-    return table
-
-
-LABEL_TABLES = {
-    "coco-stuff-27": lookup_table(dict(enumerate(COCO_FINE_TO_COARSE))),
-    "cityscapes": lookup_table({CITYSCAPES_FIRST_ID + c: c for c in range(len(CITYSCAPES_CLASSES))}),
-}
-PRESET_CLASSES = {"coco-stuff-27": COCO_CLASSES, "cityscapes": CITYSCAPES_CLASSES}
-
-
-class EvaluationError(Exception):
-    """Bad input to the evaluation; the message is one line that says what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    stem: str  # the prediction folder name: PRED/<stem>/labels.png (unique within a dataset)
-    image: Path
-    label: Path
-    crop: bool  # True for the presets (centre square), False for "folder"
-
-
-# ---- Dataset readers ----
-
-def dataset_samples(dataset: str, root, list_file=None) -> list[Sample]:
-    """The (image, label) pairs of a dataset under `root`, sorted by stem; `list_file` keeps the listed ones."""
-    if dataset not in DATASETS:
-        raise EvaluationError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
-    root = Path(root)
-    if not root.is_dir():
-        raise EvaluationError(f"--root {shown(root)}: no such folder")
-    samples = {"coco-stuff-27": coco_samples, "cityscapes": cityscapes_samples, "folder": folder_samples}[dataset](root)
-    if list_file is not None:
-        samples = listed(samples, Path(list_file))
-    if not samples:
-        raise EvaluationError(f"{dataset} under {shown(root)}: no images (an empty dataset)")
-    return sorted(samples, key=lambda s: s.stem)
-
-
-def existing_folder(folder: Path, hint: str) -> Path:
-    if not folder.is_dir():
-        raise EvaluationError(f"{shown(folder)}: no such folder; {hint} (see docs/evaluation.md)")
-    return folder
-
-
-def paired(images: list[Path], label_of, crop: bool) -> list[Sample]:
-    """One sample per image; every image must have its label file."""
-    samples = []
-    for image in images:
-        label = label_of(image)
-        if not label.is_file():
-            raise EvaluationError(f"{shown(label)}: missing, the label of {shown(image)}")
-        samples.append(Sample(image.stem, image, label, crop))
-    return samples
-
-
-def coco_samples(root: Path) -> list[Sample]:
-    """val2017/<id>.jpg with stuffthingmaps val2017/<id>.png (either layout of COCO_LAYOUTS)."""
-    layouts = [(root / images, root / labels) for images, labels in COCO_LAYOUTS]
-    images, labels = next((layout for layout in layouts if layout[0].is_dir()), layouts[0])
-    image_dir = existing_folder(images, f"unzip val2017.zip -d {shown(images.parent)}")
-    label_dir = existing_folder(labels, f"unzip stuffthingmaps_trainval2017.zip -d {shown(labels.parent)}")
-    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png", crop=True)
-
-
-def cityscapes_samples(root: Path) -> list[Sample]:
-    """leftImg8bit/val/<city>/<name>_leftImg8bit.png with gtFine/val/<city>/<name>_gtFine_labelIds.png."""
-    image_dir = existing_folder(root / "leftImg8bit" / "val", f"unzip leftImg8bit_trainvaltest.zip -d {shown(root)}")
-    label_dir = existing_folder(root / "gtFine" / "val", f"unzip gtFine_trainvaltest.zip -d {shown(root)}")
-
-    def label_of(image: Path) -> Path:
-        name = image.name.removesuffix("_leftImg8bit.png")
-        return label_dir / image.parent.name / f"{name}_gtFine_labelIds.png"
-    return paired(sorted(image_dir.glob("*/*_leftImg8bit.png")), label_of, crop=True)
-
-
-def folder_samples(root: Path) -> list[Sample]:
-    """images/<stem>.<ext> with labels/<stem>.png."""
-    image_dir = existing_folder(root / "images", "put the images there")
-    label_dir = existing_folder(root / "labels", "put one <stem>.png of class ids per image there")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    stems = {}
-    for image in images:
-        if image.stem in stems:
-            raise EvaluationError(f"{shown(stems[image.stem])} and {shown(image)} share the stem "
-                                  f"{shown(image.stem)}: rename one")
-        stems[image.stem] = image
-    return paired(images, lambda image: label_dir / f"{image.stem}.png", crop=False)
-
-
-def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
-    """The samples named in `list_file`: one image per line, as an id ("000000000139") or a file name."""
-    try:
-        lines = list_file.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"--list {shown(list_file)}: cannot read it ({e.__class__.__name__})") from None
-    by_stem = {s.stem: s for s in samples}
-    chosen = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        stem = Path(line.strip()).stem
-        if stem not in by_stem:
-            raise EvaluationError(f"--list {shown(list_file)} line {number}: {shown(stem)} is not an image "
-                                  "of the dataset under --root")
-        chosen[stem] = by_stem[stem]
-    return list(chosen.values())
-
-
-# ---- Images and label maps ----
-
-def center_crop(image: Image.Image) -> Image.Image:
-    """The centred square of side min(w, h): DiffSeg's crop, the same for an image and its label map."""
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
+# ---- Label maps and predictions ----
 
 @contextmanager
 def readable(path: Path, what: str):
@@ -223,7 +79,7 @@ def picture_size(path: Path, what: str) -> tuple[int, int]:
 
 
 def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
-    """(H, W) uint8 class ids, IGNORE where unlabelled; the centre square for the presets."""
+    """(H, W) uint8 class ids, IGNORE where unlabelled; the centre square for DiffSeg's presets."""
     label = load_picture(sample.label, "PNG label map")
     if label.mode not in ("L", "P"):
         raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, not 8-bit class ids; "
@@ -233,11 +89,12 @@ def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
         raise EvaluationError(f"{shown(sample.label)} is {label.size[0]}x{label.size[1]} but its image "
                               f"{shown(sample.image)} is {image_size[0]}x{image_size[1]}: they must match")
     ids = np.asarray(center_crop(label) if sample.crop else label)
-    return LABEL_TABLES[dataset][ids] if dataset in LABEL_TABLES else ids
+    return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
 
 
 def prediction(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) int64 segment ids of a labels.png, resized (nearest) to `size` = (W, H) where it differs."""
+    """(h, w) int64 segment ids of a labels.png, checked against its ground truth's `size` = (W, H):
+    the same aspect ratio (the prediction may be at another resolution)."""
     picture = load_picture(path, "PNG")
     ids = np.asarray(picture)
     if picture.format != "PNG" or ids.ndim != 2 or ids.dtype.kind not in "biu":
@@ -250,12 +107,43 @@ def prediction(path: Path, size: tuple[int, int]) -> np.ndarray:
     if abs(width * gt_height - height * gt_width) > 0.02 * height * gt_width:
         raise EvaluationError(f"{shown(path)} is {width}x{height}, the ground truth {gt_width}x{gt_height}: "
                               "another aspect ratio; segment the same (centre-cropped) image")
-    if picture.size != size:
-        ids = np.asarray(Image.fromarray(ids.astype(np.uint8)).resize(size, Image.NEAREST))
     return ids.astype(np.int64)
 
 
-# ---- Metrics ----
+def nearest(ids: np.ndarray, height: int, width: int) -> np.ndarray:
+    """ids resized to (height, width) by nearest neighbour with half-pixel centres: output pixel i takes
+    input pixel floor((i + 0.5) * in / out)."""
+    rows = ((np.arange(height) + 0.5) * ids.shape[0] / height).astype(np.int64)
+    cols = ((np.arange(width) + 0.5) * ids.shape[1] / width).astype(np.int64)
+    return ids[rows[:, None], cols[None, :]]
+
+
+def scored_pair(gt: np.ndarray, pred: np.ndarray, resolution: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ground truth and the prediction at the scoring resolution: both at 512x512 (DiffSeg's), or
+    the prediction at the ground truth's size ("native", Pillow's nearest neighbour)."""
+    if resolution == "512":
+        return nearest(gt, SCORING_SIDE, SCORING_SIDE), nearest(pred, SCORING_SIDE, SCORING_SIDE)
+    if pred.shape != gt.shape:
+        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(gt.shape[::-1], Image.NEAREST))
+    return gt, pred.astype(np.int64)
+
+
+def embeddings_of(folder: Path, segments: int) -> np.ndarray:
+    """(K, C) float32 mask embeddings of a prediction folder whose labels.png holds ids below `segments`."""
+    path = folder / EMBEDDINGS_FILE
+    try:
+        embeddings = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"{shown(path)}: not a readable .npy file ({e.__class__.__name__})") from None
+    if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
+        raise EvaluationError(f"{shown(path)}: not (segments, channels) finite floats; write it as emerdiff.py does")
+    if len(embeddings) < segments:
+        raise EvaluationError(f"{shown(path)}: {len(embeddings)} embeddings for segment ids up to "
+                              f"{segments - 1} in {PREDICTION_FILE}; they come from different runs")
+    return embeddings.astype(np.float32)
+
+
+# ---- Per image: hungarian and majority ----
 
 def confusion(gt: np.ndarray, pred: np.ndarray, n_class: int) -> np.ndarray:
     """hist (n_class, max(n_class, pred.max() + 1)): labelled pixels of class c in segment s."""
@@ -279,15 +167,112 @@ def hungarian_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return tp, hist.sum(0)[segments] - tp, hist.sum(1)[classes] - tp
 
 
+def counts_of(confusion_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class (TP, FP, FN) of a square confusion matrix (ground-truth class x assigned class)."""
+    tp = np.diag(confusion_matrix)
+    return tp, confusion_matrix.sum(0) - tp, confusion_matrix.sum(1) - tp
+
+
+def assigned(hist: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """hist (class x segment) -> (class x class): each segment's pixels moved to the class it was given."""
+    n_class = hist.shape[0]
+    return hist[:, :len(classes)] @ np.eye(n_class, dtype=hist.dtype)[classes]
+
+
 def majority_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class (TP, FP, FN) of one image, each segment labelled with the class it overlaps most."""
-    n_class = hist.shape[0]
-    merged = hist @ np.eye(n_class, dtype=hist.dtype)[hist.argmax(0)]  # (class, class the segment took)
-    tp = np.diag(merged)
-    return tp, merged.sum(0) - tp, merged.sum(1) - tp
+    return counts_of(assigned(hist, hist.argmax(0)))
 
 
-PROTOCOLS = {"hungarian": hungarian_counts, "majority": majority_counts}
+# ---- Over the dataset: clusters and concept, from the mask embeddings ----
+
+@dataclass
+class ImageResult:
+    stem: str
+    hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
+    embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
+
+
+def per_image(counts):
+    """A per-image protocol (hist -> TP, FP, FN) as a dataset protocol: its counts summed over the images."""
+    return lambda results, n_class, _settings: tuple(sum(counts(r.hist)[i] for r in results) for i in range(3))
+
+
+def concept_counts(results: list[ImageResult], n_class: int, _settings) -> tuple:
+    """EmerDiff's modified protocol: concept embeddings from the ground truth, each segment the class
+    of the most similar concept (cosine)."""
+    dims = results[0].embeddings.shape[1]
+    totals, pixels = np.zeros((n_class, dims)), np.zeros(n_class)
+    for r in results:  # a pixel's embedding is its segment's: sum hist[c, s] * embedding_s
+        hist = r.hist[:, :len(r.embeddings)]
+        totals += hist @ r.embeddings
+        pixels += hist.sum(1)
+    present = np.flatnonzero(pixels)  # a class without a labelled pixel has no concept
+    concepts = unit(totals[present] / pixels[present, None])
+    matrix = sum(assigned(r.hist, present[(unit(r.embeddings) @ concepts.T).argmax(1)]) for r in results)
+    return counts_of(matrix)
+
+
+def cluster_counts(results: list[ImageResult], n_class: int, settings: dict) -> tuple:
+    """The classic protocol: every mask embedding of the dataset clustered into n_class clusters,
+    then one Hungarian matching of clusters to classes on the dataset's confusion matrix."""
+    embeddings = unit(np.concatenate([r.embeddings for r in results]))
+    clusters = kmeans(embeddings, n_class, seed=settings["seed"], restarts=settings["restarts"])
+    starts = np.cumsum([0] + [len(r.embeddings) for r in results])
+    matrix = sum(assigned(r.hist, clusters[start:start + len(r.embeddings)]) for r, start in zip(results, starts))
+    classes, matched = linear_sum_assignment(matrix, maximize=True)  # cluster matched[c] is class c
+    return counts_of(matrix[:, matched])
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (a zero row stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def kmeans(x: np.ndarray, k: int, *, seed: int, restarts: int, iters: int = 100) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding, the lowest inertia of `restarts` runs -> labels (N,).
+    k is lowered to the number of points where there are fewer."""
+    rng, k = np.random.default_rng(seed), min(k, len(x))
+    squares = (x ** 2).sum(1)
+    best, best_inertia = None, np.inf
+    for _ in range(restarts):
+        centers = kmeans_plus_plus(x, squares, k, rng)
+        for _ in range(iters):
+            distances = squares[:, None] - 2 * x @ centers.T + (centers ** 2).sum(1)  # (N, k)
+            labels = distances.argmin(1)
+            members = csr_matrix((np.ones(len(x), dtype=x.dtype), (labels, np.arange(len(x)))), shape=(k, len(x)))
+            counts = np.bincount(labels, minlength=k)[:, None]
+            moved = np.where(counts > 0, (members @ x) / np.maximum(counts, 1), centers)  # an empty one stays
+            if np.allclose(moved, centers):
+                break
+            centers = moved
+        inertia = np.maximum(distances[np.arange(len(x)), labels], 0).sum()
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def kmeans_plus_plus(x: np.ndarray, squares: np.ndarray, k: int, rng) -> np.ndarray:
+    """Greedy k-means++ seeding (scikit-learn's): the first center uniformly; for each next one, 2 + ln(k)
+    candidates drawn in proportion to the squared distance to the nearest center so far, the one that
+    lowers the total most kept."""
+    trials = 2 + int(np.log(k))
+    centers = [x[rng.integers(len(x))]]
+    nearest = np.maximum(squares - 2 * x @ centers[0] + centers[0] @ centers[0], 0)
+    while len(centers) < k:
+        total = nearest.sum()
+        candidates = rng.choice(len(x), size=trials, p=nearest / total if total > 0 else None)
+        to_candidates = np.maximum(squares[:, None] - 2 * x @ x[candidates].T + squares[candidates], 0)  # (N, L)
+        if_chosen = np.minimum(nearest[:, None], to_candidates)
+        best = if_chosen.sum(0).argmin()
+        centers.append(x[candidates[best]])
+        nearest = if_chosen[:, best]
+    return np.stack(centers)
+
+
+PROTOCOLS = {"hungarian": per_image(hungarian_counts), "majority": per_image(majority_counts),
+             "clusters": cluster_counts, "concept": concept_counts}
+NEEDS_EMBEDDINGS = {"clusters", "concept"}
 
 
 def scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> dict:
@@ -301,13 +286,9 @@ def scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> dict:
 
 
 def evaluate_pairs(pairs, n_class: int) -> dict:
-    """{protocol: scores} over (ground truth, prediction) array pairs, TP/FP/FN summed over the images."""
-    totals = {name: np.zeros((3, n_class), dtype=np.int64) for name in PROTOCOLS}
-    for gt, pred in pairs:
-        hist = confusion(gt, pred, n_class)
-        for name, counts in PROTOCOLS.items():
-            totals[name] += np.stack(counts(hist))
-    return {name: scores(*total) for name, total in totals.items()}
+    """{protocol: scores} of hungarian and majority over (ground truth, prediction) array pairs."""
+    results = [ImageResult(str(i), confusion(gt, pred, n_class), None) for i, (gt, pred) in enumerate(pairs)]
+    return {name: scores(*PROTOCOLS[name](results, n_class, None)) for name in ("hungarian", "majority")}
 
 
 # ---- The command line ----
@@ -315,7 +296,8 @@ def evaluate_pairs(pairs, n_class: int) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="evaluate.py", description="mIoU and pixel accuracy of emerdiff.py's segmentations against ground "
-        "truth, under DiffSeg's per-image Hungarian matching and the many-to-one (majority) matching.")
+        "truth, under four protocols: DiffSeg's per-image Hungarian matching, the many-to-one (majority) "
+        "matching, and EmerDiff's two (clusters: Table 1; concept: Table 2). See docs/evaluation.md.")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="a benchmark preset, or any folder")
     p.add_argument("--root", required=True, help="the dataset's folder, laid out as docs/evaluation.md says")
     p.add_argument("--pred", required=True, help="emerdiff.py's output folder: PRED/<stem>/labels.png")
@@ -324,6 +306,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"evaluate only the images listed in this file (COCO: {COCO_CURATED_LIST})")
     p.add_argument("--classes", type=int, metavar="N",
                    help="--dataset folder: number of classes (default: the largest label id + 1)")
+    p.add_argument("--resolution", choices=RESOLUTIONS,
+                   help="score at 512x512, both maps resized by nearest neighbour (DiffSeg's; the default of "
+                   "coco-stuff-27 and cityscapes), or at the label map's own size (native; the others' default)")
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), metavar="P",
+                   help="any of hungarian, majority, clusters, concept (default: all four where every prediction "
+                   f"folder has {EMBEDDINGS_FILE}, else the first two)")
+    p.add_argument("--seed", type=int, default=0, help="clusters: the seed of the k-means over the mask embeddings")
+    p.add_argument("--kmeans-restarts", type=int, default=3, metavar="N",
+                   help="clusters: k-means++ restarts, the lowest inertia kept")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (sorted by name)")
     p.add_argument("--allow-missing", action="store_true", help="evaluate the others when predictions are missing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -337,12 +328,12 @@ def largest_class(ids: np.ndarray) -> int:
 
 
 def class_count(args, samples: list[Sample]) -> int:
-    """27 for the presets; for a folder --classes, or the largest label id + 1 over the set."""
-    if args.dataset in PRESET_CLASSES:
-        if args.classes not in (None, len(PRESET_CLASSES[args.dataset])):
-            raise EvaluationError(f"--classes: {args.dataset} has {len(PRESET_CLASSES[args.dataset])} classes; "
-                                  "drop --classes")
-        return len(PRESET_CLASSES[args.dataset])
+    """A preset's class count; for a folder --classes, or the largest label id + 1 over the set."""
+    if args.dataset in PRESETS:
+        count = len(PRESETS[args.dataset].classes)
+        if args.classes not in (None, count):
+            raise EvaluationError(f"--classes: {args.dataset} has {count} classes; drop --classes")
+        return count
     if args.classes is not None:
         if not 1 <= args.classes <= IGNORE:
             raise EvaluationError(f"--classes {args.classes}: give 1..{IGNORE} (label {IGNORE} is 'ignore')")
@@ -371,6 +362,22 @@ def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
     return missing
 
 
+def chosen_protocols(args, samples: list[Sample], pred: Path) -> list[str]:
+    """--protocols, or all four where every folder has its embeddings, else hungarian and majority (said)."""
+    lacking = sum(not (pred / s.stem / EMBEDDINGS_FILE).is_file() for s in samples)
+    needing = NEEDS_EMBEDDINGS & set(args.protocols or ())
+    how = (f"{lacking} of {len(samples)} prediction folders lack {EMBEDDINGS_FILE} (written by emerdiff.py since "
+           "it saves mask embeddings): segment them again with --overwrite")
+    if lacking and needing:
+        raise EvaluationError(f"--protocols {' '.join(sorted(needing))}: {how}")
+    if args.protocols:
+        return [name for name in PROTOCOLS if name in args.protocols]
+    if lacking:
+        print(f"clusters and concept left out: {how}")
+        return ["hungarian", "majority"]
+    return list(PROTOCOLS)
+
+
 def json_ready(x):
     """nan -> None (JSON null), through dicts and lists."""
     if isinstance(x, dict):
@@ -393,17 +400,17 @@ def percent(x: float) -> str:
 
 
 def report(result: dict) -> str:
-    """The result as text: the options, both protocols, IoU per class."""
+    """The result as text: the options, each protocol, IoU per class."""
     options = ", ".join(f"{k}={shown(v)}" for k, v in result["options"].items())
-    lines = [f"{result['dataset']}: {result['images']} images evaluated, {result['missing']} missing",
-             f"options: {options}"]
-    for name in PROTOCOLS:
+    protocols = [name for name in PROTOCOLS if name in result]
+    lines = [f"{result['dataset']}: {result['images']} images evaluated, {result['missing']} missing; "
+             f"scored at {result['resolution']}", f"options: {options}"]
+    for name in protocols:
         lines.append(f"{name:<9}  mIoU {percent(result[name]['miou']):>6} %   "
                      f"pixel accuracy {percent(result[name]['accuracy']):>6} %")
-    lines.append("IoU per class (%): hungarian / majority")
+    lines.append(f"IoU per class (%): {' / '.join(protocols)}")
     for c, name in enumerate(result["class_names"]):
-        lines.append(f"  {c:3d} {name:<16} {percent(result['hungarian']['iou'][c]):>6} / "
-                     f"{percent(result['majority']['iou'][c]):>6}")
+        lines.append(f"  {c:3d} {name:<16} " + " / ".join(f"{percent(result[p]['iou'][c]):>6}" for p in protocols))
     return "\n".join(lines)
 
 
@@ -411,6 +418,10 @@ def run(args) -> dict:
     """Evaluate the command line's predictions; the result as the JSON file holds it."""
     if args.limit is not None and args.limit < 1:
         raise EvaluationError(f"--limit {args.limit}: give a positive number of images")
+    if args.kmeans_restarts < 1:
+        raise EvaluationError(f"--kmeans-restarts {args.kmeans_restarts}: give a positive number of restarts")
+    if args.seed < 0:
+        raise EvaluationError(f"--seed {args.seed}: give a seed of 0 or more")
     pred = Path(args.pred)
     if not pred.is_dir():
         raise EvaluationError(f"--pred {shown(pred)}: no such folder (emerdiff.py's --out)")
@@ -429,16 +440,41 @@ def run(args) -> dict:
     present = [s for s in samples if s not in skipped]
     if not present:
         raise EvaluationError(f"--pred {shown(pred)}: none of the {len(samples)} predictions exists")
-
-    def pairs():
-        for sample in tqdm(present, desc="evaluate", unit="image", disable=args.quiet):
-            gt = checked_ground_truth(sample, args.dataset, n_class)
-            yield gt, prediction(pred / sample.stem / PREDICTION_FILE, gt.shape[::-1])
+    protocols = chosen_protocols(args, present, pred)
+    resolution = args.resolution or (PRESETS[args.dataset].resolution if args.dataset in PRESETS else "native")
+    results = [image_result(sample, pred / sample.stem, args.dataset, n_class, resolution,
+                            NEEDS_EMBEDDINGS & set(protocols))
+               for sample in tqdm(present, desc="evaluate", unit="image", disable=args.quiet)]
+    settings = {"seed": args.seed, "restarts": args.kmeans_restarts}
     options = {"root": args.root, "pred": args.pred, "list": args.list, "classes": n_class, "limit": args.limit,
                "allow_missing": args.allow_missing}
-    names = PRESET_CLASSES.get(args.dataset) or [str(c) for c in range(n_class)]
+    names = PRESETS[args.dataset].classes if args.dataset in PRESETS else [str(c) for c in range(n_class)]
     return {"dataset": args.dataset, "images": len(present), "missing": len(missing),
-            **evaluate_pairs(pairs(), n_class), "class_names": list(names), "options": options}
+            "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
+            **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
+            "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*hungarian_counts(r.hist)).items() if k != "iou"}}
+                          for r in results],
+            "class_names": list(names), "options": options, "protocols": protocols,
+            "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
+
+
+def settings_of(args) -> dict:
+    """The choices the paper leaves open, as this evaluation made them (docs/evaluation.md)."""
+    return {"clusters": {"embeddings": "L2-normalised", "seed": args.seed, "kmeans_restarts": args.kmeans_restarts},
+            "concept": {"pixel embedding": "its segment's", "similarity": "cosine"}}
+
+
+def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resolution: str,
+                 embeddings: bool) -> ImageResult:
+    """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
+    gt = checked_ground_truth(sample, dataset, n_class)
+    gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
+    hist = confusion(gt, pred, n_class)
+    if not embeddings:
+        return ImageResult(sample.stem, hist, None)
+    vectors = embeddings_of(folder, int(pred.max()) + 1)
+    padded = np.pad(hist, ((0, 0), (0, max(0, len(vectors) - hist.shape[1]))))  # segments with no pixel here
+    return ImageResult(sample.stem, padded, vectors)
 
 
 def main(argv=None) -> int:

@@ -181,6 +181,7 @@ def is_auto_int_or_pair(value) -> bool:
     return value == "auto" if isinstance(value, str) else is_int(value) or is_pair(value, is_int, is_int)
 
 
+UPSAMPLING = ("modulation", "bilinear")  # the method's Steps 2-4, or the paper's baseline
 # What each option must be: (check, the words for it).
 OPTION_TYPES = {
     "masks": (is_int, "an integer"), "lam": (is_real, "a finite number"), "t_m": (is_int, "an integer"),
@@ -192,6 +193,7 @@ OPTION_TYPES = {
     "compile": (is_flag, "True or False"),
     "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
     "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
+    "upsample": (lambda v: isinstance(v, str) and v in UPSAMPLING, " or ".join(f'"{u}"' for u in UPSAMPLING)),
 }
 MAX_MASKS = MAX_SEGMENTS  # one segment per mask
 MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)

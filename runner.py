@@ -7,7 +7,7 @@
 emerdiff.py is the method; this file is what a command line needs around it, kept apart so that
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
-- the pictures written per image (labels.png, labels.npy, overlay.png, lowres.png, diffmaps.png);
+- the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, diffmaps.png);
 - dataset runs: a benchmark's images (evaluate.py's readers and centre crop), resumable, and shared
   out over torchrun's processes, each taking every N-th image;
 - safe writing (files.py): each image's folder is written under a temporary name and swapped in
@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, synchronize
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
-from evaluate import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
+from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
+from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
 from files import atomic_save, remove_dead_temporaries, shown, temporary_path, write_folder
-from inputs import MAX_MASKS, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
+from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
 # ---- Options ----
@@ -65,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
         prog="emerdiff.py", formatter_class=HelpFormatter,
         description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. Writes "
-        "labels.png, labels.npy, overlay.png, lowres.png and run.json into OUT/<image name>/ per image; "
-        "a rerun skips the images already done with the same options.")
+        "labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png and run.json into OUT/<image name>/ "
+        "per image; a rerun skips the images already done with the same options.")
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", action="append", metavar="PATH",
                         help="an image file, a folder of images, or a .txt file listing image paths (one per "
@@ -112,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="model precision; auto: float16 on a GPU, float32 on the CPU")
     p.add_argument("--no-injection", action="store_true", help="turn attention injection off")
+    p.add_argument("--upsample", choices=UPSAMPLING, default=DEFAULTS["upsample"],
+                   help="modulation: the method; bilinear: the paper's baseline, the low-resolution masks "
+                   "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
     p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
                    "memory free at the start; elsewhere 8); lower it when GPU memory runs out")
@@ -150,7 +154,8 @@ def method_options(args) -> dict:
     options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
                    kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
                    injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
-                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma), compile=args.compile)
+                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma), compile=args.compile,
+                   upsample=args.upsample)
     check_options(DEFAULTS | options)
     return options
 
@@ -256,7 +261,7 @@ LONG_RUN_S = 60  # per image: a run expected to take longer says so before it st
 def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, float, int]:
     """(seconds per image, UNet evaluations, seconds of one, decodes) at the working size (W, H),
     from one UNet call and one decode timed here after an untimed one of each: the cost model of
-    README's "Time and cost"."""
+    docs/speed.md. With upsample="bilinear" only the feature passes run."""
     device, dtype = model_device_dtype(sd)
     latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
     context = embed_prompt(sd, options["prompt"]).to(dtype)
@@ -270,8 +275,9 @@ def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, fl
         synchronize(device)
         seconds.append(time.perf_counter() - clock)
     unet_s, decode_s = seconds
-    steps = len(timesteps_until(options["t_m"], options["steps"]))
-    runs = 2 * options["masks"]
+    modulated = options["upsample"] == "modulation"
+    steps = len(timesteps_until(options["t_m"], options["steps"])) if modulated else 0
+    runs = 2 * options["masks"] if modulated else 0
     evaluations = FEATURE_PASS * options["feature_samples"] + steps + runs * steps
     return evaluations * unet_s + runs * decode_s, evaluations, unet_s, runs
 
@@ -338,12 +344,13 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
     """Each output picture's name -> a function writing it to a given path."""
     labels_png = Image.fromarray(seg.labels, mode="P")
     labels_png.putpalette(COLOURS.flatten().tolist())
-    pictures = {"labels.png": labels_png, "overlay.png": overlay(image, seg.labels),
+    pictures = {PREDICTION_FILE: labels_png, "overlay.png": overlay(image, seg.labels),
                 "lowres.png": Image.fromarray(COLOURS[seg.low_res_labels]).resize(image.size, Image.NEAREST)}
     if diffmaps:
         pictures["diffmaps.png"] = diffmap_grid(seg.difference_maps)
     files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
     files["labels.npy"] = lambda path: np.save(path, seg.labels)
+    files[EMBEDDINGS_FILE] = lambda path: np.save(path, seg.embeddings)
     return files
 
 
@@ -351,7 +358,7 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
 
 RUN_RECORD = "run.json"  # in each output folder: how it was made; written last, with the rest
 SUMMARY = "summary.json"  # in --out: what the last run did
-OUTPUT_FILES = {"labels.png", "labels.npy", "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD}
+OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD}
 
 
 def prepare_out(out: Path):

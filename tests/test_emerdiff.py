@@ -238,3 +238,33 @@ def test_without_injection_no_record_is_kept(sd, x0, inversion, masks):
                        difference_maps(sd, inversion, masks[:1], injection=False))
     with pytest.raises(ValueError, match="needs the inversion's attention record"):
         difference_maps(sd, bare, masks[:1], injection=True)
+
+
+# ---- mask embeddings and the bilinear baseline ----
+
+def test_mask_embeddings_are_the_kmeans_centres_and_the_mean_features_over_each_mask():
+    g = torch.Generator().manual_seed(0)
+    grid = (4, 6)
+    x = torch.randn(24, 8, generator=g) + 10 * torch.randn(3, 8, generator=g)[torch.arange(24) % 3]
+    labels, centers = kmeans(x, 3, n_init=5, generator=torch.Generator().manual_seed(0))
+    embeddings = emerdiff.mask_embeddings(x, low_resolution_masks(labels, grid, 3))
+    for i in range(3):  # a plain loop over the cells
+        cells = [x[n] for n in range(24) if labels[n] == i]
+        assert torch.allclose(embeddings[i], sum(cells) / len(cells), atol=1e-5)
+    assert torch.allclose(embeddings, centers, atol=1e-5)  # converged: the centres are those means
+
+
+def test_the_bilinear_baseline_upsamples_the_one_hot_masks_and_skips_the_modulated_runs(sd, monkeypatch):
+    calls = []
+    forward = sd.unet.forward
+    monkeypatch.setattr(sd.unet, "forward", lambda x, *args: calls.append(len(x)) or forward(x, *args))
+    image = torch.rand(3, 100, 150, generator=torch.Generator().manual_seed(0))
+    seg = emerdiff.segment(image, sd, size=(192, 128), masks=5, feature_samples=3, kmeans_restarts=2,
+                           upsample="bilinear")
+    assert calls == [3]  # the feature pass only: no inversion, no modulated runs
+    one_hot = F.one_hot(torch.from_numpy(seg.low_res_labels).long(), 5).permute(2, 0, 1)[None].float()  # (1, K, 4, 6)
+    up = F.interpolate(one_hot, size=(128, 192), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(seg.difference_maps, up)
+    expected = F.interpolate(up.argmax(0)[None, None].float(), size=(100, 150), mode="nearest-exact")[0, 0]
+    assert np.array_equal(seg.labels, expected.numpy().astype(np.uint8))
+    assert seg.embeddings.shape == (5, 64) and seg.embeddings.dtype == np.float32  # the tiny up16 block: 64 channels

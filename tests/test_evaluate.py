@@ -11,8 +11,8 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from conftest import ROOT
-from evaluate import (COCO_CLASSES, CITYSCAPES_CLASSES, Sample, center_crop, dataset_samples, evaluate_pairs,
-                      ground_truth, main)
+from datasets import COCO_CLASSES, CITYSCAPES_CLASSES, Sample, center_crop, dataset_samples
+from evaluate import evaluate_pairs, ground_truth, main
 
 IGNORE = 255
 

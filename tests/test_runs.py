@@ -130,3 +130,30 @@ def test_torchrun_shares_the_images_out_once_each(tmp_path, tiny_sd_dir):
     assert sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_file()) == ["summary.json"]
     summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
     assert (summary["images"], summary["done"], len(summary["seconds"])) == (5, 5, 5)
+
+
+def test_the_papers_presets_segment_whole_images_with_their_embeddings(tmp_path, tiny_sd_dir, sd):
+    """--dataset coco-stuff-171 (EmerDiff's Table 2) segments each whole image, and every folder holds
+    embeddings.npy: the segment() result's mask embeddings. --upsample bilinear (the paper's baseline)
+    writes the same files, recorded in run.json as another run; evaluate.py then scores all four protocols."""
+    root, pred = tmp_path / "coco", tmp_path / "pred"
+    ids = fake_coco(root, [(128, 96), (96, 128)])
+    args = ["--dataset", "coco-stuff-171", "--root", str(root), "--weights", str(tiny_sd_dir), *FAST]
+    assert runner.main([*args, "--out", str(pred)]) == 0
+    for image_id, size in zip(ids, [(128, 96), (96, 128)]):
+        assert_complete(pred / image_id, size)  # the whole image, at its own size
+        expected = emerdiff.segment(Image.open(root / "val2017" / f"{image_id}.jpg").convert("RGB"), sd, **OPTIONS)
+        embeddings = np.load(pred / image_id / "embeddings.npy")
+        assert embeddings.dtype == np.float32 and np.array_equal(embeddings, expected.embeddings)
+        assert np.array_equal(np.load(pred / image_id / "labels.npy"), expected.labels)
+    baseline = tmp_path / "baseline"
+    assert runner.main([*args, "--out", str(baseline), "--upsample", "bilinear"]) == 0
+    record = json.loads((baseline / ids[0] / "run.json").read_text())
+    assert record["run"]["options"]["upsample"] == "bilinear"
+    assert (baseline / ids[0] / "embeddings.npy").is_file()
+    assert record["run"]["options"] | {"upsample": "modulation"} == json.loads(
+        (pred / ids[0] / "run.json").read_text())["run"]["options"]  # so a rerun of one never skips the other
+    scores = tmp_path / "scores.json"
+    assert evaluate.main(["--dataset", "coco-stuff-171", "--root", str(root), "--pred", str(pred), "--quiet",
+                          "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text())["protocols"] == ["hungarian", "majority", "clusters", "concept"]

@@ -1,0 +1,288 @@
+"""The benchmark datasets: where their files lie, their classes, and how label values map to classes.
+
+Each preset reads a dataset in the layout its distribution unpacks to (docs/evaluation.md says how
+to get each): a reader lists its (image, label map) pairs, a table maps the label maps' values to
+class indices 0..C-1, IGNORE (255) where a pixel counts nowhere. evaluate.py scores predictions on
+them; `emerdiff.py --dataset` (runner.py) segments their images. DiffSeg's two presets,
+coco-stuff-27 and cityscapes, segment and score each image's centred square, as DiffSeg does; the
+presets of EmerDiff's Table 2 use whole images. Only the standard library, numpy and Pillow are used.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from files import shown
+
+IGNORE = 255  # class value of pixels that count nowhere, in every dataset
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class EvaluationError(Exception):
+    """Bad input to the evaluation or the dataset readers; the message is one line that says what is
+    wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    stem: str  # the prediction folder name: PRED/<stem>/labels.png (unique within a dataset)
+    image: Path
+    label: Path
+    crop: bool  # True for DiffSeg's presets (the centre square), False for whole images
+
+
+# ---- COCO-Stuff-27 (DiffSeg's) ----
+# The stuffthingmaps PNGs hold the 182 COCO-Stuff ids minus one (0 = person ... 181 = wood; 255 unlabelled).
+# The 27 coarse classes are their parents in the COCO-Stuff label hierarchy: 12 "things" then 15 "stuff",
+# in the order IIC introduced and PiCIE, STEGO and DiffSeg kept (IIC: `_sorted_coarse_names`; STEGO:
+# src/data.py `Coco.fine_to_coarse`; PiCIE/DiffSeg load the same table from `fine_to_coarse_dict.pickle`).
+COCO_CLASSES = (
+    "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory", "animal", "outdoor",
+    "person", "sports", "vehicle",  # things 0-11
+    "ceiling", "floor", "food-stuff", "furniture-stuff", "rawmaterial", "textile", "wall", "window",
+    "building", "ground", "plant", "sky", "solid", "structural", "water")  # stuff 12-26
+COCO_FINE_TO_COARSE = (  # index: fine id (COCO-Stuff id - 1); value: coarse class
+    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7,  # 0-19
+    7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10,  # 20-39
+    10, 10, 10, 5, 5, 5, 5, 5, 5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2,  # 40-59
+    2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 0, 1, 1, 1,  # 60-79
+    1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20, 22, 15, 25, 16,  # 80-99: things end at 90
+    13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26,  # 100-119
+    14, 14, 15, 22, 21, 21, 24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21,  # 120-139
+    17, 22, 16, 21, 21, 25, 21, 26, 21, 24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24,  # 140-159
+    15, 24, 22, 25, 15, 20, 17, 17, 22, 14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19,  # 160-179
+    19, 24)  # 180-181
+# (images folder, labels folder) under ROOT, tried in this order:
+COCO_LAYOUTS = (("val2017", "stuffthingmaps_trainval2017/val2017"),  # each zip unzipped into a folder of its name
+                ("images/val2017", "annotations/val2017"))  # the COCO-Stuff repository's set-up (PiCIE, STEGO)
+COCO_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"  # the 2,175 val images IIC curated, one id per line
+
+# ---- Cityscapes (label ids in gtFine_labelIds.png) ----
+# "cityscapes": DiffSeg's 27 classes, label ids 7..33 (ids 0..6 are void and ignored).
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge", "tunnel",
+    "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider",
+    "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
+CITYSCAPES_FIRST_ID = 7
+# "cityscapes-19": the 19 evaluation classes (Cityscapes' trainIds), label id -> name; the rest is ignored.
+CITYSCAPES_19 = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole", 19: "traffic light",
+                 20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person", 25: "rider", 26: "car",
+                 27: "truck", 28: "bus", 31: "train", 32: "motorcycle", 33: "bicycle"}
+
+# ---- ADE20K (SceneParsing, ADEChallengeData2016): annotation 0 = "other", ignored; 1..150 -> 0..149 ----
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag")
+# ---- PASCAL-Context-59 (SegmentationClassContext as mmsegmentation prepares it): 0 = background, ignored ----
+PASCAL_CONTEXT_CLASSES = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
+    "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog",
+    "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
+    "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall",
+    "water", "window", "wood")
+# ---- COCO-Stuff-171: the 182 fine ids (as in the stuffthingmaps: COCO-Stuff id - 1), less the 11 COCO
+# thing ids that no image uses (None below), in id order ----
+COCO_FINE_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", None, "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", None, "backpack", "umbrella", None, None, "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", None, "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", None, "dining table", None, None, "toilet", None, "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", None,
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", None,  # things: ids 1-91
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain",
+    "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
+    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other",
+    "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin",
+    "net", "paper", "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing",
+    "railroad", "river", "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other",
+    "skyscraper", "snow", "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent",
+    "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel",
+    "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other",
+    "wood")  # stuff: ids 92-182
+
+
+def lookup_table(mapping: dict[int, int]) -> np.ndarray:
+    """(256,) uint8: label value -> class, IGNORE where unmapped."""
+    table = np.full(256, IGNORE, dtype=np.uint8)
+    for value, cls in mapping.items():
+        table[value] = cls
+    return table
+
+
+def shifted(count: int) -> np.ndarray:
+    """Label values 1..count are the classes 0..count-1; 0 and the rest are ignored."""
+    return lookup_table({value: value - 1 for value in range(1, count + 1)})
+
+
+COCO_171_CLASSES = tuple(name for name in COCO_FINE_CLASSES if name is not None)
+COCO_FINE_TO_171 = {fine: COCO_171_CLASSES.index(name) for fine, name in enumerate(COCO_FINE_CLASSES) if name}
+
+
+@dataclass(frozen=True)
+class Preset:
+    classes: tuple[str, ...]
+    labels: np.ndarray  # (256,) label value -> class index, IGNORE where a pixel counts nowhere
+    reader: Callable[[Path], list[tuple[Path, Path]]]  # root -> (image, label map) pairs
+    crop: bool  # segment and score the centred square (DiffSeg's protocol), else the whole image
+    resolution: str  # the scoring resolution by default: "512" (DiffSeg's) or "native"
+
+
+# ---- Readers ----
+
+def existing_folder(folder: Path, hint: str) -> Path:
+    if not folder.is_dir():
+        raise EvaluationError(f"{shown(folder)}: no such folder; {hint} (see docs/evaluation.md)")
+    return folder
+
+
+def paired(images: list[Path], label_of) -> list[tuple[Path, Path]]:
+    """(image, label) per image; every image must have its label file."""
+    pairs = []
+    for image in images:
+        label = label_of(image)
+        if not label.is_file():
+            raise EvaluationError(f"{shown(label)}: missing, the label of {shown(image)}")
+        pairs.append((image, label))
+    return pairs
+
+
+def coco_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """val2017/<id>.jpg with stuffthingmaps val2017/<id>.png (either layout of COCO_LAYOUTS)."""
+    layouts = [(root / images, root / labels) for images, labels in COCO_LAYOUTS]
+    images, labels = next((layout for layout in layouts if layout[0].is_dir()), layouts[0])
+    image_dir = existing_folder(images, f"unzip val2017.zip -d {shown(images.parent)}")
+    label_dir = existing_folder(labels, f"unzip stuffthingmaps_trainval2017.zip -d {shown(labels.parent)}")
+    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png")
+
+
+def cityscapes_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """leftImg8bit/val/<city>/<name>_leftImg8bit.png with gtFine/val/<city>/<name>_gtFine_labelIds.png."""
+    image_dir = existing_folder(root / "leftImg8bit" / "val", f"unzip leftImg8bit_trainvaltest.zip -d {shown(root)}")
+    label_dir = existing_folder(root / "gtFine" / "val", f"unzip gtFine_trainvaltest.zip -d {shown(root)}")
+
+    def label_of(image: Path) -> Path:
+        name = image.name.removesuffix("_leftImg8bit.png")
+        return label_dir / image.parent.name / f"{name}_gtFine_labelIds.png"
+    return paired(sorted(image_dir.glob("*/*_leftImg8bit.png")), label_of)
+
+
+def folder_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """images/<stem>.<ext> with labels/<stem>.png."""
+    image_dir = existing_folder(root / "images", "put the images there")
+    label_dir = existing_folder(root / "labels", "put one <stem>.png of class ids per image there")
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    stems = {}
+    for image in images:
+        if image.stem in stems:
+            raise EvaluationError(f"{shown(stems[image.stem])} and {shown(image)} share the stem "
+                                  f"{shown(image.stem)}: rename one")
+        stems[image.stem] = image
+    return paired(images, lambda image: label_dir / f"{image.stem}.png")
+
+
+def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
+    """The samples named in `list_file`: one image per line, as an id ("000000000139") or a file name."""
+    try:
+        lines = list_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"--list {shown(list_file)}: cannot read it ({e.__class__.__name__})") from None
+    by_stem = {s.stem: s for s in samples}
+    chosen = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        stem = Path(line.strip()).stem
+        if stem not in by_stem:
+            raise EvaluationError(f"--list {shown(list_file)} line {number}: {shown(stem)} is not an image "
+                                  "of the dataset under --root")
+        chosen[stem] = by_stem[stem]
+    return list(chosen.values())
+
+
+def ade20k_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """ADEChallengeData2016: images/validation/<name>.jpg with annotations/validation/<name>.png."""
+    image_dir = existing_folder(root / "images" / "validation", "unzip ADEChallengeData2016.zip; --root is its folder")
+    label_dir = existing_folder(root / "annotations" / "validation", "unzip ADEChallengeData2016.zip whole")
+    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png")
+
+
+def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """VOC2010 as mmsegmentation's preparation leaves it: the ids of ImageSets/SegmentationContext/val.txt,
+    JPEGImages/<id>.jpg with SegmentationClassContext/<id>.png."""
+    hint = "prepare VOC2010 with mmsegmentation's tools/dataset_converters/pascal_context.py"
+    image_dir = existing_folder(root / "JPEGImages", hint)
+    label_dir = existing_folder(root / "SegmentationClassContext", hint)
+    split = root / "ImageSets" / "SegmentationContext" / "val.txt"
+    if not split.is_file():
+        raise EvaluationError(f"{shown(split)}: missing, the list of validation images; {hint}")
+    images = [image_dir / f"{line.strip()}.jpg" for line in split.read_text().splitlines() if line.strip()]
+    for image in images:
+        if not image.is_file():
+            raise EvaluationError(f"{shown(image)}: missing, listed in {shown(split)}")
+    return paired(images, lambda image: label_dir / f"{image.stem}.png")
+
+
+def center_crop(image: Image.Image) -> Image.Image:
+    """The centred square of side min(w, h): DiffSeg's crop, the same for an image and its label map."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+# ---- Presets ----
+
+PRESETS = {
+    "coco-stuff-27": Preset(COCO_CLASSES, lookup_table(dict(enumerate(COCO_FINE_TO_COARSE))), coco_pairs,
+                            crop=True, resolution="512"),
+    "cityscapes": Preset(CITYSCAPES_CLASSES, lookup_table({CITYSCAPES_FIRST_ID + c: c for c in
+                                                           range(len(CITYSCAPES_CLASSES))}),
+                         cityscapes_pairs, crop=True, resolution="512"),
+    "ade20k": Preset(ADE20K_CLASSES, shifted(len(ADE20K_CLASSES)), ade20k_pairs, crop=False, resolution="native"),
+    "pascal-context-59": Preset(PASCAL_CONTEXT_CLASSES, shifted(len(PASCAL_CONTEXT_CLASSES)), pascal_context_pairs,
+                                crop=False, resolution="native"),
+    "coco-stuff-171": Preset(COCO_171_CLASSES, lookup_table(COCO_FINE_TO_171), coco_pairs, crop=False,
+                             resolution="native"),
+    "cityscapes-19": Preset(tuple(CITYSCAPES_19.values()),
+                            lookup_table({label: c for c, label in enumerate(CITYSCAPES_19)}), cityscapes_pairs,
+                            crop=False, resolution="native"),
+}
+DATASETS = (*PRESETS, "folder")  # "folder": images/<stem>.<ext> with labels/<stem>.png of class ids
+
+
+def dataset_samples(dataset: str, root, list_file=None) -> list[Sample]:
+    """The (image, label) pairs of a dataset under `root`, sorted by stem; `list_file` keeps the listed ones."""
+    if dataset not in DATASETS:
+        raise EvaluationError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise EvaluationError(f"--root {shown(root)}: no such folder")
+    preset = PRESETS.get(dataset)
+    pairs = preset.reader(root) if preset else folder_pairs(root)
+    samples = [Sample(image.stem, image, label, preset is not None and preset.crop) for image, label in pairs]
+    if list_file is not None:
+        samples = listed(samples, Path(list_file))
+    if not samples:
+        raise EvaluationError(f"{dataset} under {shown(root)}: no images (an empty dataset)")
+    return sorted(samples, key=lambda s: s.stem)
