@@ -296,8 +296,11 @@ def evaluate_pairs(pairs, n_class: int) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="evaluate.py", description="mIoU and pixel accuracy of emerdiff.py's segmentations against ground "
-        "truth, under four protocols: DiffSeg's per-image Hungarian matching, the many-to-one (majority) "
-        "matching, and EmerDiff's two (clusters: Table 1; concept: Table 2). See docs/evaluation.md.")
+        "truth, under four protocols: DiffSeg's per-image Hungarian matching; the many-to-one (majority) "
+        "matching; EmerDiff's Table 1 (clusters: the L2-normalised mask embeddings of all images k-means "
+        "clustered into as many clusters as classes, one Hungarian matching over the dataset); EmerDiff's "
+        "Table 2 (concept: each segment takes the class whose mean ground-truth embedding is nearest by "
+        "cosine). See docs/evaluation.md.")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="a benchmark preset, or any folder")
     p.add_argument("--root", required=True, help="the dataset's folder, laid out as docs/evaluation.md says")
     p.add_argument("--pred", required=True, help="emerdiff.py's output folder: PRED/<stem>/labels.png")
