@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from files import shown
+from files import FileError, checked_file, folder_name, listed_folder, shown
 
 IGNORE = 255  # class value of pixels that count nowhere, in every dataset
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -150,9 +150,26 @@ class Preset:
 
 # ---- Readers ----
 
+def check_unique(samples: list[Sample]):
+    """One rule for every reader: two images whose predictions would share a folder (the same stem,
+    or stems that files.folder_name makes alike) are refused, naming both."""
+    seen = {}
+    for sample in samples:
+        name = folder_name(sample.stem)
+        if name in seen:
+            raise EvaluationError(f"{shown(seen[name].image)} and {shown(sample.image)} would share the output "
+                                  f"folder {shown(name)}: rename one, or leave one out with --list")
+        seen[name] = sample
+
+
 def existing_folder(folder: Path, hint: str) -> Path:
+    """`folder`, checked to be a folder that can be listed."""
     if not folder.is_dir():
         raise EvaluationError(f"{shown(folder)}: no such folder; {hint} (see docs/evaluation.md)")
+    try:
+        listed_folder(folder)
+    except FileError as e:
+        raise EvaluationError(str(e)) from None
     return folder
 
 
@@ -162,7 +179,8 @@ def paired(images: list[Path], label_of) -> list[tuple[Path, Path]]:
     for image in images:
         label = label_of(image)
         if not label.is_file():
-            raise EvaluationError(f"{shown(label)}: missing, the label of {shown(image)}")
+            problem = "not a regular file" if label.exists() else f"missing, the label of {shown(image)}"
+            raise EvaluationError(f"{shown(label)}: {problem}")
         pairs.append((image, label))
     return pairs
 
@@ -191,20 +209,16 @@ def folder_pairs(root: Path) -> list[tuple[Path, Path]]:
     """images/<stem>.<ext> with labels/<stem>.png."""
     image_dir = existing_folder(root / "images", "put the images there")
     label_dir = existing_folder(root / "labels", "put one <stem>.png of class ids per image there")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    stems = {}
-    for image in images:
-        if image.stem in stems:
-            raise EvaluationError(f"{shown(stems[image.stem])} and {shown(image)} share the stem "
-                                  f"{shown(image.stem)}: rename one")
-        stems[image.stem] = image
+    images = [p for p in listed_folder(image_dir) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     return paired(images, lambda image: label_dir / f"{image.stem}.png")
 
 
 def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
     """The samples named in `list_file`: one image per line, as an id ("000000000139") or a file name."""
     try:
-        lines = list_file.read_text().splitlines()
+        lines = checked_file(list_file).read_text().splitlines()
+    except FileError as e:
+        raise EvaluationError(f"--list {shown(list_file)}: cannot read it ({e.reason})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise EvaluationError(f"--list {shown(list_file)}: cannot read it ({e.__class__.__name__})") from None
     by_stem = {s.stem: s for s in samples}
@@ -281,6 +295,7 @@ def dataset_samples(dataset: str, root, list_file=None) -> list[Sample]:
     preset = PRESETS.get(dataset)
     pairs = preset.reader(root) if preset else folder_pairs(root)
     samples = [Sample(image.stem, image, label, preset is not None and preset.crop) for image, label in pairs]
+    check_unique(samples)
     if list_file is not None:
         samples = listed(samples, Path(list_file))
     if not samples:

@@ -44,7 +44,7 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import MAX_SEGMENTS, atomic_save, shown
+from files import MAX_SEGMENTS, FileError, atomic_save, checked_file, folder_name, listed_folder, shown
 
 PREDICTION_FILE = "labels.png"
 EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
@@ -56,9 +56,13 @@ RESOLUTIONS = ("512", "native")
 
 @contextmanager
 def readable(path: Path, what: str):
-    """Pillow's errors on `path` as one-line EvaluationErrors."""
+    """`path` checked to be a regular file (files.checked_file), and Pillow's errors on it, as one-line
+    EvaluationErrors."""
     try:
+        checked_file(path)
         yield
+    except FileError as e:
+        raise EvaluationError(str(e)) from None
     except FileNotFoundError:
         raise EvaluationError(f"{shown(path)}: no such file") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
@@ -132,7 +136,9 @@ def embeddings_of(folder: Path, segments: int) -> np.ndarray:
     """(K, C) float32 mask embeddings of a prediction folder whose labels.png holds ids below `segments`."""
     path = folder / EMBEDDINGS_FILE
     try:
-        embeddings = np.load(path, allow_pickle=False)
+        embeddings = np.load(checked_file(path), allow_pickle=False)
+    except FileError as e:
+        raise EvaluationError(str(e)) from None
     except (OSError, ValueError) as e:
         raise EvaluationError(f"{shown(path)}: not a readable .npy file ({e.__class__.__name__})") from None
     if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
@@ -358,16 +364,16 @@ def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> np.ndarr
 
 def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
     """The samples without PRED/<stem>/labels.png, each said in an error line."""
-    missing = [s for s in samples if not (pred / s.stem / PREDICTION_FILE).is_file()]
+    missing = [s for s in samples if not (pred / folder_name(s.stem) / PREDICTION_FILE).is_file()]
     for s in missing:
-        print(f"evaluate: error: {shown(pred / s.stem / PREDICTION_FILE)}: missing, "
+        print(f"evaluate: error: {shown(pred / folder_name(s.stem) / PREDICTION_FILE)}: missing, "
               f"the prediction of {shown(s.image)}", file=sys.stderr)
     return missing
 
 
 def chosen_protocols(args, samples: list[Sample], pred: Path) -> list[str]:
     """--protocols, or all four where every folder has its embeddings, else hungarian and majority (said)."""
-    lacking = sum(not (pred / s.stem / EMBEDDINGS_FILE).is_file() for s in samples)
+    lacking = sum(not (pred / folder_name(s.stem) / EMBEDDINGS_FILE).is_file() for s in samples)
     needing = NEEDS_EMBEDDINGS & set(args.protocols or ())
     how = (f"{lacking} of {len(samples)} prediction folders lack {EMBEDDINGS_FILE} (written by emerdiff.py since "
            "it saves mask embeddings): segment them again with --overwrite")
@@ -428,6 +434,10 @@ def run(args) -> dict:
     pred = Path(args.pred)
     if not pred.is_dir():
         raise EvaluationError(f"--pred {shown(pred)}: no such folder (emerdiff.py's --out)")
+    try:
+        listed_folder(pred)
+    except FileError as e:
+        raise EvaluationError(f"--pred {e}") from None
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise EvaluationError(f"--json {shown(args.json)}: its folder does not exist")
     samples = dataset_samples(args.dataset, args.root, args.list)
@@ -445,7 +455,7 @@ def run(args) -> dict:
         raise EvaluationError(f"--pred {shown(pred)}: none of the {len(samples)} predictions exists")
     protocols = chosen_protocols(args, present, pred)
     resolution = args.resolution or (PRESETS[args.dataset].resolution if args.dataset in PRESETS else "native")
-    results = [image_result(sample, pred / sample.stem, args.dataset, n_class, resolution,
+    results = [image_result(sample, pred / folder_name(sample.stem), args.dataset, n_class, resolution,
                             NEEDS_EMBEDDINGS & set(protocols))
                for sample in tqdm(present, desc="evaluate", unit="image", disable=args.quiet)]
     settings = {"seed": args.seed, "restarts": args.kmeans_restarts}

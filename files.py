@@ -1,28 +1,87 @@
-"""Files written whole or not at all: a reader finds the previous complete file (or folder) or the
-new complete one, never a mix, never half of one. And the few facts about files that both sides
-share: the segment cap of the label files, file names shown safely on one line.
+"""Files read and written safely, the one place for it: the command line (runner.py), the datasets
+and evaluate.py use it, so it needs nothing beyond the standard library.
 
-Everything is first written under a hidden temporary name beside its final place,
-`.<name>.<host>.<pid>.tmp`, then renamed into place (a rename within a folder is atomic). The
-host and process id in the name tell which temporaries a killed run left behind: the next run on
-the same machine removes those whose process is gone. Used by the command line (runner.py) and by
-evaluate.py, so it needs nothing beyond the standard library.
+Reading: `checked_file` lets only regular files be opened (a FIFO or a device would block or never
+end) and turns what the system refuses into one line; `listed_folder` does the same for folders.
+
+Writing: whole or not at all. Everything is first written under a hidden temporary name beside its
+final place, `.<name>.<host>.<pid>.tmp`, then renamed into place (a rename within a folder is
+atomic): a reader finds the previous complete file (or folder) or the new complete one, never a mix.
+The host and process id in the name tell which temporaries a killed run left behind: the next run
+on the same machine removes those whose process is gone. Output folders are named by `folder_name`,
+which no temporary, hidden or summary file can share.
 """
 import errno
+import hashlib
 import os
 import re
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 MAX_SEGMENTS = 256  # labels.png, which emerdiff.py writes and evaluate.py reads, is an 8-bit palette image
 HOST = socket.gethostname().replace(".", "-")
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.tmp")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d{1,10})\.tmp")
+MAX_PID = 2 ** 31 - 1  # a larger number in a temporary's name is no process id: not ours
+# A folder name leaves room for what its temporaries add, `.` + `-old.` + host (at most 64 bytes) +
+# `.` + pid (10 digits) + `.tmp`, within the 255 bytes file systems allow a name.
+MAX_FOLDER_NAME = 255 - (1 + 5 + 64 + 1 + 10 + 4)
+UNSAFE = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')  # characters some file system refuses in a name
+
+
+class FileError(Exception):
+    """A file or folder that cannot be read; the message is one line: its name, then `reason`."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{shown(path)}: {reason}")
+        self.reason = reason
 
 
 def shown(path) -> str:
     """A file name safe to print on one line: control (and other unprintable) characters escaped."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(path))
+
+
+def checked_file(path) -> Path:
+    """`path` if it is a regular file that can be read; else a FileError of one line."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileError(path, "no such file") from None
+    except PermissionError:
+        raise FileError(path, "permission denied") from None
+    except OSError as e:
+        raise FileError(path, f"cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise FileError(path, "not a regular file")
+    return Path(path)
+
+
+def listed_folder(folder: Path) -> list[Path]:
+    """The entries of `folder`, sorted; a folder that cannot be listed is a FileError of one line."""
+    try:
+        return sorted(folder.iterdir())
+    except PermissionError:
+        raise FileError(folder, "permission denied") from None
+    except OSError as e:
+        raise FileError(folder, f"cannot list it ({e.strerror})") from None
+
+
+def folder_name(stem: str) -> str:
+    """The output folder of an image of this stem (runner.py writes it, evaluate.py reads it): safe on
+    any file system and never taken for a run's own files. Characters some file system refuses become
+    "_"; a name that is empty, hidden (such as "." or a temporary's) or a summary file's gets a "_"
+    in front; a name too long for its temporaries is cut, a hash of the whole stem kept at its end."""
+    name = UNSAFE.sub("_", stem)
+    if not name or name.startswith((".", "summary.")):
+        name = "_" + name
+    if len(os.fsencode(name)) > MAX_FOLDER_NAME:
+        digest = hashlib.sha1(os.fsencode(stem)).hexdigest()[:16]
+        while len(os.fsencode(name)) > MAX_FOLDER_NAME - len(digest) - 1:
+            name = name[:-1]
+        name = f"{name}-{digest}"
+    return name
 
 
 def temporary_path(final: Path) -> Path:
@@ -31,11 +90,31 @@ def temporary_path(final: Path) -> Path:
 
 
 def remove_dead_temporaries(folder: Path):
-    """Remove the temporaries in `folder` that runs on this machine left when they were killed."""
-    for entry in folder.iterdir():
-        match = TEMPORARY.fullmatch(entry.name)
-        if match and match["host"] == HOST and not process_alive(int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    """Remove the temporaries in `folder` that runs on this machine left when they were killed. Called
+    before this process writes there, so one bearing its own pid is a leftover of an earlier process
+    of that number (a container restarted, say), and goes too."""
+    for entry in listed_folder(folder):
+        if is_dead_temporary(entry.name):
+            remove(entry)
+
+
+def is_dead_temporary(name: str) -> bool:
+    """Whether `name` is a temporary of a process of this machine that is gone (or of this process,
+    from an earlier life): the one place that decides it."""
+    match = TEMPORARY.fullmatch(name)
+    if not match or match["host"] != HOST or int(match["pid"]) > MAX_PID:
+        return False
+    pid = int(match["pid"])
+    return pid == os.getpid() or not process_alive(pid)
+
+
+def remove(path: Path):
+    """Remove a file, a link (not what it points to) or a folder with what it holds; what is gone
+    already is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -91,5 +170,5 @@ def swap_in(tmp: Path, final: Path, replaceable: set[str], tries: int = 100):
             os.rename(final, aside)
         except FileNotFoundError:  # another run moved it first
             continue
-        shutil.rmtree(aside, ignore_errors=True)
+        remove(aside)  # a link to a folder: the link
     raise OSError(errno.EBUSY, "other runs keep replacing it", str(final))

@@ -8,7 +8,6 @@ what was wrong and what to do. Each check lives here once; the command line (run
 import math
 import numbers
 import os
-import stat
 import warnings
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import sampler
-from files import MAX_SEGMENTS
+from files import MAX_SEGMENTS, FileError, checked_file
 
 # Sizes. The VAE halves the image three times (latent = image / 8) and the UNet the latent three
 # more: image sides are multiples of 64, and the 16x16 ("up16") block sees image / 32.
@@ -86,13 +85,14 @@ def open_image(path, decode: bool = True) -> Image.Image:
     """The image at `path`, decoded (or only its header read: decode=False), or a one-line error.
     Pillow's warnings (corrupt EXIF, large images) are not shown: a problem is an error or nothing."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
-            raise EmerDiffError(f"{path}: not a regular file")
+        checked_file(path)  # a FIFO or a device would block or never end
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(path)
             if decode:
                 image.load()
+    except FileError as e:
+        raise EmerDiffError(str(e)) from None
     except FileNotFoundError:
         raise EmerDiffError(f"{path}: no such file") from None
     except PermissionError:
@@ -173,6 +173,15 @@ def is_pair(value, first, second) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2 and first(value[0]) and second(value[1])
 
 
+def is_text(value: str) -> bool:
+    """A string the tokenizer can encode: no unpaired surrogate (what an undecodable argv byte becomes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_flag(value) -> bool:
     return isinstance(value, bool)
 
@@ -227,7 +236,9 @@ def check_options(o: dict):
               (o["batch_size"] == "auto" or min(np.ravel(o["batch_size"])) >= 1, "batch size must be at least 1"),
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
-              (sigma > 0, "the blur sigma must be above 0")]
+              (sigma > 0, "the blur sigma must be above 0"),
+              (is_text(o["prompt"]), "the prompt holds a character that is no text (an undecodable byte of the "
+               "command line?): give it in UTF-8")]
     for ok, message in checks:
         if not ok:
             raise EmerDiffError(message)

@@ -38,7 +38,8 @@ from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, s
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
-from files import atomic_save, remove_dead_temporaries, shown, temporary_path, write_folder
+from files import (FileError, atomic_save, checked_file, folder_name, listed_folder, remove_dead_temporaries, shown,
+                   temporary_path, write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
@@ -167,11 +168,13 @@ LIST_SUFFIX = ".txt"
 
 @dataclass(frozen=True)
 class Job:
-    """One image to segment, the name of its output folder, and whether its centre square is segmented
-    (a benchmark's protocol; then its pixels are taken as stored, EXIF rotation ignored, as its labels are)."""
+    """One image to segment, the name of its output folder (files.folder_name), whether its centre
+    square is segmented (DiffSeg's presets), and whether its pixels are taken as stored, EXIF rotation
+    ignored: a dataset's images, whose label maps ignore it too."""
     path: Path
     name: str
     crop: bool = False
+    as_stored: bool = False
 
 
 def all_jobs(args) -> list[Job]:
@@ -183,7 +186,8 @@ def all_jobs(args) -> list[Job]:
         return [Job(path, name) for path, name in zip(paths, output_names(paths))]
     if args.root is None:
         raise EmerDiffError(f"--dataset {args.dataset} needs --root, the dataset's folder")
-    return [Job(s.image, s.stem, s.crop) for s in dataset_samples(args.dataset, args.root, args.list)]
+    return [Job(s.image, folder_name(s.stem), s.crop, as_stored=True)
+            for s in dataset_samples(args.dataset, args.root, args.list)]
 
 
 def image_paths(given: list[str]) -> list[Path]:
@@ -194,7 +198,7 @@ def image_paths(given: list[str]) -> list[Path]:
         path = Path(name)
         if path.is_dir():
             found = []
-            for p in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            for p in (p for p in listed_folder(path) if p.suffix.lower() in IMAGE_SUFFIXES):
                 if p.is_file():  # regular files (or links to them) only: a FIFO would block the run
                     found.append(p)
                 else:
@@ -225,14 +229,16 @@ def listed_paths(list_file: Path) -> list[Path]:
 
 
 def output_names(paths: list[Path]) -> list[str]:
-    """One output folder name per image: its stem, numbered where stems repeat."""
-    names = []
+    """One output folder name per image: its stem (made safe by files.folder_name), numbered where
+    names repeat."""
+    names, taken = [], set()
     for path in paths:
-        name, n = path.stem, 1
-        while name in names:
+        name, n = folder_name(path.stem), 1
+        while name in taken:
             n += 1
-            name = f"{path.stem}-{n}"
+            name = folder_name(f"{path.stem}-{n}")
         names.append(name)
+        taken.add(name)
     return names
 
 
@@ -255,31 +261,38 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
 
 FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
 LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
+TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
 
 
 @torch.no_grad()
-def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, float, int]:
-    """(seconds per image, UNet evaluations, seconds of one, decodes) at the working size (W, H),
-    from one UNet call and one decode timed here after an untimed one of each: the cost model of
-    docs/speed.md. With upsample="bilinear" only the feature passes run."""
+def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, float, int, float]:
+    """(seconds per image, UNet evaluations, seconds of one, decodes, spread) at the working size
+    (W, H), the cost model of docs/speed.md: a UNet call and a decode timed TIMED_CALLS times each
+    after an untimed one, the fastest taken (a machine that slows down now and then does not inflate
+    it); `spread` is how much slower the slowest was, relative. With upsample="bilinear" only the
+    feature passes run."""
     device, dtype = model_device_dtype(sd)
     latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
     context = embed_prompt(sd, options["prompt"]).to(dtype)
     timestep = torch.tensor([1], device=device)
     seconds = []
     for call in (lambda: sd.unet(latent, timestep, context), lambda: sd.vae.decode(latent)):
-        call()  # the first call of a size allocates; the second is the one that repeats
-        synchronize(device)
-        clock = time.perf_counter()
-        call()
-        synchronize(device)
-        seconds.append(time.perf_counter() - clock)
-    unet_s, decode_s = seconds
+        call()  # the first call of a size allocates; the next ones are those that repeat
+        timed = []
+        for _ in range(TIMED_CALLS):
+            synchronize(device)
+            clock = time.perf_counter()
+            call()
+            synchronize(device)
+            timed.append(time.perf_counter() - clock)
+        seconds.append(timed)
+    unet_s, decode_s = (min(timed) for timed in seconds)
+    spread = max(max(timed) / min(timed) - 1 for timed in seconds)
     modulated = options["upsample"] == "modulation"
     steps = len(timesteps_until(options["t_m"], options["steps"])) if modulated else 0
     runs = 2 * options["masks"] if modulated else 0
     evaluations = FEATURE_PASS * options["feature_samples"] + steps + runs * steps
-    return evaluations * unet_s + runs * decode_s, evaluations, unet_s, runs
+    return evaluations * unet_s + runs * decode_s, evaluations, unet_s, runs, spread
 
 
 def announce_long_run(sd, size: tuple[int, int], options: dict):
@@ -287,11 +300,12 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
     device, _ = model_device_dtype(sd)
     if device.type == "cuda":
         return
-    seconds, evaluations, unet_s, decodes = estimate(sd, size, options)
+    seconds, evaluations, unet_s, decodes, spread = estimate(sd, size, options)
     if seconds >= LONG_RUN_S:
         duration = f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
         note(f"about {duration} per image on the {device.type} ({evaluations:.0f} UNet evaluations of "
-             f"{unet_s:.2f} s and {decodes} decodes): --masks, --feature-samples, --size and --steps cut it "
+             f"{unet_s:.2f} s and {decodes} decodes; the fastest of {TIMED_CALLS} timed calls, the slowest "
+             f"{100 * spread:.0f} % slower): --masks, --feature-samples, --size and --steps cut it "
              "(README, Time and cost)")
 
 
@@ -386,6 +400,7 @@ class Summary:
     skipped: int = 0
     failed: list = field(default_factory=list)  # [{"image": ..., "reason": ...}]
     seconds: list = field(default_factory=list)  # per image done
+    error: str | None = None  # why the whole run stopped, if it did
 
     def fail(self, path: Path, error: Exception):
         message = str(error) if str(error).startswith(str(path)) else f"{path}: {error}"
@@ -395,13 +410,14 @@ class Summary:
     def as_dict(self, options: dict) -> dict:
         return {"images": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
                 "seconds_per_image": sum(self.seconds) / len(self.seconds) if self.seconds else None,
-                "seconds": self.seconds, "options": options}
+                "seconds": self.seconds, "error": self.error, "options": options}
 
 
 def merged(parts: list[dict]) -> dict:
     """The summaries of the processes of one run as one."""
     whole = Summary(sum(p["images"] for p in parts), sum(p["done"] for p in parts), sum(p["skipped"] for p in parts),
-                    [f for p in parts for f in p["failed"]], [s for p in parts for s in p["seconds"]])
+                    [f for p in parts for f in p["failed"]], [s for p in parts for s in p["seconds"]],
+                    "; ".join(p["error"] for p in parts if p.get("error")) or None)
     return whole.as_dict(parts[0]["options"])
 
 
@@ -430,10 +446,12 @@ def weights_source(args) -> str:
 
 
 def is_done(folder: Path, record: dict) -> bool:
+    """Whether `folder` holds a complete output made with `record` (its run.json read through
+    files.checked_file: a FIFO there is no record)."""
     try:
-        saved = json.loads((folder / RUN_RECORD).read_text())
+        saved = json.loads(checked_file(folder / RUN_RECORD).read_text())
         return saved["run"] == record and all((folder / name).is_file() for name in saved["result"]["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
         return False
 
 
@@ -448,7 +466,7 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     summary.total = len(jobs)
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
@@ -476,24 +494,33 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
                 summary.fail(job.path, e)
             except OSError as e:
                 summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
+    except BaseException as e:  # the whole run stopped: summary.json says why
+        summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
+        raise
     finally:
         write_summary(out, summary.as_dict(options), rank, world)
 
 
 def write_summary(out: Path, summary: dict, rank: int, world: int):
-    """summary.json in --out; with several processes, each writes its part and the first merges them."""
-    part = out / (SUMMARY if world == 1 else f"summary.part{rank}.json")
+    """summary.json in --out. With several processes there is no collective wait: each writes its part
+    (tagged with the run it belongs to) and whoever finds every part of its run there merges them, so
+    the last to finish does, however unequal the shares; a process never waits for another."""
     try:
-        atomic_save(part, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
-        if world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-            if rank == 0:
-                parts = [out / f"summary.part{r}.json" for r in range(world)]
-                whole = merged([json.loads(p.read_text()) for p in parts])
-                atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(whole, indent=1)))
-                for p in parts:
-                    p.unlink()
+        if world == 1:
+            atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+            return
+        run_id = torchrun_id()
+        atomic_save(out / f"summary.part{rank}.json",
+                    lambda tmp: tmp.write_text(json.dumps(summary | {"run": run_id}, indent=1)))
+        parts = [out / f"summary.part{r}.json" for r in range(world)]
+        try:
+            found = [json.loads(checked_file(p).read_text()) for p in parts]
+        except (FileError, ValueError, RecursionError):  # not all here yet (or another process merged them)
+            return
+        if all(part.get("run") == run_id for part in found):
+            atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(merged(found), indent=1)))
+            for p in parts:
+                p.unlink(missing_ok=True)
     except OSError as e:
         say(f"cannot write {out / SUMMARY}: {e.strerror or e}")
 
@@ -502,7 +529,7 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     """Segment one image file, write its folder, print its one-line summary (after a line on how
     long it takes, if `announce` and it takes minutes)."""
     device, _ = model_device_dtype(sd)
-    image = to_rgb(open_image(job.path), exif_rotation=not job.crop)
+    image = to_rgb(open_image(job.path), exif_rotation=not job.as_stored)
     image = center_crop(image) if job.crop else image
     if announce:
         announce_long_run(sd, working_size(*image.size, options["size"]), options)
@@ -518,15 +545,30 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
               if device.type == "cuda" else "")
-    tqdm.write(shown(f"{job.path}: {result['segments']} segments -> {folder}/ ({stages}{memory})"))
+    report(shown(f"{job.path}: {result['segments']} segments -> {folder}/ ({stages}{memory})"))
     return sum(seg.seconds.values())
 
 
 # ---- Saying things ----
 
+errors_said = 0  # error lines printed by this process: any makes the exit status 2
+
+
 def say(message: str):
     """An error line on stderr."""
+    global errors_said
+    errors_said += 1
     print(f"emerdiff: error: {shown(message)}", file=sys.stderr)
+
+
+def report(line: str):
+    """A result line on stdout. A reader that stopped reading (`| head`) is no failure of the run: the
+    lines that follow go nowhere."""
+    try:
+        tqdm.write(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # also quiets the flush at exit
 
 
 def note(message: str):
@@ -542,30 +584,34 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
-def process_group() -> tuple[int, int]:
-    """(rank, world size): under torchrun (its environment), join its process group; else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if torch.cuda.is_available():  # this process's GPU, before NCCL's collectives need one
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside it. The processes share the
+    images out by rank and never talk to each other (no process group: nothing to time out)."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    if not (world.isdigit() and rank.isdigit() and int(rank) < int(world)):
+        raise EmerDiffError(f"WORLD_SIZE={world[:20]!r} and RANK={rank[:20]!r} are not a process of a torchrun: "
+                            "run under torchrun, or unset them")
+    return int(rank), int(world)
+
+
+def torchrun_id() -> str:
+    """What tells one torchrun's processes from another's: its run id and rendezvous address."""
+    env = os.environ
+    return f"{env.get('TORCHELASTIC_RUN_ID', '')}@{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
 
 
 def main(argv=None) -> int:
     """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
     (interrupted by Ctrl-C / SIGTERM; from then on both signals are ignored, as the process is
     ending). Under torchrun each process returns its own."""
+    global errors_said
     args = parse_args(argv)
     from weights import WeightsError
-    summary = Summary()
+    summary, errors_said = Summary(), 0
     previous = signal.signal(signal.SIGTERM, raise_terminated)
-    rank, world = process_group()
     try:
-        run(args, summary, rank, world)
-    except (EmerDiffError, WeightsError, EvaluationError) as e:
+        run(args, summary, *process_rank())
+    except (EmerDiffError, WeightsError, EvaluationError, FileError) as e:
         say(str(e))
         return 2
     except (KeyboardInterrupt, Terminated) as e:
@@ -583,7 +629,4 @@ def main(argv=None) -> int:
     finally:
         if signal.getsignal(signal.SIGTERM) is raise_terminated:  # after an interrupt both stay ignored
             signal.signal(signal.SIGTERM, previous)
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-    return 2 if summary.failed else 0
+    return 2 if summary.failed or errors_said else 0

@@ -12,7 +12,7 @@ EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
 # The cheapest run that still goes through every step: a 2x2 feature grid, 2 masks, 2 denoising steps.
 FAST = ["--size", "64", "--masks", "2", "--feature-samples", "1", "--kmeans-restarts", "1", "--steps", "10",
         "--tm", "101", "--quiet"]
-OUTPUTS = {"labels.png", "labels.npy", "overlay.png", "lowres.png", "run.json"}
+OUTPUTS = {"labels.png", "labels.npy", "embeddings.npy", "overlay.png", "lowres.png", "run.json"}
 
 
 def cli(*args, **kwargs) -> subprocess.CompletedProcess:

@@ -525,7 +525,8 @@ def test_missing_predictions_are_listed_and_stop_the_run_unless_allowed(capsys, 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and all(line.startswith("evaluate: error: ") for line in lines)
     assert f"{pred}/b/labels.png: missing, the prediction of {root}/images/b.png" in lines[0]
-    assert "x\\ny\\x1b/labels.png: missing" in lines[1]
+    assert "x_y_/labels.png: missing, the prediction of" in lines[1]  # the folder: files.folder_name
+    assert "x\\ny\\x1b.png" in lines[1]
     assert "2 of 3 predictions missing (listed above): segment those images, or pass --allow-missing" in lines[2]
     assert out.read_text() == "the previous result"  # a failed run writes nothing
     assert main([*args, "--json", str(out), "--quiet", "--allow-missing"]) == 0

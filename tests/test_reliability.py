@@ -208,7 +208,7 @@ def test_temporaries_of_dead_processes_are_removed(tmp_path, tiny_sd_dir):
     dead = out / f".x.{files.HOST}.999999999.tmp"  # no process has this id (Linux caps them at 2^22)
     (dead / "sub").mkdir(parents=True)
     (out / f".summary.json.{files.HOST}.999999999.tmp").write_text("{")
-    alive = out / f".y.{files.HOST}.{os.getpid()}.tmp"
+    alive = out / f".y.{files.HOST}.{os.getppid()}.tmp"  # a live process's (a run sweeps its own pid's: test_safety)
     alive.mkdir()
     elsewhere = out / ".z.another-machine.999999999.tmp"
     elsewhere.mkdir()
