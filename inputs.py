@@ -105,8 +105,9 @@ def open_image(path, decode: bool = True) -> Image.Image:
 
 
 def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
-    """RGB of any Pillow mode: EXIF rotation applied (unless the pixels must stay as stored, e.g. to
-    align with a dataset's label maps), alpha composited on white, 16-bit scaled."""
+    """RGB of any Pillow mode: EXIF rotation applied (or, where the pixels must stay as stored to align
+    with a dataset's label maps, the EXIF data dropped, so that no later step rotates them), alpha
+    composited on white, 16-bit scaled."""
     if exif_rotation:
         with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as Pillow then does
             warnings.simplefilter("ignore")
@@ -116,8 +117,12 @@ def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) * scale, 0, 255).astype(np.uint8))
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
+        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    else:
+        rgb = image.convert("RGB")
+    if not exif_rotation:
+        rgb.info.pop("exif", None)
+    return rgb
 
 
 # ---- Sizes ----

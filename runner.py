@@ -508,6 +508,8 @@ def write_summary(out: Path, summary: dict, rank: int, world: int):
     try:
         if world == 1:
             atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+            for stale in out.glob("summary.part*.json"):  # of an earlier torchrun cut short: superseded
+                stale.unlink(missing_ok=True)
             return
         run_id = torchrun_id()
         atomic_save(out / f"summary.part{rank}.json",

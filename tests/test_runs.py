@@ -90,7 +90,8 @@ def test_a_preset_segments_each_centre_square_as_evaluate_reads_it(tmp_path, tin
     assert sorted(p.name for p in pred.iterdir() if p.is_dir()) == ids[:2]
     for image_id, side in zip(ids, (96, 80)):
         assert_complete(pred / image_id, (side, side))
-        raw = Image.open(root / "val2017" / f"{image_id}.jpg").convert("RGB")  # as stored, no EXIF rotation
+        # as stored, no EXIF rotation (the pixels alone: a PIL image keeps its EXIF, which segment() applies)
+        raw = Image.fromarray(np.asarray(Image.open(root / "val2017" / f"{image_id}.jpg").convert("RGB")))
         square = raw.crop(((raw.width - side) // 2, (raw.height - side) // 2,
                            (raw.width + side) // 2, (raw.height + side) // 2))
         expected = emerdiff.segment(square, sd, **OPTIONS)

@@ -241,3 +241,23 @@ def test_the_estimate_takes_the_fastest_call_and_says_how_steady(sd, monkeypatch
     monkeypatch.setattr(sd.unet, "forward", lambda *a, **k: time.sleep(next(pauses)) or forward(*a, **k))
     seconds, evaluations, unet_s, decodes, spread = runner.estimate(sd, (64, 64), emerdiff.DEFAULTS)
     assert 0.3 <= unet_s < 1.5 and spread > 1  # the fastest, not the first; the slowest over twice as slow
+
+
+def test_a_datasets_pixels_are_taken_as_stored_whatever_the_dataset(tmp_path, tiny_sd_dir):
+    """--dataset folder ignores EXIF rotation as evaluate.py does (the presets always did), so a rotated
+    JPEG is segmented and scored as stored. A single-process run also removes the summary parts of an
+    earlier torchrun that was cut short."""
+    from test_evaluate import save_labels
+    root, out = tmp_path / "data", tmp_path / "out"
+    (root / "images").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": shown as 64 wide, 96 high
+    Image.open(save_image(tmp_path / "x.png", (96, 64))).save(root / "images" / "x.jpg", exif=exif)
+    save_labels(root / "labels" / "x.png", [[0] * 96] * 64)
+    out.mkdir()
+    (out / "summary.part1.json").write_text("{}")
+    assert runner.main(["--dataset", "folder", "--root", str(root), "--weights", str(tiny_sd_dir), "--out", str(out),
+                        *FAST]) == 0
+    assert_complete(out / "x", (96, 64))  # as stored
+    assert not (out / "summary.part1.json").exists()
+    assert evaluate.main(["--dataset", "folder", "--root", str(root), "--pred", str(out), "--quiet"]) == 0
