@@ -152,14 +152,15 @@ class Preset:
 
 def check_unique(samples: list[Sample]):
     """One rule for every reader: two images whose predictions would share a folder (the same stem,
-    or stems that files.folder_name makes alike) are refused, naming both."""
+    stems that files.folder_name makes alike, or names alike but for case, one folder on macOS and
+    Windows) are refused, naming both."""
     seen = {}
     for sample in samples:
         name = folder_name(sample.stem)
-        if name in seen:
-            raise EvaluationError(f"{shown(seen[name].image)} and {shown(sample.image)} would share the output "
-                                  f"folder {shown(name)}: rename one, or leave one out with --list")
-        seen[name] = sample
+        if name.casefold() in seen:
+            raise EvaluationError(f"{shown(seen[name.casefold()].image)} and {shown(sample.image)} would share "
+                                  f"the output folder {shown(name)}: rename one")
+        seen[name.casefold()] = sample
 
 
 def existing_folder(folder: Path, hint: str) -> Path:
@@ -248,9 +249,13 @@ def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
     image_dir = existing_folder(root / "JPEGImages", hint)
     label_dir = existing_folder(root / "SegmentationClassContext", hint)
     split = root / "ImageSets" / "SegmentationContext" / "val.txt"
-    if not split.is_file():
-        raise EvaluationError(f"{shown(split)}: missing, the list of validation images; {hint}")
-    images = [image_dir / f"{line.strip()}.jpg" for line in split.read_text().splitlines() if line.strip()]
+    try:
+        lines = checked_file(split).read_text().splitlines()
+    except FileError as e:
+        raise EvaluationError(f"{e}: the list of validation images; {hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{shown(split)}: cannot read it ({e.__class__.__name__})") from None
+    images = [image_dir / f"{line.strip()}.jpg" for line in lines if line.strip()]
     for image in images:
         if not image.is_file():
             raise EvaluationError(f"{shown(image)}: missing, listed in {shown(split)}")

@@ -195,9 +195,9 @@ def low_resolution_masks(labels: torch.Tensor, grid: tuple[int, int], k: int) ->
 
 
 def mask_embeddings(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Each mask's embedding (K, C): the mean feature vector over its cells, its k-means centre. The
-    paper's evaluation describes a mask by it to give it a class (its Table 2; evaluate.py's concept
-    and clusters protocols). An empty mask's row is zero."""
+    """Each mask's embedding (K, C): the mean feature vector over its cells (its k-means centre, once
+    k-means has converged). The paper's evaluation describes a mask by it to give it a class (its
+    Table 2; evaluate.py's concept and clusters protocols). An empty mask's row is zero."""
     flat = masks.flatten(1).float()  # (K, h*w)
     return flat @ features.float() / flat.sum(1, keepdim=True).clamp_min(1)
 

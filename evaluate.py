@@ -2,8 +2,9 @@
 
     python evaluate.py --dataset DATASET --root ROOT --pred PRED [--json OUT.json]
 
-PRED is an output folder of emerdiff.py: PRED/<stem>/labels.png, one segment id per pixel, and
-PRED/<stem>/embeddings.npy, one embedding per segment. An unsupervised segmentor names no classes,
+PRED is an output folder of emerdiff.py: PRED/<name>/labels.png, one segment id per pixel, and
+PRED/<name>/embeddings.npy, one embedding per segment, <name> the image's stem made safe by
+files.folder_name. An unsupervised segmentor names no classes,
 so its segments are first given classes; four protocols, computed from the same folders in one run:
 
   hungarian  DiffSeg's per-image protocol, which diffusion-based unsupervised segmentors report: per
@@ -201,7 +202,7 @@ class ImageResult:
 
 def per_image(counts):
     """A per-image protocol (hist -> TP, FP, FN) as a dataset protocol: its counts summed over the images."""
-    return lambda results, n_class, _settings: tuple(sum(counts(r.hist)[i] for r in results) for i in range(3))
+    return lambda results, n_class, _settings: tuple(sum(np.stack(counts(r.hist)) for r in results))
 
 
 def concept_counts(results: list[ImageResult], n_class: int, _settings) -> tuple:
@@ -214,6 +215,8 @@ def concept_counts(results: list[ImageResult], n_class: int, _settings) -> tuple
         totals += hist @ r.embeddings
         pixels += hist.sum(1)
     present = np.flatnonzero(pixels)  # a class without a labelled pixel has no concept
+    if not present.size:  # no labelled pixel at all: nothing to count
+        return counts_of(np.zeros((n_class, n_class), dtype=np.int64))
     concepts = unit(totals[present] / pixels[present, None])
     matrix = sum(assigned(r.hist, present[(unit(r.embeddings) @ concepts.T).argmax(1)]) for r in results)
     return counts_of(matrix)
@@ -264,15 +267,15 @@ def kmeans_plus_plus(x: np.ndarray, squares: np.ndarray, k: int, rng) -> np.ndar
     lowers the total most kept."""
     trials = 2 + int(np.log(k))
     centers = [x[rng.integers(len(x))]]
-    nearest = np.maximum(squares - 2 * x @ centers[0] + centers[0] @ centers[0], 0)
+    closest = np.maximum(squares - 2 * x @ centers[0] + centers[0] @ centers[0], 0)  # to the nearest center
     while len(centers) < k:
-        total = nearest.sum()
-        candidates = rng.choice(len(x), size=trials, p=nearest / total if total > 0 else None)
+        total = closest.sum()
+        candidates = rng.choice(len(x), size=trials, p=closest / total if total > 0 else None)
         to_candidates = np.maximum(squares[:, None] - 2 * x @ x[candidates].T + squares[candidates], 0)  # (N, L)
-        if_chosen = np.minimum(nearest[:, None], to_candidates)
+        if_chosen = np.minimum(closest[:, None], to_candidates)
         best = if_chosen.sum(0).argmin()
         centers.append(x[candidates[best]])
-        nearest = if_chosen[:, best]
+        closest = if_chosen[:, best]
     return np.stack(centers)
 
 
@@ -309,7 +312,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "cosine). See docs/evaluation.md.")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="a benchmark preset, or any folder")
     p.add_argument("--root", required=True, help="the dataset's folder, laid out as docs/evaluation.md says")
-    p.add_argument("--pred", required=True, help="emerdiff.py's output folder: PRED/<stem>/labels.png")
+    p.add_argument("--pred", required=True, help="emerdiff.py's output folder: PRED/<image stem>/labels.png")
     p.add_argument("--json", metavar="OUT.json", help="also write the result to this JSON file")
     p.add_argument("--list", metavar="F",
                    help=f"evaluate only the images listed in this file (COCO: {COCO_CURATED_LIST})")
@@ -363,7 +366,7 @@ def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> np.ndarr
 
 
 def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
-    """The samples without PRED/<stem>/labels.png, each said in an error line."""
+    """The samples without PRED/<name>/labels.png, each said in an error line."""
     missing = [s for s in samples if not (pred / folder_name(s.stem) / PREDICTION_FILE).is_file()]
     for s in missing:
         print(f"evaluate: error: {shown(pred / folder_name(s.stem) / PREDICTION_FILE)}: missing, "
@@ -458,6 +461,11 @@ def run(args) -> dict:
     results = [image_result(sample, pred / folder_name(sample.stem), args.dataset, n_class, resolution,
                             NEEDS_EMBEDDINGS & set(protocols))
                for sample in tqdm(present, desc="evaluate", unit="image", disable=args.quiet)]
+    widths = {r.embeddings.shape[1] for r in results if r.embeddings is not None}
+    if len(widths) > 1:
+        channels = " and ".join(map(str, sorted(widths)))
+        raise EvaluationError(f"the {EMBEDDINGS_FILE} files hold embeddings of {channels} channels: they come from "
+                              "different models; segment the images again with one")
     settings = {"seed": args.seed, "restarts": args.kmeans_restarts}
     options = {"root": args.root, "pred": args.pred, "list": args.list, "classes": n_class, "limit": args.limit,
                "allow_missing": args.allow_missing}

@@ -109,12 +109,15 @@ def is_dead_temporary(name: str) -> bool:
 
 
 def remove(path: Path):
-    """Remove a file, a link (not what it points to) or a folder with what it holds; what is gone
-    already is fine."""
+    """Remove a file, a link (not what it points to) or a folder with what it holds, as far as the
+    system lets this process (what it refuses, say another user's, stays)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def process_alive(pid: int) -> bool:

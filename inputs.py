@@ -121,7 +121,7 @@ def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
     else:
         rgb = image.convert("RGB")
     if not exif_rotation:
-        rgb.info.pop("exif", None)
+        rgb.info.clear()  # EXIF, and XMP, which Pillow reads an orientation from too
     return rgb
 
 

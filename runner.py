@@ -8,8 +8,8 @@ emerdiff.py is the method; this file is what a command line needs around it, kep
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
 - the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, diffmaps.png);
-- dataset runs: a benchmark's images (evaluate.py's readers and centre crop), resumable, and shared
-  out over torchrun's processes, each taking every N-th image;
+- dataset runs: a benchmark's images (datasets.py's readers and DiffSeg's centre crop), resumable,
+  and shared out over torchrun's processes, each taking every N-th image;
 - safe writing (files.py): each image's folder is written under a temporary name and swapped in
   whole, so a reader finds the previous complete set or the new one, never a mix; a run.json in it
   records how it was made, so a rerun skips what is done; temporaries of dead runs are removed;
@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="an image file, a folder of images, or a .txt file listing image paths (one per "
                         "line, relative to the list); give it several times for several")
     inputs.add_argument("--dataset", choices=DATASETS,
-                        help="a benchmark's images under --root (the presets: each image's centre square, "
-                        "as evaluate.py scores it; see docs/evaluation.md)")
+                        help="a benchmark's images under --root, as evaluate.py scores them (coco-stuff-27 and "
+                        "cityscapes: each image's centre square, DiffSeg's; the others whole; docs/evaluation.md)")
     p.add_argument("--root", help="with --dataset: the dataset's folder")
     p.add_argument("--list", metavar="F", help="with --dataset: only the images this file lists (one id or "
                    "file name per line)")
@@ -230,15 +230,15 @@ def listed_paths(list_file: Path) -> list[Path]:
 
 def output_names(paths: list[Path]) -> list[str]:
     """One output folder name per image: its stem (made safe by files.folder_name), numbered where
-    names repeat."""
+    names repeat (ignoring case)."""
     names, taken = [], set()
     for path in paths:
         name, n = folder_name(path.stem), 1
-        while name in taken:
+        while name.casefold() in taken:  # names alike but for case are one folder on macOS and Windows
             n += 1
             name = folder_name(f"{path.stem}-{n}")
         names.append(name)
-        taken.add(name)
+        taken.add(name.casefold())
     return names
 
 
@@ -457,8 +457,8 @@ def is_done(folder: Path, record: dict) -> bool:
 
 def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     """Segment the images of the command line (process `rank` of `world`: every world-th one) into
-    their own folders of --out, skipping those done."""
-    from weights import load_stable_diffusion, random_stable_diffusion
+    their own folders of --out, skipping those done; summary.json says what was done, and why the
+    run stopped if it did, from the moment --out is ready."""
     options = method_options(args)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
@@ -467,9 +467,22 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-    dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
+    try:
+        segment_jobs(jobs, out, options, device, args, summary, announce=rank == 0)
+    except BaseException as e:  # the whole run stopped: summary.json says why
+        summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
+        raise
+    finally:
+        write_summary(out, summary.as_dict(options), rank, world)
+
+
+def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summary: Summary, announce: bool):
+    """The jobs that can be done and are not done yet, each segmented into its folder; a failing image
+    is said and counted, and the others go on. `announce`: the first image says how long each takes."""
+    from weights import load_stable_diffusion, random_stable_diffusion
+    dtype = pick_dtype(args.dtype, device)
     jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
     todo = [job for job in jobs if args.overwrite or not is_done(out / job.name, records[job])]
@@ -479,26 +492,20 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
              "the files emerdiff writes (README, Set-up, for the real weights)")
     if summary.skipped:
         note(f"{summary.skipped} of {len(jobs)} images already done with these options (--overwrite redoes them)")
-    try:
-        if todo:
-            sd = (random_stable_diffusion("tiny", device, dtype) if args.random_weights else
-                  load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
-                                        config_dir=args.config_dir))
-        announce = rank == 0  # the first image that opens says how long each will take
-        for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or rank > 0):
-            try:
-                summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args, announce))
-                summary.done += 1
-                announce = False
-            except EmerDiffError as e:  # say it, and go on with the other images
-                summary.fail(job.path, e)
-            except OSError as e:
-                summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
-    except BaseException as e:  # the whole run stopped: summary.json says why
-        summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
-        raise
-    finally:
-        write_summary(out, summary.as_dict(options), rank, world)
+    if not todo:
+        return
+    sd = (random_stable_diffusion("tiny", device, dtype) if args.random_weights else
+          load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
+                                config_dir=args.config_dir))
+    for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or not announce):
+        try:
+            summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args, announce))
+            summary.done += 1
+            announce = False
+        except EmerDiffError as e:  # say it, and go on with the other images
+            summary.fail(job.path, e)
+        except OSError as e:
+            summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
 
 
 def write_summary(out: Path, summary: dict, rank: int, world: int):
@@ -560,22 +567,29 @@ def say(message: str):
     """An error line on stderr."""
     global errors_said
     errors_said += 1
-    print(f"emerdiff: error: {shown(message)}", file=sys.stderr)
+    written(f"emerdiff: error: {shown(message)}", sys.stderr)
 
 
 def report(line: str):
-    """A result line on stdout. A reader that stopped reading (`| head`) is no failure of the run: the
-    lines that follow go nowhere."""
-    try:
-        tqdm.write(line)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # also quiets the flush at exit
+    """A result line on stdout."""
+    written(line, sys.stdout)
 
 
 def note(message: str):
     """A line on stderr that is not an error."""
-    print(f"emerdiff: {shown(message)}", file=sys.stderr)
+    written(f"emerdiff: {shown(message)}", sys.stderr)
+
+
+def written(line: str, stream):
+    """`line` on `stream`. A reader that stopped reading (`| head`), or a stream closed from the start,
+    is no failure of the run: what follows goes nowhere."""
+    if stream is None:
+        return
+    try:
+        tqdm.write(line, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # also quiets the flush at exit
 
 
 class Terminated(BaseException):
@@ -597,9 +611,10 @@ def process_rank() -> tuple[int, int]:
 
 
 def torchrun_id() -> str:
-    """What tells one torchrun's processes from another's: its run id and rendezvous address."""
-    env = os.environ
-    return f"{env.get('TORCHELASTIC_RUN_ID', '')}@{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+    """What tells one torchrun's processes from another's: its run id, rendezvous address, size and
+    restart. (Two launches alike in all of these, a static rendezvous run twice, are not told apart.)"""
+    keys = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT")
+    return "/".join(os.environ.get(key, "") for key in keys)
 
 
 def main(argv=None) -> int:

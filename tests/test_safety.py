@@ -66,7 +66,7 @@ def test_two_images_of_a_dataset_that_would_share_a_folder_are_refused(tmp_path)
         (root / "gtFine" / "val" / city).mkdir(parents=True)
         Image.new("RGB", (8, 4)).save(root / "leftImg8bit" / "val" / city / f"{name}_leftImg8bit.png")
         Image.new("L", (8, 4)).save(root / "gtFine" / "val" / city / f"{name}_gtFine_labelIds.png")
-    with pytest.raises(EvaluationError, match="would share the output folder same_000000_000001_leftImg8bit"):
+    with pytest.raises(EvaluationError, match="share the output folder same_000000_000001_leftImg8bit: rename one"):
         dataset_samples("cityscapes", root)
 
 
@@ -261,3 +261,18 @@ def test_a_datasets_pixels_are_taken_as_stored_whatever_the_dataset(tmp_path, ti
     assert_complete(out / "x", (96, 64))  # as stored
     assert not (out / "summary.part1.json").exists()
     assert evaluate.main(["--dataset", "folder", "--root", str(root), "--pred", str(out), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("metadata", ["exif", "xmp"])
+def test_pixels_taken_as_stored_are_never_rotated_later(tmp_path, metadata):
+    """An orientation in EXIF or in XMP (Pillow reads both): to_rgb(exif_rotation=False) keeps the pixels as
+    stored, and segment()'s own reading of the image (inputs.as_image) does not rotate them after all."""
+    import inputs
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    path = tmp_path / "x.jpg"
+    Image.new("RGB", (96, 64)).save(path, **({"exif": exif} if metadata == "exif" else {"xmp": xmp}))
+    assert inputs.as_image(inputs.open_image(path)).size == (64, 96)  # honoured where wanted
+    assert inputs.as_image(inputs.to_rgb(inputs.open_image(path), exif_rotation=False)).size == (96, 64)
