@@ -214,14 +214,19 @@ def folder_pairs(root: Path) -> list[tuple[Path, Path]]:
     return paired(images, lambda image: label_dir / f"{image.stem}.png")
 
 
+def text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a text file, read through files.checked_file; a problem is one line, `what` first."""
+    try:
+        return checked_file(path).read_text().splitlines()
+    except FileError as e:
+        raise EvaluationError(f"{what}{shown(path)}: cannot read it ({e.reason})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{what}{shown(path)}: cannot read it ({e.__class__.__name__})") from None
+
+
 def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
     """The samples named in `list_file`: one image per line, as an id ("000000000139") or a file name."""
-    try:
-        lines = checked_file(list_file).read_text().splitlines()
-    except FileError as e:
-        raise EvaluationError(f"--list {shown(list_file)}: cannot read it ({e.reason})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"--list {shown(list_file)}: cannot read it ({e.__class__.__name__})") from None
+    lines = text_lines(list_file, "--list ")
     by_stem = {s.stem: s for s in samples}
     chosen = {}
     for number, line in enumerate(lines, 1):
@@ -249,12 +254,7 @@ def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
     image_dir = existing_folder(root / "JPEGImages", hint)
     label_dir = existing_folder(root / "SegmentationClassContext", hint)
     split = root / "ImageSets" / "SegmentationContext" / "val.txt"
-    try:
-        lines = checked_file(split).read_text().splitlines()
-    except FileError as e:
-        raise EvaluationError(f"{e}: the list of validation images; {hint}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvaluationError(f"{shown(split)}: cannot read it ({e.__class__.__name__})") from None
+    lines = text_lines(split, f"{hint}: the list of validation images, ")
     images = [image_dir / f"{line.strip()}.jpg" for line in lines if line.strip()]
     for image in images:
         if not image.is_file():
