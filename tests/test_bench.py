@@ -44,6 +44,14 @@ def test_the_method_benchmark_counts_the_calls_of_both_pipelines(tiny_sd_dir, tm
     assert notebook["max_map_difference_to_ours"] < 1e-3
     assert report["ratio_to_ours"]["notebook, float32"]["unet_calls"] == pytest.approx(
         (N + GRID + S + K * S) / (math.ceil(N / B) + math.ceil(S / B) + S * math.ceil(2 * K / B)))
+    # Scaled to the defaults, worked by hand: the feature stage by 100 / N draws, the modulated runs and
+    # decodes by 25 / K masks, the inversion, the recording and k-means as measured.
+    for contender in (ours, notebook):
+        seconds = {stage: s["seconds"] for stage, s in contender["stages"].items()}
+        by_hand = (sum(seconds.values()) + seconds["features"] * (100 / N - 1) + seconds["modulation"] * (25 / K - 1))
+        assert contender["seconds_scaled_to_defaults"]["total"] == pytest.approx(by_hand)
+    assert report["ratio_to_ours"]["notebook, float32"]["seconds_scaled_to_defaults"] == pytest.approx(
+        notebook["seconds_scaled_to_defaults"]["total"] / ours["seconds_scaled_to_defaults"]["total"])
 
 
 def test_the_gpu_presets_contenders_run_at_lower_precision(tiny_sd_dir, tmp_path, monkeypatch):
