@@ -36,6 +36,7 @@ import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -199,10 +200,15 @@ class ImageResult:
     hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
     embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
 
+    @cached_property
+    def hungarian(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This image's (TP, FP, FN) under hungarian: the protocol and the per-image scores share them."""
+        return hungarian_counts(self.hist)
+
 
 def per_image(counts):
-    """A per-image protocol (hist -> TP, FP, FN) as a dataset protocol: its counts summed over the images."""
-    return lambda results, n_class, _settings: tuple(sum(np.stack(counts(r.hist)) for r in results))
+    """A per-image protocol (ImageResult -> TP, FP, FN) as a dataset protocol: its counts summed over the images."""
+    return lambda results, n_class, _settings: tuple(sum(np.stack(counts(r)) for r in results))
 
 
 def concept_counts(results: list[ImageResult], n_class: int, _settings) -> tuple:
@@ -279,7 +285,7 @@ def kmeans_plus_plus(x: np.ndarray, squares: np.ndarray, k: int, rng) -> np.ndar
     return np.stack(centers)
 
 
-PROTOCOLS = {"hungarian": per_image(hungarian_counts), "majority": per_image(majority_counts),
+PROTOCOLS = {"hungarian": per_image(lambda r: r.hungarian), "majority": per_image(lambda r: majority_counts(r.hist)),
              "clusters": cluster_counts, "concept": concept_counts}
 NEEDS_EMBEDDINGS = {"clusters", "concept"}
 
@@ -473,7 +479,7 @@ def run(args) -> dict:
     return {"dataset": args.dataset, "images": len(present), "missing": len(missing),
             "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
             **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
-            "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*hungarian_counts(r.hist)).items() if k != "iou"}}
+            "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*r.hungarian).items() if k != "iou"}}
                           for r in results],
             "class_names": list(names), "options": options, "protocols": protocols,
             "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
