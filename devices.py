@@ -13,7 +13,8 @@ import sampler
 from inputs import GRID_FACTOR, LATENT_FACTOR, EmerDiffError, is_int
 from unet import FeedForward, ResnetBlock2D
 
-CPU_BATCH_SIZE = 8  # batch_size "auto" off CUDA: UNet runs and decodes per call
+CPU_BATCH_SIZES = (16, 8)  # batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16
+                          # in `python tools/bench.py profile`), decodes per call
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
 
@@ -38,10 +39,25 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": fp16 on a GPU (SD v1.5's usual precision), fp32 on the CPU."""
+    """"auto": fp16 on a GPU (SD v1.5's usual precision), fp32 on the CPU. Half precision on a CPU
+    without instructions for it is refused: PyTorch emulates it there, dozens of times slower."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_computes(dtype):
+        raise EmerDiffError(f"this CPU has no {name} instructions (AVX-512 {CPU_INSTRUCTIONS[dtype]} or AMX): "
+                            f"{name} runs dozens of times slower than float32 on it (docs/speed.md); use --dtype float32")
+    return dtype
+
+
+CPU_INSTRUCTIONS = {torch.bfloat16: "BF16", torch.float16: "FP16"}
+
+
+def cpu_computes(dtype: torch.dtype) -> bool:
+    """Whether oneDNN, PyTorch's CPU kernels, has instructions for `dtype` on this CPU."""
+    supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return supported[dtype]()
 
 
 def model_device_dtype(sd) -> tuple[torch.device, torch.dtype]:
@@ -127,12 +143,12 @@ def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     batch_size an int (both), such a pair, or "auto".
 
     "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
-    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZE."""
+    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES."""
     if o["batch_size"] != "auto":
         return (o["batch_size"],) * 2 if is_int(o["batch_size"]) else tuple(o["batch_size"])
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
-        return CPU_BATCH_SIZE, CPU_BATCH_SIZE
+        return CPU_BATCH_SIZES
     return auto_batch_sizes(sd, latent_shape(sd, height, width), runs=2 * o["masks"],
                             steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
 

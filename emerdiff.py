@@ -247,7 +247,7 @@ def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
 def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, injection: bool = True,
                       batch_size: int = 8, skip_projections: bool = True, share_probabilities: bool | None = None,
                       progress: bool = False) -> torch.Tensor:
-    """Regenerate from x_{t_m} once per row of offsets, `batch_size` runs per UNet batch -> (R, 4, h, w).
+    """Regenerate from x_{t_m} once per row of offsets, at most `batch_size` runs per UNet call -> (R, 4, h, w).
 
     At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's
     modulation (added in sampler.Modulation.out); with injection, every attention layer at every
@@ -259,7 +259,9 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
     replay = inversion.record if injection else None
     _, dtype = devices.model_device_dtype(sd)
-    batches = offsets.to(dtype).split(batch_size)  # the offsets in the model's dtype once, not at every step
+    # The offsets in the model's dtype once, not at every step; the runs spread evenly over the calls (50
+    # runs in batches of at most 16: 13, 13, 12, 12, not 16, 16, 16, 2: a small batch shares less).
+    batches = offsets.to(dtype).tensor_split(math.ceil(len(offsets) / batch_size))
     savings = dict(skip_projections=skip_projections, share_probabilities=share_probabilities)
     latents = []
     with tqdm(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step",

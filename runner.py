@@ -119,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
     p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
-                   "memory free at the start; elsewhere 8); lower it when GPU memory runs out")
+                   "memory free at the start; elsewhere 16 runs and 8 decodes); lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder: minutes at the start; no gain on the CPU, "
                    "not yet measured on a GPU (docs/speed.md)")

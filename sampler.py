@@ -8,6 +8,8 @@ taken from the edit-friendly DDPM inversion of Huberman-Spiegelglas et al. (CVPR
 
 All scheduler arithmetic is fp32 whatever the model's dtype; the UNet sees its own dtype.
 """
+import math
+
 import torch
 
 from unet import MODULATED_LAYER, AttentionHooks, is_cross_attention
@@ -167,10 +169,11 @@ class AttentionRecord(AttentionHooks):
         return o
 
 
-# Attention over runs that share q and k (injection): softmax(QK^T) once for all runs (True) or
-# SDPA run by run (False), per device type, whichever `python tools/bench.py models` measured
-# faster there (docs/speed.md); SDPA where nothing was measured.
-SHARE_PROBABILITIES: dict[str, bool] = {"cpu": True}
+# Attention over runs that share q and k (injection): softmax(QK^T) once for all runs of a UNet call,
+# or SDPA run by run, per device type: from how many runs per call sharing is faster, as measured by
+# `python tools/bench.py profile` (docs/speed.md: on the CPU, 0.85 of SDPA's time at 2 runs, 0.57 at 8);
+# SDPA always where nothing was measured.
+SHARE_PROBABILITIES_FROM_RUNS: dict[str, int] = {"cpu": 3}
 
 
 class Modulation(AttentionHooks):
@@ -185,15 +188,15 @@ class Modulation(AttentionHooks):
     Under injection nothing is computed that the record replaces: cross-attention outputs recorded
     whole are replayed (the modulated layer adds its offset to the replayed output), and the
     replaced q/k projections are skipped (`skip_projections=False`: computed and thrown away, the
-    plain path). `share_probabilities` (None: SHARE_PROBABILITIES of the device type) computes each
-    self-attention's probabilities once for all runs of the batch.
+    plain path). `share_probabilities` computes each self-attention's probabilities once for all runs
+    of the batch (None: where SHARE_PROBABILITIES_FROM_RUNS says it pays for this many runs).
     """
 
     def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None, layer: str = MODULATED_LAYER,
                  *, skip_projections: bool = True, share_probabilities: bool | None = None):
         self.offsets, self.replay, self.layer, self.skip_projections = offsets, replay, layer, skip_projections
         if share_probabilities is None:
-            share_probabilities = SHARE_PROBABILITIES.get(offsets.device.type, False)
+            share_probabilities = len(offsets) >= SHARE_PROBABILITIES_FROM_RUNS.get(offsets.device.type, math.inf)
         self.share_probabilities = replay is not None and share_probabilities
 
     def out(self, name, attend):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import bench
+import devices
 
 PRESET = bench.PRESETS["cpu"]["options"]  # 128x128, K = 4, 8 feature draws
-K, N, B = PRESET["masks"], PRESET["feature_samples"], 8  # B: runs per UNet call on the CPU
+K, N, B = PRESET["masks"], PRESET["feature_samples"], devices.CPU_BATCH_SIZES[0]  # B: runs per UNet call on the CPU
 S, GRID = 15, 50  # denoising steps t_m = 281 .. 1 on the 50-step grid; the whole grid
 
 
@@ -91,3 +92,22 @@ def test_the_flop_count_is_diffusers_count(tmp_path):
     assert {stage: counts["unet_images"] for stage, counts in report["ours"].items()} == dict(
         features=N, inversion=S, modulation=2 * K * S)
     assert report["total"]["ours"] < report["total"]["notebook"]
+
+
+def test_the_profile_sets_a_modulated_step_beside_a_diffusers_call(tiny_sd_dir, tmp_path):
+    """bench.py profile: per batch, diffusers' plain call and our modulated step, operator by operator;
+    ours computes the probabilities once (softmax) from SHARE_PROBABILITIES_FROM_RUNS runs, SDPA below."""
+    from sampler import SHARE_PROBABILITIES_FROM_RUNS
+    shared = SHARE_PROBABILITIES_FROM_RUNS["cpu"]
+    out = tmp_path / "profile.json"
+    bench.main(["profile", "--weights", str(tiny_sd_dir), "--size", "64", "--batches", "1", str(shared),
+                "--repeats", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [(row["size"], row["batch"]) for row in report["rows"]] == [(64, 1), (64, shared)]
+    sdpa, softmax = "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax"
+    for row in report["rows"]:
+        assert row["diffusers_s"] > 0 and row["ours_s"] > 0 and sdpa in row["diffusers_by_operator"]
+    one, several = (row["ours_by_operator"] for row in report["rows"])
+    assert sdpa in one and softmax not in one
+    assert softmax in several and sdpa not in several
+    assert [row["runs"] for row in report["shared_attention"]] == list(range(1, 9))

@@ -8,7 +8,8 @@ from transformers import CLIPTextModel as RefCLIPTextModel
 
 from clip_text import CLIPTextConfig, CLIPTextModel
 from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE
-from unet import Conv2d, UNet, UNetConfig
+import unet as unet_module
+from unet import WINOGRAD_MIN_CHANNELS, Conv2d, UNet, UNetConfig
 from vae import VAE, VAEConfig
 from weights import WeightsError, config_from_dict
 
@@ -133,14 +134,53 @@ def test_configs_the_references_refuse_are_refused_before_any_tensor(reference, 
         config_from_dict(config_cls, config)
 
 
-@pytest.mark.parametrize("kernel, side", [(3, 2), (3, 4), (1, 3), (3, 5)])  # maps of 4, 16, 9 and 25 pixels
-def test_conv2d_matches_torch_convolution(kernel, side):
-    """Small maps go through one matrix product on the CPU (unet.Conv2d), larger ones through torch's."""
-    g = torch.Generator().manual_seed(kernel + side)
-    conv = Conv2d(6, 5, kernel, padding=kernel // 2)
-    x = torch.randn(3, 6, side, side, generator=g)
+def relative_error(ours, expected) -> float:
+    return ((ours.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("in_channels, kernel, side", [
+    (WINOGRAD_MIN_CHANNELS, 3, (6, 8)), (WINOGRAD_MIN_CHANNELS + 3, 3, (5, 7)), (WINOGRAD_MIN_CHANNELS, 3, (1, 1)),
+    (WINOGRAD_MIN_CHANNELS, 3, (2, 3)), (WINOGRAD_MIN_CHANNELS - 1, 3, (6, 6)), (WINOGRAD_MIN_CHANNELS, 1, (3, 3))])
+def test_conv2d_matches_torch_convolution(in_channels, kernel, side):
+    """unet.Conv2d: on the CPU, Winograd's F(2x2, 3x3) from WINOGRAD_MIN_CHANNELS input channels (odd
+    sides padded and cropped), torch's convolution otherwise; against torch's convolution in float64."""
+    g = torch.Generator().manual_seed(in_channels + kernel + side[0])
+    conv = Conv2d(in_channels, 5, kernel, padding=kernel // 2)
+    x = torch.randn(2, in_channels, *side, generator=g)
     with torch.no_grad():
-        assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=kernel // 2), rel=1e-6)
+        out = conv(x)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2)
+    assert out.shape == expected.shape and relative_error(out, expected) <= 2e-6  # torch's own float32: up to 6e-6
+    assert hasattr(conv, "transformed") == (kernel == 3 and in_channels >= WINOGRAD_MIN_CHANNELS)
+
+
+def test_winograd_filters_follow_the_weights():
+    """The transformed filters are made again when the weights are loaded anew or change dtype."""
+    g = torch.Generator().manual_seed(7)
+    conv = Conv2d(WINOGRAD_MIN_CHANNELS, 3, 3, padding=1)
+    x = torch.randn(1, WINOGRAD_MIN_CHANNELS, 4, 4, generator=g)
+    with torch.no_grad():
+        conv(x)
+        conv.load_state_dict({name: torch.randn(p.shape, generator=g) for name, p in conv.state_dict().items()})
+        expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        assert relative_error(conv(x), expected) <= 2e-6
+        assert relative_error(conv.double()(x.double()), expected) <= 1e-12
+
+
+def test_unet_matches_diffusers_with_every_3x3_convolution_by_winograd(sd, tiny_reference, monkeypatch):
+    """SD v1.5's UNet convolves 512 channels and more by Winograd on the CPU; the tiny model has fewer:
+    with the threshold lowered, every 3x3 Conv2d of it runs that way, and the UNet still computes
+    what diffusers computes."""
+    calls = []
+    winograd = unet_module.winograd_convolution
+    monkeypatch.setattr(unet_module, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(unet_module, "winograd_convolution", lambda *args: calls.append(1) or winograd(*args))
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([281, 1])
+    context = torch.randn(2, 77, TINY_UNET["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        assert_close(sd.unet(x, t, context), tiny_reference[0](x, t, context).sample)
+    assert len(calls) == sum(isinstance(m, Conv2d) and m.kernel_size == (3, 3) for m in sd.unet.modules()) > 10
 
 
 def test_the_random_tiny_model_has_the_tests_tiny_configuration():

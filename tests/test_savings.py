@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import emerdiff
-from sampler import AttentionRecord, Modulation, invert, regenerate
-from unet import shared_probabilities_attention
+from sampler import SHARE_PROBABILITIES_FROM_RUNS, AttentionRecord, Modulation, invert, regenerate
+from unet import QUERY_BLOCK, shared_probabilities_attention
 
 LATENT = (1, 4, 16, 16)  # a 128x128 image: the modulated layer works on 4x4 = 16 tokens
 TOKENS = 16
@@ -110,7 +110,8 @@ def test_skipped_projections_change_nothing(sd, x0_and_context, records):
 
 # ---- 3. Self-attention probabilities once for all runs ----
 
-@pytest.mark.parametrize("heads, runs, n, m", [(1, 2, 16, 16), (4, 3, 64, 64), (8, 5, 20, 77)])
+@pytest.mark.parametrize("heads, runs, n, m", [(1, 2, 16, 16), (4, 3, 64, 64), (8, 5, 20, 77),
+                                               (2, 3, 2 * QUERY_BLOCK + 52, 50)])  # 3 blocks of queries
 def test_shared_probabilities_attention_is_softmax_attention_run_by_run(heads, runs, n, m):
     g = torch.Generator().manual_seed(heads)
     channels = 8 * heads
@@ -133,6 +134,16 @@ def test_shared_probabilities_equal_attention_run_by_run(sd, x0_and_context, rec
     per_run = modulated(sd, records[True], context, share_probabilities=False)
     assert relative_error(shared, per_run) <= 1e-5
 
+
+
+def test_probabilities_are_shared_from_the_measured_number_of_runs():
+    """share_probabilities=None shares from SHARE_PROBABILITIES_FROM_RUNS runs per call on the CPU
+    (SDPA run by run below: it is faster there), and never without a record to replay."""
+    fewest, record = SHARE_PROBABILITIES_FROM_RUNS["cpu"], AttentionRecord()
+    assert not Modulation(torch.zeros(fewest - 1, 4), record).share_probabilities
+    assert Modulation(torch.zeros(fewest, 4), record).share_probabilities
+    assert not Modulation(torch.zeros(fewest, 4), None).share_probabilities
+    assert Modulation(torch.zeros(1, 4), record, share_probabilities=True).share_probabilities
 
 # ---- 4. The inversion's UNet calls batched ----
 

@@ -1,6 +1,7 @@
 """Speed, measured side by side in one process.
 
     python tools/bench.py models --size 256 512 --batch 1    # our UNet and VAE decoder against diffusers', same weights
+    python tools/bench.py profile --size 512                  # a modulated step against a diffusers UNet call, by operator
     python tools/bench.py method --preset cpu --json m.json  # segment() against the authors' notebook approach, per stage
     python tools/bench.py method --preset gpu --json m.json  # the same at 512x512, K = 25, 100 draws, on CUDA
     python tools/bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
@@ -27,6 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
@@ -42,7 +44,7 @@ from devices import Stopwatch, synchronize  # noqa: E402
 from files import atomic_save  # noqa: E402
 from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
 from notebook import NotebookPipeline, reference_models  # noqa: E402
-from unet import UNet, UNetConfig  # noqa: E402
+from unet import UNet, UNetConfig, shared_probabilities_attention  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 from weights import StableDiffusion, random_stable_diffusion  # noqa: E402
 
@@ -206,21 +208,28 @@ def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
     return rows
 
 
+def modulated_step(unet, x, context, t, runs: int, share: bool | None = None):
+    """A call of our UNet as a modulated step after t_m (every run in full) of `runs` runs under
+    injection, all savings on (`share`: the shared probabilities forced on or off): the recording
+    pass is made first, from x's first image."""
+    record = sampler.AttentionRecord()
+    sampler.predict_noise(unet, x[:1], t, context, record, step=0)
+    x = x[:1].expand(runs, -1, -1, -1).contiguous()
+    tokens = math.prod(side // (GRID_FACTOR // LATENT_FACTOR) for side in x.shape[-2:])  # the modulated layer's h*w
+    hooks = sampler.Modulation(torch.zeros(runs, tokens, device=x.device, dtype=x.dtype), record,
+                               share_probabilities=share)
+    return lambda: sampler.predict_noise(unet, x, t, context, hooks, step=0)
+
+
 @torch.no_grad()
 def hooked_steps(unet, x, context, t, args, device) -> list[dict]:
     """A modulated step under injection (batch of runs, savings on) against a plain UNet call, and
-    its self-attention with the probabilities shared against SDPA run by run: the measurement that
-    decides sampler.SHARE_PROBABILITIES for the device type."""
-    record = sampler.AttentionRecord()
-    sampler.predict_noise(unet, x[:1], t, context, record, step=0)
-    x = x[:1].expand(args.runs, -1, -1, -1).contiguous()  # one modulated step after t_m: every run in full
-    tokens = math.prod(side // (GRID_FACTOR // LATENT_FACTOR) for side in x.shape[-2:])
-    offsets = torch.zeros(args.runs, tokens, device=device, dtype=x.dtype)  # the modulated layer's h*w
-
-    def step(share):
-        hooks = sampler.Modulation(offsets, record, share_probabilities=share)
-        return lambda: sampler.predict_noise(unet, x, t, context, hooks, step=0)
-    plain_s, shared_s, sdpa_s = timed([lambda: unet(x, t, context), step(True), step(False)], device, args.repeats)
+    its self-attention with the probabilities shared against SDPA run by run."""
+    plain = x[:1].expand(args.runs, -1, -1, -1)
+    plain_s, shared_s, sdpa_s = timed([lambda: unet(plain, t, context),
+                                       modulated_step(unet, x, context, t, args.runs, share=True),
+                                       modulated_step(unet, x, context, t, args.runs, share=False)],
+                                      device, args.repeats)
     h, w = x.shape[-2:]
     note = f"{args.runs} runs; reference: a plain UNet call"
     return [dict(row=f"modulated step, shared probabilities, {h}x{w}", ours_s=shared_s, reference_s=plain_s, note=note),
@@ -242,6 +251,78 @@ def bench_models(args, device, dtype):
     rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
     print_rows(f"batch {args.batch}, reference: diffusers", rows)
     return dict(command="models", batch=args.batch, rows=rows, load_average=[load, load_average()])
+
+
+# ---- python tools/bench.py profile: where a modulated step's time goes, against diffusers ----
+
+def seconds_by_operator(prof, images: int) -> dict:
+    """Self CPU seconds per image of each operator in a torch.profiler run."""
+    return {e.key: e.self_cpu_time_total / 1e6 / images for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+
+@torch.no_grad()
+def shared_attention_rows(unet, side: int, device, dtype, repeats: int) -> list[dict]:
+    """The full-resolution self-attention of a modulated step (SD v1.5: 8 heads, h*w tokens of 320
+    channels at a side x side image): the probabilities shared by the runs against SDPA run by run,
+    per run, for 1 to 8 runs: where sharing starts to pay (sampler.SHARE_PROBABILITIES_FROM_RUNS)."""
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    tokens, channels = (side // LATENT_FACTOR) ** 2, layer.to_q.in_features
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, tokens, channels, generator=g).to(device, dtype) for _ in range(2))
+    rows = []
+    for runs in range(1, 9):
+        v = torch.randn(runs, tokens, channels, generator=g).to(device, dtype)
+        split = lambda a: a.unflatten(-1, (layer.heads, -1)).transpose(1, 2).expand(runs, -1, -1, -1).contiguous()
+        shared_s, sdpa_s = timed([lambda: shared_probabilities_attention(q, k, v, layer.heads),
+                                  lambda: F.scaled_dot_product_attention(split(q), split(k), split(v))],
+                                 device, repeats)
+        rows.append(dict(runs=runs, tokens=tokens, shared_s=shared_s, sdpa_s=sdpa_s))
+        print(f"self-attention, {tokens} tokens, {runs} runs: shared {shared_s / runs:.3f} s per run, SDPA "
+              f"{sdpa_s / runs:.3f} s ({shared_s / sdpa_s:.2f} of SDPA's time)")
+    return rows
+
+
+@torch.no_grad()
+def bench_profile(args, device, dtype):
+    """Per image, one plain UNet evaluation of diffusers and one modulated step of ours (after t_m,
+    every run in full, all savings on), each at every --batches (diffusers: images per call; ours:
+    runs per call), under torch.profiler: wall seconds, and self seconds by operator side by side.
+    Each contender is warmed up once first. Then the shared self-attention against SDPA by runs."""
+    from torch.profiler import ProfilerActivity, profile
+    sd = load_models(args, device, dtype)
+    ref_unet, _ = reference_models(sd.unet, sd.vae, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    rows, attention = [], []
+    for side in args.size:
+        x = torch.randn(1, 4, side // LATENT_FACTOR, side // LATENT_FACTOR, generator=g).to(device, dtype)
+        context = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g).to(device, dtype)
+        t = torch.tensor([281], device=device)
+        for batch in args.batches:
+            calls = dict(diffusers=lambda: ref_unet(x.expand(batch, -1, -1, -1), t, context.expand(batch, -1, -1)),
+                         ours=modulated_step(sd.unet, x, context, t, batch))
+            row = dict(size=side, batch=batch)
+            for name, call in calls.items():
+                if batch == args.batches[0]:
+                    call()  # warm-up
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    start = time.perf_counter()
+                    call()
+                    synchronize(device)
+                    row[f"{name}_s"] = (time.perf_counter() - start) / batch
+                row[f"{name}_by_operator"] = seconds_by_operator(prof, batch)
+            rows.append(row)
+            print_profile(row, args.top)
+        attention += shared_attention_rows(sd.unet, side, device, dtype, args.repeats)
+    return dict(command="profile", device=str(device), dtype=str(dtype), torch=torch.__version__, rows=rows,
+                shared_attention=attention, load_average=load_average())
+
+
+def print_profile(row, top: int):
+    ours, ref = row["ours_by_operator"], row["diffusers_by_operator"]
+    print(f"{row['size']}x{row['size']}, batch {row['batch']}: per image, diffusers {row['diffusers_s']:.2f} s, "
+          f"our modulated step {row['ours_s']:.2f} s ({row['ours_s'] / row['diffusers_s']:.2f} of diffusers')")
+    for op in sorted(ours.keys() | ref.keys(), key=lambda op: -max(ours.get(op, 0), ref.get(op, 0)))[:top]:
+        print(f"    {op:<52}{ref.get(op, 0):>8.3f} s{ours.get(op, 0):>8.3f} s")
 
 
 # ---- python tools/bench.py method: segment() against the authors' notebook approach ----
@@ -353,7 +434,7 @@ def bench_flops(args, _device, _dtype):
         sd = random_stable_diffusion("sd15", "meta", torch.float32)
     sd = StableDiffusion(MeteredUNet(sd.unet, meter), MeteredVAE(sd.vae, meter), sd.text_encoder, sd.tokenizer)
     side, runs, steps = o["size"], 2 * o["masks"], len(sampler.timesteps_until(o["t_m"], o["steps"]))
-    batch = devices.CPU_BATCH_SIZE if args.batch_size is None else args.batch_size
+    batch = devices.CPU_BATCH_SIZES[0] if args.batch_size is None else args.batch_size
     x0 = emerdiff.encode(sd, torch.zeros(1, 3, side, side, device="meta"))
     emerdiff.extract_features(sd, x0, samples=o["feature_samples"], batch_size=batch)
     inversion = emerdiff.invert(sd, x0, batch_size=batch)
@@ -549,8 +630,8 @@ def bench_compile(args, device, dtype):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="models", choices=["models", "method", "flops", "precision", "time",
-                                                                 "cuda", "compile"])
+    p.add_argument("command", nargs="?", default="models", choices=["models", "profile", "method", "flops", "precision",
+                                                                 "time", "cuda", "compile"])
     p.add_argument("--weights", help="real weights (hub id, folder or file); default: random SD v1.5-size models")
     p.add_argument("--image", default=str(EXAMPLE), help="the image segmented by method, precision, time, cuda, compile")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="method, compile: the device, sizes and options")
@@ -558,10 +639,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--size", type=int, nargs="+", default=[512], help="models: image sides in pixels")
     p.add_argument("--batch", type=int, default=2, help="models: images per UNet/VAE call")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="profile: images (diffusers) and runs (ours) per UNet call")
+    p.add_argument("--top", type=int, default=12, help="profile: the operators printed per row")
     p.add_argument("--skip-vae", action="store_true", help="models: only the UNet rows")
     p.add_argument("--runs", type=int, default=8, help="models: modulated runs per batch in the hooked rows")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (at least 1)")
-    p.add_argument("--batch-size", type=int, help="flops: runs per UNet call (default: the CPU's automatic 8)")
+    p.add_argument("--batch-size", type=int, help="flops: runs per UNet call (default: the CPU's automatic 16)")
     p.add_argument("--masks", type=int, default=4, help="time: K of the measured runs")
     p.add_argument("--feature-samples", type=int, default=8, help="time: feature draws of the measured runs")
     p.add_argument("--tiny", action="store_true", help="time: the tests' tiny model instead of SD v1.5's size")
@@ -582,7 +666,7 @@ def main(argv=None):
     device = devices.pick_device(preset_device)
     dtype = devices.pick_dtype(args.dtype, device)
     print(f"{args.command}: device {device}, {dtype}, torch {torch.__version__}, load average {load_average():.2f}")
-    commands = dict(models=bench_models, method=bench_method, flops=bench_flops, precision=bench_precision,
+    commands = dict(models=bench_models, profile=bench_profile, method=bench_method, flops=bench_flops, precision=bench_precision,
                     time=bench_time, cuda=bench_cuda, compile=bench_compile)
     result = commands[args.command](args, device, dtype)
     if args.json:
