@@ -38,6 +38,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+CPU_INSTRUCTIONS = {torch.bfloat16: "BF16", torch.float16: "FP16"}  # what oneDNN needs for each, besides AMX
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """"auto": fp16 on a GPU (SD v1.5's usual precision), fp32 on the CPU. Half precision on a CPU
     without instructions for it is refused: PyTorch emulates it there, dozens of times slower."""
@@ -48,9 +51,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise EmerDiffError(f"this CPU has no {name} instructions (AVX-512 {CPU_INSTRUCTIONS[dtype]} or AMX): "
                             f"{name} runs dozens of times slower than float32 on it (docs/speed.md); use --dtype float32")
     return dtype
-
-
-CPU_INSTRUCTIONS = {torch.bfloat16: "BF16", torch.float16: "FP16"}
 
 
 def cpu_computes(dtype: torch.dtype) -> bool:

@@ -303,7 +303,7 @@ def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float
     The blur comes before the norm, as in the authors' notebook, which blurs both decoded images
     and then takes the norm of their difference; the blur is linear, so here the difference is
     blurred once. (Blurring the map after the norm would give other maps: the norm is not linear.)
-    All 2K runs go through the UNet in batches of `batch_size` runs, then the VAE decoder in
+    All 2K runs go through the UNet in batches of at most `batch_size` runs, then the VAE decoder in
     batches of `decode_batch_size` images (default: batch_size), each rounded down to whole +-
     pairs, at least one pair.
     """

@@ -171,7 +171,7 @@ class AttentionRecord(AttentionHooks):
 
 # Attention over runs that share q and k (injection): softmax(QK^T) once for all runs of a UNet call,
 # or SDPA run by run, per device type: from how many runs per call sharing is faster, as measured by
-# `python tools/bench.py profile` (docs/speed.md: on the CPU, 0.85 of SDPA's time at 2 runs, 0.57 at 8);
+# `python tools/bench.py profile` (docs/speed.md: on the CPU at 512x512, 1.14 of SDPA's time at 2 runs, 0.86 at 3);
 # SDPA always where nothing was measured.
 SHARE_PROBABILITIES_FROM_RUNS: dict[str, int] = {"cpu": 3}
 
