@@ -134,10 +134,6 @@ def test_configs_the_references_refuse_are_refused_before_any_tensor(reference, 
         config_from_dict(config_cls, config)
 
 
-def relative_error(ours, expected) -> float:
-    return ((ours.double() - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.mark.parametrize("in_channels, kernel, side", [
     (WINOGRAD_MIN_CHANNELS, 3, (6, 8)), (WINOGRAD_MIN_CHANNELS + 3, 3, (5, 7)), (WINOGRAD_MIN_CHANNELS, 3, (1, 1)),
     (WINOGRAD_MIN_CHANNELS, 3, (2, 3)), (WINOGRAD_MIN_CHANNELS - 1, 3, (6, 6)), (WINOGRAD_MIN_CHANNELS, 1, (3, 3))])
@@ -150,7 +146,7 @@ def test_conv2d_matches_torch_convolution(in_channels, kernel, side):
     with torch.no_grad():
         out = conv(x)
     expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2)
-    assert out.shape == expected.shape and relative_error(out, expected) <= 2e-6  # torch's own float32: up to 6e-6
+    assert_close(out, expected, rel=2e-6)  # torch's own float32 convolution: up to 6e-6
     assert hasattr(conv, "transformed") == (kernel == 3 and in_channels >= WINOGRAD_MIN_CHANNELS)
 
 
@@ -163,8 +159,8 @@ def test_winograd_filters_follow_the_weights():
         conv(x)
         conv.load_state_dict({name: torch.randn(p.shape, generator=g) for name, p in conv.state_dict().items()})
         expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-        assert relative_error(conv(x), expected) <= 2e-6
-        assert relative_error(conv.double()(x.double()), expected) <= 1e-12
+        assert_close(conv(x), expected, rel=2e-6)
+        assert_close(conv.double()(x.double()), expected, rel=1e-12)
 
 
 def test_unet_matches_diffusers_with_every_3x3_convolution_by_winograd(sd, tiny_reference, monkeypatch):

@@ -225,7 +225,7 @@ def modulated_step(unet, x, context, t, runs: int, share: bool | None = None):
 def hooked_steps(unet, x, context, t, args, device) -> list[dict]:
     """A modulated step under injection (batch of runs, savings on) against a plain UNet call, and
     its self-attention with the probabilities shared against SDPA run by run."""
-    plain = x[:1].expand(args.runs, -1, -1, -1)
+    plain = x[:1].expand(args.runs, -1, -1, -1).contiguous()  # as the modulated step's runs
     plain_s, shared_s, sdpa_s = timed([lambda: unet(plain, t, context),
                                        modulated_step(unet, x, context, t, args.runs, share=True),
                                        modulated_step(unet, x, context, t, args.runs, share=False)],
@@ -272,9 +272,9 @@ def shared_attention_rows(unet, side: int, device, dtype, repeats: int) -> list[
     rows = []
     for runs in range(1, 9):
         v = torch.randn(runs, tokens, channels, generator=g).to(device, dtype)
-        split = lambda a: a.unflatten(-1, (layer.heads, -1)).transpose(1, 2).expand(runs, -1, -1, -1).contiguous()
         shared_s, sdpa_s = timed([lambda: shared_probabilities_attention(q, k, v, layer.heads),
-                                  lambda: F.scaled_dot_product_attention(split(q), split(k), split(v))],
+                                  lambda: F.scaled_dot_product_attention(*(layer._split_heads(a, runs)
+                                                                           for a in (q, k, v)))],
                                  device, repeats)
         rows.append(dict(runs=runs, tokens=tokens, shared_s=shared_s, sdpa_s=sdpa_s))
         print(f"self-attention, {tokens} tokens, {runs} runs: shared {shared_s / runs:.3f} s per run, SDPA "
@@ -666,8 +666,8 @@ def main(argv=None):
     device = devices.pick_device(preset_device)
     dtype = devices.pick_dtype(args.dtype, device)
     print(f"{args.command}: device {device}, {dtype}, torch {torch.__version__}, load average {load_average():.2f}")
-    commands = dict(models=bench_models, profile=bench_profile, method=bench_method, flops=bench_flops, precision=bench_precision,
-                    time=bench_time, cuda=bench_cuda, compile=bench_compile)
+    commands = dict(models=bench_models, profile=bench_profile, method=bench_method, flops=bench_flops,
+                    precision=bench_precision, time=bench_time, cuda=bench_cuda, compile=bench_compile)
     result = commands[args.command](args, device, dtype)
     if args.json:
         atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
