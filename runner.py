@@ -260,6 +260,10 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
 # ---- How long it will take ----
 
 FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
+# Of a UNet call, a modulated run's step in a batch of runs (replayed attention, shared probabilities,
+# Winograd): 0.72 at 512x512 in batches of 16 on the CPU (docs/speed.md's profile; with it the estimate
+# came within 1 % of the method's measured time there); elsewhere unmeasured.
+MODULATED_STEP = {"cpu": 0.72}
 LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
 TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
 
@@ -269,8 +273,8 @@ def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, fl
     """(seconds per image, UNet evaluations, seconds of one, decodes, spread) at the working size
     (W, H), the cost model of docs/speed.md: a UNet call and a decode timed TIMED_CALLS times each
     after an untimed one, the fastest taken (a machine that slows down now and then does not inflate
-    it); `spread` is how much slower the slowest was, relative. With upsample="bilinear" only the
-    feature passes run."""
+    it), a modulated run's step counted as MODULATED_STEP of a call; `spread` is how much slower the
+    slowest was, relative. With upsample="bilinear" only the feature passes run."""
     device, dtype = model_device_dtype(sd)
     latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
     context = embed_prompt(sd, options["prompt"]).to(dtype)
@@ -291,8 +295,9 @@ def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, fl
     modulated = options["upsample"] == "modulation"
     steps = len(timesteps_until(options["t_m"], options["steps"])) if modulated else 0
     runs = 2 * options["masks"] if modulated else 0
-    evaluations = FEATURE_PASS * options["feature_samples"] + steps + runs * steps
-    return evaluations * unet_s + runs * decode_s, evaluations, unet_s, runs, spread
+    plain_calls = FEATURE_PASS * options["feature_samples"] + steps
+    run_steps = runs * steps * MODULATED_STEP.get(device.type, 1.0)
+    return (plain_calls + run_steps) * unet_s + runs * decode_s, plain_calls + runs * steps, unet_s, runs, spread
 
 
 def announce_long_run(sd, size: tuple[int, int], options: dict):
@@ -303,8 +308,8 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
     seconds, evaluations, unet_s, decodes, spread = estimate(sd, size, options)
     if seconds >= LONG_RUN_S:
         duration = f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
-        note(f"about {duration} per image on the {device.type} ({evaluations:.0f} UNet evaluations of "
-             f"{unet_s:.2f} s and {decodes} decodes; the fastest of {TIMED_CALLS} timed calls, the slowest "
+        note(f"about {duration} per image on the {device.type} ({evaluations:.0f} UNet evaluations, a plain one "
+             f"{unet_s:.2f} s, and {decodes} decodes; the fastest of {TIMED_CALLS} timed calls, the slowest "
              f"{100 * spread:.0f} % slower): --masks, --feature-samples, --size and --steps cut it "
              "(README, Time and cost)")
 

@@ -139,16 +139,18 @@ WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (stride 1, "same" padding). On the CPU, a 3x3 convolution of at least
+    """nn.Conv2d (stride 1, "same" padding). On the CPU, a float32 3x3 convolution of at least
     WINOGRAD_MIN_CHANNELS input channels runs by Winograd's F(2x2, 3x3) (winograd_convolution): the
     same sums up to float rounding, 2.25 times fewer multiplications in matrix products, faster there
     than oneDNN's direct convolution (docs/speed.md). Inference only (without gradients), and in the
-    usual memory layout: a channels_last map (the VAE decoder's) stays with oneDNN, faster there. The
+    usual memory layout: a channels_last map (the VAE decoder's) stays with oneDNN, faster there, as
+    does half precision (its transforms would round at every sum, and its speed is not measured). The
     transformed filters are kept beside the weights (16/9 of their size), made again when they change."""
 
     def forward(self, x):
-        if (x.device.type != "cpu" or self.kernel_size != (3, 3) or self.in_channels < WINOGRAD_MIN_CHANNELS
-                or not x.is_contiguous() or (torch.is_grad_enabled() and self.weight.requires_grad)):
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.kernel_size != (3, 3)
+                or self.in_channels < WINOGRAD_MIN_CHANNELS or not x.is_contiguous()
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return super().forward(x)
         return winograd_convolution(x, self.winograd_filters(), self.bias)
 

@@ -1,5 +1,6 @@
 """Running the command line in tests: a subprocess, the cheapest options, and checks on its outputs."""
 import json
+import signal
 import subprocess
 import sys
 
@@ -20,9 +21,16 @@ def cli(*args, **kwargs) -> subprocess.CompletedProcess:
                           timeout=300, **kwargs)
 
 
+def default_ctrl_c():
+    """In the child: Ctrl-C as a terminal delivers it. A shell without job control starts its background
+    jobs (`pytest ... &`) with SIGINT ignored, which their children inherit, and Python then leaves it
+    ignored, as `nohup` means it to."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
 
 
 def assert_one_error(result, pattern, status=2):

@@ -150,8 +150,9 @@ def test_conv2d_matches_torch_convolution(in_channels, kernel, side):
     assert hasattr(conv, "transformed") == (kernel == 3 and in_channels >= WINOGRAD_MIN_CHANNELS)
 
 
-def test_winograd_filters_follow_the_weights():
-    """The transformed filters are made again when the weights are loaded anew or change dtype."""
+def test_winograd_filters_follow_the_weights_and_only_float32_takes_them():
+    """The transformed filters are made again when the weights are loaded anew. Other dtypes take
+    torch's convolution: float64 as exact as it is, half precision rounded as torch rounds it."""
     g = torch.Generator().manual_seed(7)
     conv = Conv2d(WINOGRAD_MIN_CHANNELS, 3, 3, padding=1)
     x = torch.randn(1, WINOGRAD_MIN_CHANNELS, 4, 4, generator=g)
@@ -161,6 +162,8 @@ def test_winograd_filters_follow_the_weights():
         expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         assert_close(conv(x), expected, rel=2e-6)
         assert_close(conv.double()(x.double()), expected, rel=1e-12)
+        half = conv.bfloat16()
+        assert torch.equal(half(x.bfloat16()), F.conv2d(x.bfloat16(), half.weight, half.bias, padding=1))
 
 
 def test_unet_matches_diffusers_with_every_3x3_convolution_by_winograd(sd, tiny_reference, monkeypatch):

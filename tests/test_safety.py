@@ -1,6 +1,7 @@
 """Runs that never lose or mix a result: output names safe on any file system, one rule for
 temporaries, torchrun's processes that never wait for each other, one guarded open for every file,
 a closed stdout, and exit status 2 whenever an error line was printed."""
+import itertools
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import emerdiff
 import evaluate
 import files
 import runner
-from command_line import EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, save_image
+from command_line import EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, save_image, start_cli
 from conftest import ROOT
 from datasets import EvaluationError, dataset_samples
 from inputs import EmerDiffError
@@ -172,9 +173,7 @@ def test_a_closed_stdout_is_no_failure(tmp_path, tiny_sd_dir):
     images.mkdir()
     for i in range(2):
         save_image(images / f"{i}.png", (64, 64), seed=i)
-    process = subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), "--image", str(images), "--weights",
-                                str(tiny_sd_dir), "--out", str(tmp_path / "out"), *FAST],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cli("--image", str(images), "--weights", str(tiny_sd_dir), "--out", str(tmp_path / "out"), *FAST)
     process.stdout.close()  # `| head` that read nothing
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0 and err == "", err
@@ -241,6 +240,17 @@ def test_the_estimate_takes_the_fastest_call_and_says_how_steady(sd, monkeypatch
     monkeypatch.setattr(sd.unet, "forward", lambda *a, **k: time.sleep(next(pauses)) or forward(*a, **k))
     seconds, evaluations, unet_s, decodes, spread = runner.estimate(sd, (64, 64), emerdiff.DEFAULTS)
     assert 0.3 <= unet_s < 1.5 and spread > 1  # the fastest, not the first; the slowest over twice as slow
+
+
+def test_the_estimate_counts_a_modulated_step_at_its_measured_share_of_a_call(sd, monkeypatch):
+    ticks = itertools.count()
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))  # every timed call: 1 s
+    o = emerdiff.DEFAULTS | dict(masks=3, feature_samples=10)
+    seconds, evaluations, unet_s, decodes, spread = runner.estimate(sd, (64, 64), o)
+    steps = (281 - 1) // 20 + 1  # t_m = 281 on the 50-step grid: 281, 261, ..., 1
+    assert (unet_s, decodes, spread, evaluations) == (1, 6, 0, 0.4 * 10 + steps + 6 * steps)
+    modulated_step = runner.MODULATED_STEP["cpu"]  # of a plain call
+    assert seconds == pytest.approx(0.4 * 10 + steps + modulated_step * 6 * steps + 6)  # and 6 decodes of 1 s
 
 
 def test_a_datasets_pixels_are_taken_as_stored_whatever_the_dataset(tmp_path, tiny_sd_dir):

@@ -286,8 +286,10 @@ def shared_attention_rows(unet, side: int, device, dtype, repeats: int) -> list[
 def bench_profile(args, device, dtype):
     """Per image, one plain UNet evaluation of diffusers and one modulated step of ours (after t_m,
     every run in full, all savings on), each at every --batches (diffusers: images per call; ours:
-    runs per call), under torch.profiler: wall seconds, and self seconds by operator side by side.
-    Each contender is warmed up once first. Then the shared self-attention against SDPA by runs."""
+    runs per call): wall seconds (the median of --repeats interleaved calls after a warm-up, without
+    the profiler, whose overhead per operator would weigh more on diffusers' many small ones), then
+    one call each under torch.profiler: self seconds by operator side by side. Then the shared
+    self-attention against SDPA by runs."""
     from torch.profiler import ProfilerActivity, profile
     sd = load_models(args, device, dtype)
     ref_unet, _ = reference_models(sd.unet, sd.vae, device, dtype)
@@ -300,15 +302,11 @@ def bench_profile(args, device, dtype):
         for batch in args.batches:
             calls = dict(diffusers=lambda: ref_unet(x.expand(batch, -1, -1, -1), t, context.expand(batch, -1, -1)),
                          ours=modulated_step(sd.unet, x, context, t, batch))
-            row = dict(size=side, batch=batch)
+            seconds = timed(list(calls.values()), device, args.repeats)
+            row = dict(size=side, batch=batch, **{f"{name}_s": s / batch for name, s in zip(calls, seconds)})
             for name, call in calls.items():
-                if batch == args.batches[0]:
-                    call()  # warm-up
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    start = time.perf_counter()
                     call()
-                    synchronize(device)
-                    row[f"{name}_s"] = (time.perf_counter() - start) / batch
                 row[f"{name}_by_operator"] = seconds_by_operator(prof, batch)
             rows.append(row)
             print_profile(row, args.top)
@@ -531,7 +529,8 @@ def bench_time(args, device, dtype):
     """segment() timed stage by stage at each --size with --masks and --feature-samples (fewer than
     the defaults, to take minutes), then scaled to the defaults stage by stage: the features by the
     draws, the modulated runs and decodes by the masks; beside it, what the CLI's estimate line says
-    for both settings (runner.estimate: one UNet call and one decode, times their counts)."""
+    for both settings (runner.estimate: a UNet call and a decode timed, times their counts, a modulated
+    step at runner.MODULATED_STEP of a call)."""
     sd = tiny_stable_diffusion() if args.tiny else load_models(args, device, dtype)
     devices.set_memory_layout(sd)
     measured_options = dict(masks=args.masks, feature_samples=args.feature_samples)
