@@ -28,9 +28,9 @@ def default_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_cli(*args) -> subprocess.Popen:
+def start_cli(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_ctrl_c)
 
 
 def assert_one_error(result, pattern, status=2):

@@ -201,9 +201,8 @@ def test_a_failed_run_says_why_in_its_summary(tmp_path, capsys):
 def share_run(tmp_path, tiny_sd_dir, rank, images, port):
     env = os.environ | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "localhost",
                         "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "test"}
-    return subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), "--image", str(images), "--weights",
-                             str(tiny_sd_dir), "--out", str(tmp_path / "out"), *FAST], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("--image", str(images), "--weights", str(tiny_sd_dir), "--out", str(tmp_path / "out"), *FAST,
+                     env=env)
 
 
 def test_processes_of_a_torchrun_never_wait_for_each_other(tmp_path, tiny_sd_dir):
