@@ -260,10 +260,10 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
 # ---- How long it will take ----
 
 FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
-# Of a UNet call, a modulated run's step in a batch of runs (replayed attention, shared probabilities,
-# Winograd): 0.72 at 512x512 in batches of 16 on the CPU (docs/speed.md's profile; with it the estimate
-# came within 1 % of the method's measured time there); elsewhere unmeasured.
-MODULATED_STEP = {"cpu": 0.72}
+# Of our plain UNet call of one image (the one the estimate times), a modulated run's step in a batch of
+# runs (replayed attention, shared probabilities, Winograd): 0.68 at 512x512 in batches of 16 on the CPU
+# (docs/speed.md: 8.39 s per run against 12.41 s); elsewhere unmeasured.
+MODULATED_STEP = {"cpu": 0.68}
 LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
 TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
 

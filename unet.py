@@ -130,74 +130,69 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-WINOGRAD_MIN_CHANNELS = 512  # input channels from which the CPU runs a 3x3 convolution by Winograd (Conv2d)
+# The CPU runs a 3x3 convolution by Winograd (Conv2d) from this many input and output channels and this many
+# pixels in the batch (B x H x W); below either, the transforms cost more than the products save (docs/speed.md).
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_PIXELS = 1024
 
-# Winograd's F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR
-# 2016): each 2x2 output tile of a 3x3 convolution is Y = A^T [(G g G^T) * (B^T d B)] A, d the 4x4
-# input tile around it and g the filter: 16 multiplications per channel pair instead of 36.
-WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+# Winograd's F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR
+# 2016): each 4x4 output tile of a 3x3 convolution is Y = A^T [(G g G^T) * (B^T d B)] A, d the 6x6
+# input tile around it and g the filter: 36 multiplications per channel pair instead of 144. The
+# matrices interpolate at 0, 1, -1, 2, -1/2 and infinity, the points that round least in float32
+# (Barabasz et al., "Error analysis and improving the accuracy of Winograd convolution", 2020).
+WINOGRAD_BT = torch.tensor([[2, 3, -4, -3, 2, 0], [0, 2, 5, 1, -2, 0], [0, 2, 1, -5, 2, 0],
+                            [0, -1, -2, 1, 2, 0], [0, -2, 1, 2, -1, 0], [0, 2, 3, -4, -3, 2]], dtype=torch.float64)
+WINOGRAD_G = torch.tensor([[15, 0, 0], [5, 5, 5], [5, -5, 5], [1, 2, 4], [32, -16, 8], [0, 0, 15]],
+                          dtype=torch.float64) / 30
+WINOGRAD_AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -1 / 2, 0], [0, 1, 1, 4, 1 / 4, 0],
+                            [0, 1, -1, 8, -1 / 8, 1]], dtype=torch.float64)
+# The same transforms of a flattened tile: kron(M, M) vec(X) = vec(M X M^T).
+WINOGRAD_INPUT = torch.kron(WINOGRAD_BT, WINOGRAD_BT).float()  # (36, 36): 6x6 input tile -> B^T d B
+WINOGRAD_FILTER = torch.kron(WINOGRAD_G, WINOGRAD_G).float()  # (36, 9): 3x3 filter -> G g G^T
+WINOGRAD_OUTPUT = torch.kron(WINOGRAD_AT, WINOGRAD_AT).float()  # (16, 36): products -> 4x4 output tile
 
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (stride 1, "same" padding). On the CPU, a float32 3x3 convolution of at least
-    WINOGRAD_MIN_CHANNELS input channels runs by Winograd's F(2x2, 3x3) (winograd_convolution): the
-    same sums up to float rounding, 2.25 times fewer multiplications in matrix products, faster there
-    than oneDNN's direct convolution (docs/speed.md). Inference only (without gradients), and in the
-    usual memory layout: a channels_last map (the VAE decoder's) stays with oneDNN, faster there, as
-    does half precision (its transforms would round at every sum, and its speed is not measured). The
-    transformed filters are kept beside the weights (16/9 of their size), made again when they change."""
+    WINOGRAD_MIN_CHANNELS input and output channels over WINOGRAD_MIN_PIXELS pixels runs by
+    Winograd's F(4x4, 3x3) (winograd_convolution): the same sums up to float rounding, 4 times fewer
+    multiplications in matrix products, faster there than oneDNN's direct convolution. Inference
+    only (without gradients); half precision stays with torch (its transforms would round at every
+    sum, and its speed is not measured)."""
 
     def forward(self, x):
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.kernel_size != (3, 3)
-                or self.in_channels < WINOGRAD_MIN_CHANNELS or not x.is_contiguous()
+                or min(self.in_channels, self.out_channels) < WINOGRAD_MIN_CHANNELS
+                or x[:, 0].numel() < WINOGRAD_MIN_PIXELS
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return super().forward(x)
-        return winograd_convolution(x, self.winograd_filters(), self.bias)
+        return winograd_convolution(x, winograd_filters(self.weight), self.bias)
 
-    @torch.no_grad()
-    def winograd_filters(self) -> torch.Tensor:
-        """G g G^T of every filter g, (16, C_out, C_in); computed once per weight tensor and version."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
-        if getattr(self, "transformed", (None,))[0] != key:
-            g = WINOGRAD_G.to(self.weight.device)
-            filters = (g @ self.weight.double() @ g.T).to(self.weight.dtype)  # (C_out, C_in, 4, 4)
-            self.transformed = key, filters.permute(2, 3, 0, 1).flatten(0, 1).contiguous()
-        return self.transformed[1]
+
+def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
+    """G g G^T of every filter g: (C_out, C_in, 3, 3) -> (36, C_out, C_in). Made at every call: kept,
+    they would take 4 times the weights' memory (7.8 GiB for SD v1.5's UNet), for a few % of the time."""
+    c_out, c_in = weight.shape[:2]
+    return (WINOGRAD_FILTER.to(weight) @ weight.reshape(c_out * c_in, 9).T).view(36, c_out, c_in)
 
 
 def winograd_convolution(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """3x3 convolution with padding 1 by F(2x2, 3x3): x (B, C_in, H, W), filters G g G^T (16, C_out, C_in)
-    -> (B, C_out, H, W). One batched matrix product over the 16 tile positions does the multiplying;
-    the transforms B^T d B and A^T m A are sums. An odd side is padded by one more and cropped."""
+    """3x3 convolution with padding 1 by F(4x4, 3x3): x (B, C_in, H, W), filters G g G^T (36, C_out, C_in)
+    -> (B, C_out, H, W), contiguous. Three matrix products: B^T d B of every input tile, then one
+    batched product over the 36 tile positions does the multiplying, then A^T m A. Sides that are not
+    a multiple of 4 are padded up to one and cropped."""
     b, c, h, w = x.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2  # output tiles
-    padded = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2))
-    tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2).permute(4, 5, 1, 0, 2, 3)  # (4, 4, C_in, B, th, tw), a view
-    rows = input_transform(tiles, x.new_empty(4, 4, c, b, th, tw))  # B^T d
-    d = x.new_empty(4, 4, c, b, th, tw)
-    input_transform(rows.transpose(0, 1), d.transpose(0, 1))  # (B^T d) B
-    m = torch.bmm(filters, d.view(16, c, -1)).view(4, 4, -1, b, th, tw)  # (4, 4, C_out, B, th, tw)
-    y = x.new_empty(b, len(filters[0]), th, 2, tw, 2)  # (B, C_out, tile row, row in tile, tile col, col in tile)
-    output_transform(output_transform(m, m.new_empty(2, *m.shape[1:])).transpose(0, 1),  # A^T m, then (A^T m) A
-                     y.permute(5, 3, 1, 0, 2, 4))
-    y = y.view(b, -1, 2 * th, 2 * tw).add_(bias[:, None, None])
-    return y[:, :, :h, :w]
-
-
-def input_transform(d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """B^T d along the first dimension, (4, ...) -> out (4, ...)."""
-    torch.sub(d[0], d[2], out=out[0])
-    torch.add(d[1], d[2], out=out[1])
-    torch.sub(d[2], d[1], out=out[2])
-    torch.sub(d[1], d[3], out=out[3])
-    return out
-
-
-def output_transform(m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """A^T m along the first dimension, (4, ...) -> out (2, ...)."""
-    torch.add(m[0] + m[1], m[2], out=out[0])
-    torch.sub(m[1] - m[2], m[3], out=out[1])
-    return out
+    th, tw = -(-h // 4), -(-w // 4)  # output tiles
+    padded = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h))
+    tiles = padded.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 1, 0, 2, 3)  # (6, 6, C_in, B, th, tw), a view
+    transformed = WINOGRAD_INPUT.to(x.device) @ tiles.reshape(36, -1)  # B^T d B: (36, C_in * B * th * tw)
+    products = torch.bmm(filters, transformed.view(36, c, -1))  # (36, C_out, B * th * tw)
+    del transformed  # freed before the next product: each is 2.25 times the size of a map
+    y = WINOGRAD_OUTPUT.to(x.device) @ products.view(36, -1)  # A^T m A: (16, C_out * B * th * tw)
+    del products
+    y = y.view(4, 4, -1, b, th, tw)  # (row in tile, column in tile, C_out, B, th, tw)
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, -1, 4 * th, 4 * tw)  # a copy, (B, C_out, 4 th, 4 tw)
+    return y[:, :, :h, :w].add_(bias[:, None, None]).contiguous()
 
 
 class ResnetBlock2D(nn.Module):

@@ -111,3 +111,46 @@ def test_the_profile_sets_a_modulated_step_beside_a_diffusers_call(tiny_sd_dir, 
     assert sdpa in one and softmax not in one
     assert softmax in several and sdpa not in several
     assert [row["runs"] for row in report["shared_attention"]] == list(range(1, 9))
+
+
+def architecture_convolutions(channels, layers, latent_side, out_channels, skips) -> list[tuple]:
+    """Every 3x3 convolution of SD v1.5's UNet (skips=True) or VAE decoder (skips=False), as
+    (input channels, output channels, map side) in call order, worked out from the architecture
+    (docs: ../shared/spec/sd15.md): resnets of two convolutions, a down- or upsampler between levels."""
+    convs, side = [], latent_side
+    if skips:  # the UNet: conv_in, the down blocks whose outputs the up blocks concatenate, the mid block
+        convs.append((4, channels[0], side))
+        saved, width = [channels[0]], channels[0]
+        for level, ch in enumerate(channels):
+            for _ in range(layers):
+                convs += [(width, ch, side), (ch, ch, side)]
+                width = ch
+                saved.append(ch)
+            if level < len(channels) - 1:
+                convs.append((ch, ch, side))  # the downsampler, stride 2, reads the map at this side
+                side //= 2
+                saved.append(ch)
+    else:
+        width = channels[-1]
+        convs.append((4, width, side))
+    convs += [(width, width, side)] * 4  # the mid block: two resnets
+    for level, ch in enumerate(reversed(channels)):
+        for _ in range(layers + 1):
+            extra = saved.pop() if skips else 0
+            convs += [(width + extra, ch, side), (ch, ch, side)]
+            width = ch
+        if level < len(channels) - 1:
+            side *= 2
+            convs.append((ch, ch, side))  # the upsampler's convolution, after the map doubles
+    convs.append((width, out_channels, side))
+    return convs
+
+
+@pytest.mark.parametrize("model", ["unet", "decoder"])
+def test_the_convolution_benchmark_covers_every_convolution_of_the_model(model):
+    """bench.py convolutions times each 3x3 convolution shape of a UNet call and a decode at 512x512,
+    counted as often as the model calls it: against the list worked out from the architecture."""
+    from collections import Counter
+    expected = (architecture_convolutions([320, 640, 1280, 1280], 2, 64, 4, skips=True) if model == "unet" else
+                architecture_convolutions([128, 256, 512, 512], 2, 64, 3, skips=False))
+    assert bench.convolution_shapes(model, 512) == Counter(expected)

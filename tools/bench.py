@@ -8,6 +8,7 @@
     python tools/bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
     python tools/bench.py cuda --json c.json                 # CUDA: the defaults on a 12 GB card; no host sync in the loop
     python tools/bench.py compile --preset gpu --json k.json # torch.compile: what it costs and gains, per image
+    python tools/bench.py convolutions --size 512 --batch 4  # Winograd against oneDNN, each 3x3 convolution shape
 
 Needs the dev requirements (diffusers). notebook.py beside it holds the reference pipeline
 written after the authors' notebook, on diffusers, that `method` measures against. Without --weights the models are SD v1.5's architecture
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -44,7 +45,8 @@ from devices import Stopwatch, synchronize  # noqa: E402
 from files import atomic_save  # noqa: E402
 from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
 from notebook import NotebookPipeline, reference_models  # noqa: E402
-from unet import UNet, UNetConfig, shared_probabilities_attention  # noqa: E402
+from unet import (WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_PIXELS, Conv2d, UNet, UNetConfig,  # noqa: E402
+                  shared_probabilities_attention, winograd_convolution, winograd_filters)
 from vae import VAE, VAEConfig  # noqa: E402
 from weights import StableDiffusion, random_stable_diffusion  # noqa: E402
 
@@ -251,6 +253,56 @@ def bench_models(args, device, dtype):
     rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
     print_rows(f"batch {args.batch}, reference: diffusers", rows)
     return dict(command="models", batch=args.batch, rows=rows, load_average=[load, load_average()])
+
+
+# ---- python tools/bench.py convolutions: Winograd against oneDNN, shape by shape ----
+
+def convolution_shapes(model: str, side: int) -> Counter:
+    """(input channels, output channels, map side) -> count, of every 3x3 convolution that one call of
+    SD v1.5's UNet, or one decode, makes for a side x side image (a call on the meta device)."""
+    shapes = Counter()
+    with torch.device("meta"), torch.no_grad():
+        net = UNet(UNetConfig()) if model == "unet" else VAE(VAEConfig()).decoder
+        for conv in net.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                conv.register_forward_pre_hook(lambda m, x: shapes.update([(m.in_channels, m.out_channels, x[0].shape[-1])]))
+        latent = torch.empty(1, 4, side // LATENT_FACTOR, side // LATENT_FACTOR)
+        net(latent, torch.tensor([281]), torch.empty(1, 77, 768)) if model == "unet" else net(latent)
+    return shapes
+
+
+@torch.no_grad()
+def bench_convolutions(args, device, dtype):
+    """Each 3x3 convolution shape of a UNet call and a decode at --size, --batch images per call, random
+    weights: torch's convolution (oneDNN on the CPU) in the usual layout and in channels_last, and
+    Winograd's F(4x4, 3x3) (unet.winograd_convolution, the filters transformed in the call, as Conv2d
+    does); seconds per image for all the convolutions of that shape in the model. unet.Conv2d runs
+    Winograd from WINOGRAD_MIN_CHANNELS input and output channels and WINOGRAD_MIN_PIXELS pixels in
+    the batch."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for model in ("unet", "decoder"):
+        for (c_in, c_out, side), count in sorted(convolution_shapes(model, args.size[0]).items()):
+            conv = Conv2d(c_in, c_out, 3, padding=1).to(device, dtype)
+            x = torch.randn(args.batch, c_in, side, side, generator=g).to(device, dtype)
+            x_last = x.contiguous(memory_format=torch.channels_last)
+            weight_last = conv.weight.contiguous(memory_format=torch.channels_last)
+            seconds = timed([lambda: F.conv2d(x, conv.weight, conv.bias, padding=1),
+                             lambda: F.conv2d(x_last, weight_last, conv.bias, padding=1),
+                             lambda: winograd_convolution(x, winograd_filters(conv.weight), conv.bias)], device, args.repeats)
+            onednn, channels_last, winograd = (s * count / args.batch for s in seconds)
+            rows.append(dict(model=model, in_channels=c_in, out_channels=c_out, side=side, count=count, onednn_s=onednn,
+                             channels_last_s=channels_last, winograd_s=winograd))
+            print(f"{model:<8}{c_in:>5} -> {c_out:<5}{side:>4}x{side:<4} x{count:<3} oneDNN {onednn:7.3f} s, channels_last "
+                  f"{channels_last:7.3f} s, Winograd {winograd:7.3f} s ({winograd / onednn:.2f} of oneDNN's)", flush=True)
+    for model in ("unet", "decoder"):
+        mine = [r for r in rows if r["model"] == model]
+        ours = sum(r["winograd_s"] if min(r["in_channels"], r["out_channels"]) >= WINOGRAD_MIN_CHANNELS
+                   and args.batch * r["side"] ** 2 >= WINOGRAD_MIN_PIXELS else r["onednn_s"] for r in mine)
+        print(f"{model}: all 3x3 convolutions per image, oneDNN {sum(r['onednn_s'] for r in mine):.2f} s, channels_last "
+              f"{sum(r['channels_last_s'] for r in mine):.2f} s, unet.Conv2d's choice {ours:.2f} s")
+    return dict(command="convolutions", size=args.size[0], batch=args.batch, device=str(device), dtype=str(dtype),
+                rows=rows, load_average=load_average())
 
 
 # ---- python tools/bench.py profile: where a modulated step's time goes, against diffusers ----
@@ -630,14 +682,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tools/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="models", choices=["models", "profile", "method", "flops", "precision",
-                                                                 "time", "cuda", "compile"])
+                                                                 "time", "cuda", "compile", "convolutions"])
     p.add_argument("--weights", help="real weights (hub id, folder or file); default: random SD v1.5-size models")
     p.add_argument("--image", default=str(EXAMPLE), help="the image segmented by method, precision, time, cuda, compile")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="method, compile: the device, sizes and options")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--size", type=int, nargs="+", default=[512], help="models: image sides in pixels")
-    p.add_argument("--batch", type=int, default=2, help="models: images per UNet/VAE call")
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="models, profile: image sides in pixels; convolutions: the first")
+    p.add_argument("--batch", type=int, default=2, help="models, convolutions: images per UNet/VAE call")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="profile: images (diffusers) and runs (ours) per UNet call")
     p.add_argument("--top", type=int, default=12, help="profile: the operators printed per row")
@@ -666,7 +718,8 @@ def main(argv=None):
     dtype = devices.pick_dtype(args.dtype, device)
     print(f"{args.command}: device {device}, {dtype}, torch {torch.__version__}, load average {load_average():.2f}")
     commands = dict(models=bench_models, profile=bench_profile, method=bench_method, flops=bench_flops,
-                    precision=bench_precision, time=bench_time, cuda=bench_cuda, compile=bench_compile)
+                    precision=bench_precision, time=bench_time, cuda=bench_cuda, compile=bench_compile,
+                    convolutions=bench_convolutions)
     result = commands[args.command](args, device, dtype)
     if args.json:
         atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
