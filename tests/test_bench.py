@@ -115,8 +115,8 @@ def test_the_profile_sets_a_modulated_step_beside_a_diffusers_call(tiny_sd_dir, 
 
 def architecture_convolutions(channels, layers, latent_side, out_channels, skips) -> list[tuple]:
     """Every 3x3 convolution of SD v1.5's UNet (skips=True) or VAE decoder (skips=False), as
-    (input channels, output channels, map side) in call order, worked out from the architecture
-    (docs: ../shared/spec/sd15.md): resnets of two convolutions, a down- or upsampler between levels."""
+    (input channels, output channels, map side) in call order, worked out from the architecture as
+    diffusers builds it: resnets of two convolutions, a down- or upsampler between levels."""
     convs, side = [], latent_side
     if skips:  # the UNet: conv_in, the down blocks whose outputs the up blocks concatenate, the mid block
         convs.append((4, channels[0], side))
