@@ -161,12 +161,16 @@ class Conv2d(nn.Conv2d):
     sum, and its speed is not measured)."""
 
     def forward(self, x):
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.kernel_size != (3, 3)
-                or min(self.in_channels, self.out_channels) < WINOGRAD_MIN_CHANNELS
-                or x[:, 0].numel() < WINOGRAD_MIN_PIXELS
-                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+        if not self.runs_winograd(x):
             return super().forward(x)
         return winograd_convolution(x, winograd_filters(self.weight), self.bias)
+
+    def runs_winograd(self, x) -> bool:
+        """Whether this convolution of x goes by Winograd (the rule above)."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.kernel_size == (3, 3)
+                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+                and x[:, 0].numel() >= WINOGRAD_MIN_PIXELS
+                and not (torch.is_grad_enabled() and self.weight.requires_grad))
 
 
 def winograd_filters(weight: torch.Tensor) -> torch.Tensor:

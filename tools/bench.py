@@ -45,8 +45,8 @@ from devices import Stopwatch, synchronize  # noqa: E402
 from files import atomic_save  # noqa: E402
 from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
 from notebook import NotebookPipeline, reference_models  # noqa: E402
-from unet import (WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_PIXELS, Conv2d, UNet, UNetConfig,  # noqa: E402
-                  shared_probabilities_attention, winograd_convolution, winograd_filters)
+from unet import (Conv2d, UNet, UNetConfig, shared_probabilities_attention, winograd_convolution,  # noqa: E402
+                  winograd_filters)
 from vae import VAE, VAEConfig  # noqa: E402
 from weights import StableDiffusion, random_stable_diffusion  # noqa: E402
 
@@ -276,9 +276,8 @@ def bench_convolutions(args, device, dtype):
     """Each 3x3 convolution shape of a UNet call and a decode at --size, --batch images per call, random
     weights: torch's convolution (oneDNN on the CPU) in the usual layout and in channels_last, and
     Winograd's F(4x4, 3x3) (unet.winograd_convolution, the filters transformed in the call, as Conv2d
-    does); seconds per image for all the convolutions of that shape in the model. unet.Conv2d runs
-    Winograd from WINOGRAD_MIN_CHANNELS input and output channels and WINOGRAD_MIN_PIXELS pixels in
-    the batch."""
+    does); seconds per image for all the convolutions of that shape in the model, and which of them
+    unet.Conv2d chooses (Conv2d.runs_winograd)."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for model in ("unet", "decoder"):
@@ -292,13 +291,12 @@ def bench_convolutions(args, device, dtype):
                              lambda: winograd_convolution(x, winograd_filters(conv.weight), conv.bias)], device, args.repeats)
             onednn, channels_last, winograd = (s * count / args.batch for s in seconds)
             rows.append(dict(model=model, in_channels=c_in, out_channels=c_out, side=side, count=count, onednn_s=onednn,
-                             channels_last_s=channels_last, winograd_s=winograd))
+                             channels_last_s=channels_last, winograd_s=winograd, chosen_winograd=conv.runs_winograd(x)))
             print(f"{model:<8}{c_in:>5} -> {c_out:<5}{side:>4}x{side:<4} x{count:<3} oneDNN {onednn:7.3f} s, channels_last "
                   f"{channels_last:7.3f} s, Winograd {winograd:7.3f} s ({winograd / onednn:.2f} of oneDNN's)", flush=True)
     for model in ("unet", "decoder"):
         mine = [r for r in rows if r["model"] == model]
-        ours = sum(r["winograd_s"] if min(r["in_channels"], r["out_channels"]) >= WINOGRAD_MIN_CHANNELS
-                   and args.batch * r["side"] ** 2 >= WINOGRAD_MIN_PIXELS else r["onednn_s"] for r in mine)
+        ours = sum(r["winograd_s"] if r["chosen_winograd"] else r["onednn_s"] for r in mine)
         print(f"{model}: all 3x3 convolutions per image, oneDNN {sum(r['onednn_s'] for r in mine):.2f} s, channels_last "
               f"{sum(r['channels_last_s'] for r in mine):.2f} s, unet.Conv2d's choice {ours:.2f} s")
     return dict(command="convolutions", size=args.size[0], batch=args.batch, device=str(device), dtype=str(dtype),
