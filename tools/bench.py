@@ -617,8 +617,9 @@ def bench_cuda(args, device, dtype):
         raise SystemExit("bench.py cuda needs CUDA")
     sd = load_models(args, device, dtype)
     devices.set_memory_layout(sd)
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # set_...fraction needs one
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), index)
     torch.cuda.empty_cache()
     batch = devices.batch_sizes(sd, 512, 512, emerdiff.DEFAULTS)
     torch.cuda.reset_peak_memory_stats(device)
@@ -628,7 +629,7 @@ def bench_cuda(args, device, dtype):
     memory = dict(cap_gib=args.cap_gib, peak_gib=peak, seconds=seconds, stages=seg.seconds, batch_sizes=batch)
     print(f"defaults at 512x512 within {args.cap_gib} GiB: batch sizes (UNet, decode) {batch}, peak "
           f"{memory['peak_gib']:.2f} GiB, {memory['seconds']:.1f} s")
-    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    torch.cuda.set_per_process_memory_fraction(1.0, index)
     x0 = emerdiff.encode(sd, emerdiff.load_image(args.image, 512)[0])
     inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(0), batch_size=15)
     offsets = torch.zeros(8, (512 // GRID_FACTOR) ** 2, device=device, dtype=dtype)  # the 16x16 grid
