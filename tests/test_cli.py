@@ -253,28 +253,38 @@ def test_images_are_checked_before_any_weights_load(capsys, tmp_path):
 
 # ---- what a newcomer reads and looks at ----
 
-def readme_python_snippet() -> str:
+def readme_python_snippets() -> list[str]:
+    """The Python API section's code blocks: the random-weight model's, then SD v1.5's."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Python API"):]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start:section.index("```\n", start)]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
-def test_the_readme_api_snippet_runs_as_written_from_another_folder(tiny_sd_dir, tmp_path):
-    code = readme_python_snippet()
-    cheaper = {  # only the weights and the cost change; each must still be in the README
-        '"/path/to/emerdiff': f'"{ROOT}',
-        "load_stable_diffusion(device=device": f"load_stable_diffusion({str(tiny_sd_dir)!r}, device=device",
-        "masks=25)": "masks=4, size=128, feature_samples=2, kmeans_restarts=2)",
-        "emerdiff.load_image(image)": "emerdiff.load_image(image, 128)",
-        "samples=100": "samples=2", "emerdiff.kmeans(features, 25, n_init=100": "emerdiff.kmeans(features, 4, n_init=2"}
-    for old, new in cheaper.items():
-        assert old in code, old
-        code = code.replace(old, new)
-    result = subprocess.run([sys.executable, "-c", code + "\nprint(tuple(segmentation.shape), tuple(maps.shape))"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def run_snippet(code: str, cwd) -> list[str]:
+    code = code.replace('"/path/to/emerdiff', f'"{ROOT}')  # where the reader put the files
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["(300, 451) (4, 4) torch.Size([4, 128, 128])", "(128, 128) (4, 128, 128)"]
+    return result.stdout.splitlines()
+
+
+def test_the_readme_api_snippet_runs_as_written_and_agrees_step_by_step(tmp_path):
+    """The first snippet as written (only the folder filled in), from another folder: segment() and
+    the step-by-step calls give the same difference maps (the snippet prints allclose's answer)."""
+    random_weights, _ = readme_python_snippets()
+    assert run_snippet(random_weights, tmp_path) == ["(300, 451) (4, 4) (4, 128, 128)", "True"]
+
+
+def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, tmp_path):
+    """The second snippet after the first, its weights a diffusers-layout folder of the tiny model
+    (the hub's layout) instead of the download, and options that take seconds."""
+    random_weights, sd15 = readme_python_snippets()
+    cheaper = {"load_stable_diffusion(device=device": f"load_stable_diffusion({str(tiny_sd_dir)!r}, device=device",
+               "segment(image, sd)": "segment(image, sd, size=128, masks=3, feature_samples=2, kmeans_restarts=2)"}
+    for old, new in cheaper.items():  # only the weights and the cost change; each must still be in the README
+        assert old in sd15, old
+        sd15 = sd15.replace(old, new)
+    shapes = "\nprint(seg.labels.shape, tuple(seg.difference_maps.shape), len(seg.embeddings))"
+    assert run_snippet(random_weights + sd15 + shapes, tmp_path)[-1] == "(300, 451) (3, 128, 128) 3"
 
 
 def test_the_difference_map_grid_has_one_captioned_tile_per_segment():

@@ -1,6 +1,8 @@
 """README and docs/ as a newcomer uses them: every command they show parses as written (options
 that exist, values in range), and the demo command runs as written. The Python snippet is run by
 tests/test_cli.py."""
+import inspect
+import math
 import re
 import shlex
 import subprocess
@@ -8,8 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 import bench
+import emerdiff
 import evaluate
 import runner
 from command_line import OUTPUTS
@@ -79,3 +84,21 @@ def test_the_demo_command_runs_as_written(tmp_path):
     labels = np.load(out / "labels.npy")
     masks = int(arguments[arguments.index("--masks") + 1])
     assert labels.shape == (300, 451) and 1 < len(np.unique(labels)) <= masks
+
+
+def test_the_functions_docs_say_to_copy_out_run_alone():
+    """docs/api.md's list of functions to copy out of emerdiff.py: exactly their source, run in a
+    namespace holding only the imports it names, clusters three separated blobs and blurs as the
+    module does."""
+    text = " ".join((ROOT / "docs" / "api.md").read_text().split())
+    listed = re.search(r"To take single functions instead: (.*?): copy these", text)[1]
+    names = re.findall(r"`(\w+)`", listed.split(" need only ")[0])
+    assert {"kmeans", "gaussian_blur"} <= set(names)
+    namespace = {"math": math, "torch": torch, "F": F}
+    for name in names:
+        exec(inspect.getsource(getattr(emerdiff, name)), namespace)
+    blobs = torch.cat([torch.randn(30, 5) * 0.1 + centre for centre in (0.0, 5.0, -5.0)])
+    labels, _ = namespace["kmeans"](blobs, 3, n_init=4, generator=torch.Generator().manual_seed(0))
+    assert [len(set(labels[i:i + 30].tolist())) for i in (0, 30, 60)] == [1, 1, 1] and len(set(labels.tolist())) == 3
+    images = torch.rand(2, 3, 9, 11)
+    assert torch.equal(namespace["gaussian_blur"](images), emerdiff.gaussian_blur(images))
