@@ -404,7 +404,8 @@ class Summary:
     done: int = 0
     skipped: int = 0
     failed: list = field(default_factory=list)  # [{"image": ..., "reason": ...}]
-    seconds: list = field(default_factory=list)  # per image done
+    seconds: list = field(default_factory=list)  # per image done by this run
+    seconds_before: list = field(default_factory=list)  # per image skipped: what its run.json recorded
     error: str | None = None  # why the whole run stopped, if it did
 
     def fail(self, path: Path, error: Exception):
@@ -413,15 +414,20 @@ class Summary:
         self.failed.append({"image": str(path), "reason": message})
 
     def as_dict(self, options: dict) -> dict:
+        """`done` and `seconds`: this run's images; `skipped` and `seconds_before`: those earlier runs
+        did; `seconds_per_image`: the mean over both (every image complete in --out)."""
+        complete = self.seconds + self.seconds_before
         return {"images": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
-                "seconds_per_image": sum(self.seconds) / len(self.seconds) if self.seconds else None,
-                "seconds": self.seconds, "error": self.error, "options": options}
+                "seconds_per_image": sum(complete) / len(complete) if complete else None,
+                "seconds": self.seconds, "seconds_before": self.seconds_before, "error": self.error,
+                "options": options}
 
 
 def merged(parts: list[dict]) -> dict:
     """The summaries of the processes of one run as one."""
     whole = Summary(sum(p["images"] for p in parts), sum(p["done"] for p in parts), sum(p["skipped"] for p in parts),
                     [f for p in parts for f in p["failed"]], [s for p in parts for s in p["seconds"]],
+                    [s for p in parts for s in p["seconds_before"]],
                     "; ".join(p["error"] for p in parts if p.get("error")) or None)
     return whole.as_dict(parts[0]["options"])
 
@@ -450,14 +456,16 @@ def weights_source(args) -> str:
     return str(weights.resolve()) if weights.exists() else args.weights
 
 
-def is_done(folder: Path, record: dict) -> bool:
-    """Whether `folder` holds a complete output made with `record` (its run.json read through
-    files.checked_file: a FIFO there is no record)."""
+def saved_result(folder: Path, record: dict) -> dict | None:
+    """The result run.json recorded (segments, seconds per stage, files) where `folder` holds a
+    complete output made with `record`; else None (its run.json read through files.checked_file: a
+    FIFO there is no record)."""
     try:
         saved = json.loads(checked_file(folder / RUN_RECORD).read_text())
-        return saved["run"] == record and all((folder / name).is_file() for name in saved["result"]["files"])
+        complete = saved["run"] == record and all((folder / name).is_file() for name in saved["result"]["files"])
+        return saved["result"] if complete else None
     except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
-        return False
+        return None
 
 
 def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
@@ -490,7 +498,9 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summar
     dtype = pick_dtype(args.dtype, device)
     jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
-    todo = [job for job in jobs if args.overwrite or not is_done(out / job.name, records[job])]
+    saved = {job: None if args.overwrite else saved_result(out / job.name, records[job]) for job in jobs}
+    todo = [job for job in jobs if saved[job] is None]
+    summary.seconds_before = [sum(result["seconds"].values()) for result in saved.values() if result is not None]
     summary.skipped = len(jobs) - len(todo)
     if args.random_weights:
         note("--random-weights: a tiny model with random weights; its segments mean nothing, the run shows "

@@ -37,8 +37,13 @@ def test_a_rerun_skips_what_is_done_and_redoes_what_changed(tmp_path, tiny_sd_di
         return json.loads((out / "summary.json").read_text()), {n for n in "ab" if after[n] != before[n]}
 
     assert runner.main(args) == 0
+    first = json.loads((out / "summary.json").read_text())
+    recorded = [sum(json.loads((out / n / "run.json").read_text())["result"]["seconds"].values()) for n in "ab"]
     summary, redone = rerun()
     assert redone == set() and (summary["done"], summary["skipped"]) == (0, 2)
+    assert summary["seconds"] == [] and sorted(summary["seconds_before"]) == pytest.approx(sorted(recorded))
+    assert summary["seconds_per_image"] == pytest.approx(sum(recorded) / 2)  # the work of the first run, kept
+    assert first["seconds_per_image"] >= summary["seconds_per_image"]  # the first also counted its saving
     assert "2 of 2 images already done with these options" in capsys.readouterr().err
     summary, redone = rerun("--masks", "3")
     assert redone == {"a", "b"} and (summary["done"], summary["skipped"]) == (2, 0)

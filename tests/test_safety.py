@@ -109,10 +109,10 @@ def test_a_run_record_that_is_a_fifo_or_nested_too_deep_is_no_record(tmp_path):
     deep.mkdir()
     (deep / "run.json").write_text("[" * 100_000 + "]" * 100_000)
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; import runner; from pathlib import Path; "
-            "print(runner.is_done(Path(sys.argv[2]), {}), runner.is_done(Path(sys.argv[3]), {}))")
+            "print(runner.saved_result(Path(sys.argv[2]), {}), runner.saved_result(Path(sys.argv[3]), {}))")
     result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(fifo), str(deep)], capture_output=True,
                             text=True, timeout=60)
-    assert result.stdout.split() == ["False", "False"], result.stderr
+    assert result.stdout.split() == ["None", "None"], result.stderr
 
 
 @pytest.mark.parametrize("where", ["image", "label map"])
