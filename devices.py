@@ -1,4 +1,5 @@
-"""Where and how fast the method runs: device and precision, batch sizes, memory layout, compilation.
+"""Where and how fast the method runs: device and precision, batch sizes, memory layout, speed paths,
+compilation.
 
 None of this changes what the method computes (beyond float rounding); it decides how the work is
 laid out on the machine. Kept apart so that emerdiff.py reads as the paper: the choices are made in
@@ -10,6 +11,7 @@ import time
 import torch
 
 import sampler
+import speed
 from inputs import GRID_FACTOR, LATENT_FACTOR, EmerDiffError, is_int
 from unet import FeedForward, ResnetBlock2D
 
@@ -97,9 +99,11 @@ class Stopwatch:
 
 def prepare(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     """Ready `sd` for segmenting a height x width image with options `o`; returns the batch sizes
-    (UNet runs per call, decodes per call). The memory layout first, then the batch sizes (on CUDA
-    probed in that layout), then compilation (after the probes: they would compile shapes of their own)."""
+    (UNet runs per call, decodes per call). The memory layout and the speed paths first (speed.py;
+    torch.compile takes the plain model), then the batch sizes (on CUDA probed in that layout), then
+    compilation (after the probes: they would compile shapes of their own)."""
     set_memory_layout(sd)
+    speed.apply(sd, fast=o["speed_paths"] and not o["compile"])
     sizes = batch_sizes(sd, height, width, o)
     if o["compile"]:
         compile_models(sd)
@@ -109,8 +113,8 @@ def prepare(sd, height: int, width: int, o: dict) -> tuple[int, int]:
 def set_memory_layout(sd) -> None:
     """channels_last on CUDA, where convolutions run faster in it: the UNet and the VAE decoder; the
     encoder, run once, keeps the layout the UNet expects. The CPU keeps the usual layout, in which
-    its 3x3 convolutions of 256 channels and more run by Winograd (unet.Conv2d), faster than oneDNN's
-    in channels_last (docs/speed.md). In place; idempotent."""
+    speed.FastConv2d may run Winograd's convolutions, faster there than oneDNN's in channels_last on
+    the CPUs measured (docs/speed.md). In place; idempotent."""
     device, _ = model_device_dtype(sd)
     if device.type == "cuda":
         for module in (sd.unet, sd.vae.post_quant_conv, sd.vae.decoder):

@@ -245,15 +245,14 @@ def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
 
 @torch.no_grad()
 def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, injection: bool = True,
-                      batch_size: int = 8, skip_projections: bool = True, share_probabilities: bool | None = None,
-                      progress: bool = False) -> torch.Tensor:
+                      batch_size: int = 8, skip_projections: bool = True, progress: bool = False) -> torch.Tensor:
     """Regenerate from x_{t_m} once per row of offsets, at most `batch_size` runs per UNet call -> (R, 4, h, w).
 
     At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's
     modulation (added in sampler.Modulation.out); with injection, every attention layer at every
     step takes the recorded Q and K of the unmodulated pass. What injection makes the same in every
-    run is not computed again (sampler.Modulation): `skip_projections` and `share_probabilities`
-    turn those savings off for comparison.
+    run is not computed again (sampler.Modulation): `skip_projections=False` turns that saving off
+    for comparison.
     """
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
@@ -262,14 +261,13 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     # The offsets in the model's dtype once, not at every step; the runs spread evenly over the calls (50
     # runs in batches of at most 16: 13, 13, 12, 12, not 16, 16, 16, 2: a small batch shares less).
     batches = offsets.to(dtype).tensor_split(math.ceil(len(offsets) / batch_size))
-    savings = dict(skip_projections=skip_projections, share_probabilities=share_probabilities)
     latents = []
     with tqdm(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step",
               disable=not progress, leave=False) as bar:
         for batch in batches:
+            hooks = sampler.Modulation(batch, replay, skip_projections=skip_projections)
             latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
-                                              inversion.context, hooks=sampler.Modulation(batch, replay, **savings),
-                                              progress=lambda steps: ticking(steps, bar)))
+                                              inversion.context, hooks=hooks, progress=lambda steps: ticking(steps, bar)))
     return torch.cat(latents)
 
 
@@ -353,7 +351,7 @@ class Segmentation:
 
 DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_restarts=100, seed=42,
                 size="auto", injection=True, batch_size="auto", steps=50, prompt="", blur=(3, 0.8), compile=False,
-                upsample="modulation")  # "bilinear": the paper's baseline instead of Steps 2-4
+                upsample="modulation", speed_paths=True)  # "bilinear": the paper's baseline instead of Steps 2-4
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:

@@ -204,7 +204,7 @@ OPTION_TYPES = {
     "size": (is_auto_int_or_pair, '"auto", an integer or (width, height)'),
     "injection": (is_flag, "True or False"),
     "batch_size": (is_auto_int_or_pair, '"auto", an integer or (UNet runs, decodes) per call'),
-    "compile": (is_flag, "True or False"),
+    "compile": (is_flag, "True or False"), "speed_paths": (is_flag, "True or False"),
     "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
     "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
     "upsample": (lambda v: isinstance(v, str) and v in UPSAMPLING, " or ".join(f'"{u}"' for u in UPSAMPLING)),

@@ -121,8 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
                    "memory free at the start; elsewhere 16 runs and 8 decodes); lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and VAE decoder: minutes at the start; no gain on the CPU, "
-                   "not yet measured on a GPU (docs/speed.md)")
+                   help="torch.compile the UNet and VAE decoder (the plain path): minutes at the start; slower "
+                   "on the CPU and the GPU measured (docs/speed.md)")
+    p.add_argument("--plain", action="store_true",
+                   help="the plain PyTorch path: no speed paths (Winograd's convolutions, attention shared by "
+                   "runs; speed.py), for comparison and for reading")
     p.add_argument("--save-diffmaps", action="store_true",
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -156,7 +159,7 @@ def method_options(args) -> dict:
                    kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
                    injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
                    prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma), compile=args.compile,
-                   upsample=args.upsample)
+                   upsample=args.upsample, speed_paths=not args.plain)
     check_options(DEFAULTS | options)
     return options
 
@@ -433,7 +436,7 @@ def merged(parts: list[dict]) -> dict:
 
 
 RANDOM_WEIGHTS = "random: the tiny model of weights.random_stable_diffusion, seed 0"
-SPEED_ONLY = {"batch_size", "compile"}  # options that change the speed, not the result (beyond rounding)
+SPEED_ONLY = {"batch_size", "compile", "speed_paths"}  # options that change the speed, not the result (beyond rounding)
 
 
 def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:

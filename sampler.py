@@ -169,13 +169,6 @@ class AttentionRecord(AttentionHooks):
         return o
 
 
-# Attention over runs that share q and k (injection): softmax(QK^T) once for all runs of a UNet call,
-# or SDPA run by run, per device type: from how many runs per call sharing is faster, as measured by
-# `python tools/bench.py profile` (docs/speed.md: on the CPU at 512x512, 1.14 of SDPA's time at 2 runs, 0.86 at 3);
-# SDPA always where nothing was measured.
-SHARE_PROBABILITIES_FROM_RUNS: dict[str, int] = {"cpu": 3}
-
-
 class Modulation(AttentionHooks):
     """The modulated regeneration's hooks (paper Sec. 3.3).
 
@@ -188,16 +181,13 @@ class Modulation(AttentionHooks):
     Under injection nothing is computed that the record replaces: cross-attention outputs recorded
     whole are replayed (the modulated layer adds its offset to the replayed output), and the
     replaced q/k projections are skipped (`skip_projections=False`: computed and thrown away, the
-    plain path). `share_probabilities` computes each self-attention's probabilities once for all runs
-    of the batch (None: where SHARE_PROBABILITIES_FROM_RUNS says it pays for this many runs).
+    plain path). The replayed q and k have batch 1 against the runs' values: speed.FastAttention
+    may then compute the probabilities once for all runs.
     """
 
     def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None, layer: str = MODULATED_LAYER,
-                 *, skip_projections: bool = True, share_probabilities: bool | None = None):
+                 *, skip_projections: bool = True):
         self.offsets, self.replay, self.layer, self.skip_projections = offsets, replay, layer, skip_projections
-        if share_probabilities is None:
-            share_probabilities = len(offsets) >= SHARE_PROBABILITIES_FROM_RUNS.get(offsets.device.type, math.inf)
-        self.share_probabilities = replay is not None and share_probabilities
 
     def out(self, name, attend):
         o = None if self.replay is None else self.replay.outputs.get((self.step, name))

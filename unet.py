@@ -39,14 +39,11 @@ class AttentionHooks:
                                     project: then to_q and to_k are not computed.
 
     q, k and o are (B, tokens, channels) with all heads together. A hook may return batch 1 where
-    the layer has B (broadcast). `share_probabilities`: when q and k have batch 1 and the values
-    batch B > 1, softmax(q k^T / sqrt(d)) is computed once and applied to all B values together
-    (the same numbers as B separate SDPA calls, up to rounding; where it is faster: docs/speed.md).
-    The samplers set `step` before each UNet call: the index of its denoising step, or a list with
-    one index per sample when one call carries several steps (the batched inversion).
+    the layer has B (broadcast). The samplers set `step` before each UNet call: the index of its
+    denoising step, or a list with one index per sample when one call carries several steps (the
+    batched inversion).
     """
     step: int | list[int] = 0
-    share_probabilities: bool = False
 
     def out(self, name: str, attend) -> torch.Tensor:
         return attend()
@@ -130,86 +127,17 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-# The CPU runs a 3x3 convolution by Winograd (Conv2d) from this many input and output channels and this many
-# pixels in the batch (B x H x W); below either, the transforms cost more than the products save (docs/speed.md).
-WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_MIN_PIXELS = 1024
-
-# Winograd's F(4x4, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR
-# 2016): each 4x4 output tile of a 3x3 convolution is Y = A^T [(G g G^T) * (B^T d B)] A, d the 6x6
-# input tile around it and g the filter: 36 multiplications per channel pair instead of 144. The
-# matrices interpolate at 0, 1, -1, 2, -1/2 and infinity, the points that round least in float32
-# (Barabasz et al., "Error analysis and improving the accuracy of Winograd convolution", 2020).
-WINOGRAD_BT = torch.tensor([[2, 3, -4, -3, 2, 0], [0, 2, 5, 1, -2, 0], [0, 2, 1, -5, 2, 0],
-                            [0, -1, -2, 1, 2, 0], [0, -2, 1, 2, -1, 0], [0, 2, 3, -4, -3, 2]], dtype=torch.float64)
-WINOGRAD_G = torch.tensor([[15, 0, 0], [5, 5, 5], [5, -5, 5], [1, 2, 4], [32, -16, 8], [0, 0, 15]],
-                          dtype=torch.float64) / 30
-WINOGRAD_AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -1 / 2, 0], [0, 1, 1, 4, 1 / 4, 0],
-                            [0, 1, -1, 8, -1 / 8, 1]], dtype=torch.float64)
-# The same transforms of a flattened tile: kron(M, M) vec(X) = vec(M X M^T).
-WINOGRAD_INPUT = torch.kron(WINOGRAD_BT, WINOGRAD_BT).float()  # (36, 36): 6x6 input tile -> B^T d B
-WINOGRAD_FILTER = torch.kron(WINOGRAD_G, WINOGRAD_G).float()  # (36, 9): 3x3 filter -> G g G^T
-WINOGRAD_OUTPUT = torch.kron(WINOGRAD_AT, WINOGRAD_AT).float()  # (16, 36): products -> 4x4 output tile
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (stride 1, "same" padding). On the CPU, a float32 3x3 convolution of at least
-    WINOGRAD_MIN_CHANNELS input and output channels over WINOGRAD_MIN_PIXELS pixels runs by
-    Winograd's F(4x4, 3x3) (winograd_convolution): the same sums up to float rounding, 4 times fewer
-    multiplications in matrix products, faster there than oneDNN's direct convolution. Inference
-    only (without gradients); half precision stays with torch (its transforms would round at every
-    sum, and its speed is not measured)."""
-
-    def forward(self, x):
-        if not self.runs_winograd(x):
-            return super().forward(x)
-        return winograd_convolution(x, winograd_filters(self.weight), self.bias)
-
-    def runs_winograd(self, x) -> bool:
-        """Whether this convolution of x goes by Winograd (the rule above)."""
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.kernel_size == (3, 3)
-                and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
-                and x[:, 0].numel() >= WINOGRAD_MIN_PIXELS
-                and not (torch.is_grad_enabled() and self.weight.requires_grad))
-
-
-def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
-    """G g G^T of every filter g: (C_out, C_in, 3, 3) -> (36, C_out, C_in). Made at every call: kept,
-    they would take 4 times the weights' memory (7.8 GiB for SD v1.5's UNet), for a few % of the time."""
-    c_out, c_in = weight.shape[:2]
-    return (WINOGRAD_FILTER.to(weight) @ weight.reshape(c_out * c_in, 9).T).view(36, c_out, c_in)
-
-
-def winograd_convolution(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """3x3 convolution with padding 1 by F(4x4, 3x3): x (B, C_in, H, W), filters G g G^T (36, C_out, C_in)
-    -> (B, C_out, H, W), contiguous. Three matrix products: B^T d B of every input tile, then one
-    batched product over the 36 tile positions does the multiplying, then A^T m A. Sides that are not
-    a multiple of 4 are padded up to one and cropped."""
-    b, c, h, w = x.shape
-    th, tw = -(-h // 4), -(-w // 4)  # output tiles
-    padded = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h))
-    tiles = padded.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 1, 0, 2, 3)  # (6, 6, C_in, B, th, tw), a view
-    transformed = WINOGRAD_INPUT.to(x.device) @ tiles.reshape(36, -1)  # B^T d B: (36, C_in * B * th * tw)
-    products = torch.bmm(filters, transformed.view(36, c, -1))  # (36, C_out, B * th * tw)
-    del transformed  # freed before the next product: each is 2.25 times the size of a map
-    y = WINOGRAD_OUTPUT.to(x.device) @ products.view(36, -1)  # A^T m A: (16, C_out * B * th * tw)
-    del products
-    y = y.view(4, 4, -1, b, th, tw)  # (row in tile, column in tile, C_out, B, th, tw)
-    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, -1, 4 * th, 4 * tw)  # a copy, (B, C_out, 4 th, 4 tw)
-    return y[:, :, :h, :w].add_(bias[:, None, None]).contiguous()
-
-
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added in between (when there is one)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch) if temb_ch else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -238,41 +166,19 @@ class Attention(nn.Module):
     def attend(self, x, context, hooks: AttentionHooks):
         """to_out[0](softmax(q k^T / sqrt(d)) v), (B, tokens, dim); q and k as the hooks give them."""
         q, k = hooks.qk(self.name, lambda: (self.to_q(x), self.to_k(context)))
-        v = self.to_v(context)
-        if hooks.share_probabilities and len(q) == len(k) == 1 and len(v) > 1:
-            o = shared_probabilities_attention(q, k, v, self.heads)
-        else:
-            batch = max(len(q), len(k), len(v))
-            o = F.scaled_dot_product_attention(*(self._split_heads(a, batch) for a in (q, k, v)))
-            o = o.transpose(1, 2).flatten(2)
-        return self.to_out[0](o)
+        return self.to_out[0](self.attention(q, k, self.to_v(context)))
+
+    def attention(self, q, k, v):
+        """softmax(q k^T / sqrt(d)) v per head by SDPA: (b, tokens, dim) each, b = 1 or B -> (B, tokens, dim)."""
+        batch = max(len(q), len(k), len(v))
+        o = F.scaled_dot_product_attention(*(self._split_heads(a, batch) for a in (q, k, v)))
+        return o.transpose(1, 2).flatten(2)
 
     def _split_heads(self, a, batch):
         """(b, tokens, dim) -> (batch, heads, tokens, dim / heads), repeating b = 1 over batch
         (materialised, not a stride-0 view, so that every fused attention kernel sees usual strides)."""
         a = a.unflatten(-1, (self.heads, -1)).transpose(1, 2)
         return a if a.shape[0] == batch else a.expand(batch, -1, -1, -1).contiguous()
-
-
-QUERY_BLOCK = 1024  # queries per softmax in shared_probabilities_attention: (heads, 1024, M) at a time
-
-
-def shared_probabilities_attention(q, k, v, heads: int) -> torch.Tensor:
-    """Attention of B runs that share their queries and keys: q (1, N, C), k (1, M, C), v (B, M, C).
-
-    P = softmax(q k^T / sqrt(d)) is computed once for all runs, QUERY_BLOCK queries at a time (heads,
-    block, M) so that it is never held whole; the runs are folded into the value dimension, (heads, M,
-    B * d), so that one matrix product applies each block of P to all of them -> (B, N, C).
-    """
-    runs, _, channels = v.shape
-    d = channels // heads
-    q, k = (a[0].unflatten(-1, (heads, d)).transpose(0, 1) for a in (q * d ** -0.5, k))  # (heads, N or M, d)
-    folded = v.unflatten(-1, (heads, d)).permute(2, 1, 0, 3).flatten(2)  # (heads, M, B * d)
-    out = v.new_empty(heads, q.shape[1], runs * d)
-    for start in range(0, q.shape[1], QUERY_BLOCK):
-        p = torch.softmax(q[:, start:start + QUERY_BLOCK] @ k.transpose(1, 2), dim=-1)  # (heads, block, M)
-        torch.matmul(p, folded, out=out[:, start:start + QUERY_BLOCK])
-    return out.unflatten(-1, (runs, d)).permute(2, 1, 0, 3).flatten(2)  # (B, N, C)
 
 
 class FeedForward(nn.Module):
@@ -348,7 +254,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         if size is None:

@@ -94,16 +94,17 @@ def test_the_flop_count_is_diffusers_count(tmp_path):
     assert report["total"]["ours"] < report["total"]["notebook"]
 
 
-def test_the_profile_sets_a_modulated_step_beside_a_diffusers_call(tiny_sd_dir, tmp_path):
+def test_the_profile_sets_a_modulated_step_beside_a_diffusers_call(tiny_sd_dir, tmp_path, monkeypatch):
     """bench.py profile: per batch, diffusers' plain call and our modulated step, operator by operator;
-    ours computes the probabilities once (softmax) from SHARE_PROBABILITIES_FROM_RUNS runs, SDPA below."""
-    from sampler import SHARE_PROBABILITIES_FROM_RUNS
-    shared = SHARE_PROBABILITIES_FROM_RUNS["cpu"]
+    with the speed paths chosen (forced here), ours computes the probabilities once (softmax) for 3
+    runs, and takes SDPA for one run, which shares nothing."""
+    import speed
+    monkeypatch.setattr(speed, "choose", lambda key, candidates, *args: candidates[-1])
     out = tmp_path / "profile.json"
-    bench.main(["profile", "--weights", str(tiny_sd_dir), "--size", "64", "--batches", "1", str(shared),
+    bench.main(["profile", "--weights", str(tiny_sd_dir), "--size", "64", "--batches", "1", "3",
                 "--repeats", "1", "--json", str(out)])
     report = json.loads(out.read_text())
-    assert [(row["size"], row["batch"]) for row in report["rows"]] == [(64, 1), (64, shared)]
+    assert [(row["size"], row["batch"]) for row in report["rows"]] == [(64, 1), (64, 3)]
     sdpa, softmax = "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax"
     for row in report["rows"]:
         assert row["diffusers_s"] > 0 and row["ours_s"] > 0 and sdpa in row["diffusers_by_operator"]

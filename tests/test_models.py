@@ -1,15 +1,13 @@
 """Our UNet, VAE and CLIP text encoder against diffusers/transformers with the same weights."""
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig as RefCLIPConfig
 from transformers import CLIPTextModel as RefCLIPTextModel
 
 from clip_text import CLIPTextConfig, CLIPTextModel
 from tiny_models import SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE
-import unet as unet_module
-from unet import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_PIXELS, Conv2d, UNet, UNetConfig
+from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 from weights import WeightsError, config_from_dict
 
@@ -134,79 +132,6 @@ def test_configs_the_references_refuse_are_refused_before_any_tensor(reference, 
         reference(**config)
     with pytest.raises(WeightsError):
         config_from_dict(config_cls, config)
-
-
-C = WINOGRAD_MIN_CHANNELS
-
-
-@pytest.mark.parametrize("in_channels, out_channels, kernel, side", [
-    (C, C, 3, (8, 12)), (C + 3, C + 1, 3, (5, 7)), (C, C, 3, (1, 1)), (C, C, 3, (2, 3)), (C, C, 3, (10, 6)),
-    (C - 1, C, 3, (6, 6)), (C, C - 1, 3, (6, 6)), (C, C, 1, (3, 3))])
-def test_conv2d_matches_torch_convolution(in_channels, out_channels, kernel, side, monkeypatch):
-    """unet.Conv2d: on the CPU, Winograd's F(4x4, 3x3) from WINOGRAD_MIN_CHANNELS input and output
-    channels (sides that are not a multiple of 4 padded and cropped, either memory layout; the pixel
-    threshold lowered for these small maps), torch's convolution otherwise; against torch's
-    convolution in float64."""
-    calls, winograd = [], unet_module.winograd_convolution
-    monkeypatch.setattr(unet_module, "winograd_convolution", lambda *args: calls.append(1) or winograd(*args))
-    monkeypatch.setattr(unet_module, "WINOGRAD_MIN_PIXELS", 1)
-    g = torch.Generator().manual_seed(in_channels + out_channels + kernel + side[0])
-    conv = Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
-    x = torch.randn(2, in_channels, *side, generator=g)
-    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2)
-    for layout in (torch.contiguous_format, torch.channels_last):
-        with torch.no_grad():
-            out = conv(x.contiguous(memory_format=layout))
-        assert_close(out, expected, rel=1e-5)  # torch's own float32 convolution: up to 6e-6
-    assert len(calls) == (2 if kernel == 3 and min(in_channels, out_channels) >= C else 0)
-
-
-@pytest.mark.parametrize("batch, side", [(1, 32), (4, 16), (16, 8), (2, 16), (4, 8)])
-def test_winograd_needs_enough_pixels(batch, side, monkeypatch):
-    """Winograd runs from WINOGRAD_MIN_PIXELS pixels in the batch (B x H x W), torch's convolution below:
-    there, transforming the filters at each call would cost more than the products save."""
-    calls, winograd = [], unet_module.winograd_convolution
-    monkeypatch.setattr(unet_module, "winograd_convolution", lambda *args: calls.append(1) or winograd(*args))
-    conv = Conv2d(C, C, 3, padding=1)
-    x = torch.randn(batch, C, side, side, generator=torch.Generator().manual_seed(side))
-    with torch.no_grad():
-        out = conv(x)
-    assert_close(out, F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1), rel=1e-5)
-    assert len(calls) == (batch * side * side >= WINOGRAD_MIN_PIXELS)
-
-
-def test_winograd_follows_the_weights_and_only_float32_takes_it(monkeypatch):
-    """Winograd's filters come from the weights of the moment (loaded anew after a first call). Other
-    dtypes take torch's convolution: float64 as exact as it is, half precision rounded as torch does."""
-    monkeypatch.setattr(unet_module, "WINOGRAD_MIN_PIXELS", 1)
-    g = torch.Generator().manual_seed(7)
-    conv = Conv2d(C, C, 3, padding=1)
-    x = torch.randn(1, C, 4, 4, generator=g)
-    with torch.no_grad():
-        conv(x)
-        conv.load_state_dict({name: torch.randn(p.shape, generator=g) for name, p in conv.state_dict().items()})
-        expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-        assert_close(conv(x), expected, rel=1e-5)
-        assert_close(conv.double()(x.double()), expected, rel=1e-12)
-        half = conv.bfloat16()
-        assert torch.equal(half(x.bfloat16()), F.conv2d(x.bfloat16(), half.weight, half.bias, padding=1))
-
-
-def test_unet_matches_diffusers_with_every_3x3_convolution_by_winograd(sd, tiny_reference, monkeypatch):
-    """SD v1.5's UNet convolves 256 channels and more by Winograd on the CPU; the tiny model has fewer:
-    with the threshold lowered, every 3x3 Conv2d of it runs that way, and the UNet still computes
-    what diffusers computes."""
-    calls = []
-    winograd = unet_module.winograd_convolution
-    monkeypatch.setattr(unet_module, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(unet_module, "WINOGRAD_MIN_PIXELS", 1)
-    monkeypatch.setattr(unet_module, "winograd_convolution", lambda *args: calls.append(1) or winograd(*args))
-    g = torch.Generator().manual_seed(5)
-    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([281, 1])
-    context = torch.randn(2, 77, TINY_UNET["cross_attention_dim"], generator=g)
-    with torch.no_grad():
-        assert_close(sd.unet(x, t, context), tiny_reference[0](x, t, context).sample)
-    assert len(calls) == sum(isinstance(m, Conv2d) and m.kernel_size == (3, 3) for m in sd.unet.modules()) > 10
 
 
 def test_the_random_tiny_model_has_the_tests_tiny_configuration():

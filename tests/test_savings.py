@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import emerdiff
-from sampler import SHARE_PROBABILITIES_FROM_RUNS, AttentionRecord, Modulation, invert, regenerate
-from unet import QUERY_BLOCK, shared_probabilities_attention
+from sampler import AttentionRecord, Modulation, invert, regenerate
 
 LATENT = (1, 4, 16, 16)  # a 128x128 image: the modulated layer works on 4x4 = 16 tokens
 TOKENS = 16
@@ -78,7 +77,7 @@ def test_replayed_cross_attention_outputs_equal_the_recomputed_ones(sd, x0_and_c
     with ProjectionCalls(sd.unet) as replayed_calls:
         replayed = modulated(sd, records[True], context)
     with ProjectionCalls(sd.unet) as plain_calls:
-        plain = modulated(sd, records[False], context, skip_projections=False, share_probabilities=False)
+        plain = modulated(sd, records[False], context, skip_projections=False)
     assert relative_error(replayed, plain) <= 1e-5
     assert all(replayed_calls["cross", p] == 0 for p in ("q", "k", "v", "out"))  # the layer computes nothing
     assert all(plain_calls["cross", p] == STEPS * LAYERS for p in ("q", "k", "v", "out"))
@@ -108,44 +107,7 @@ def test_skipped_projections_change_nothing(sd, x0_and_context, records):
     assert computed_calls["self", "q"] == computed_calls["self", "k"] == STEPS * LAYERS
 
 
-# ---- 3. Self-attention probabilities once for all runs ----
-
-@pytest.mark.parametrize("heads, runs, n, m", [(1, 2, 16, 16), (4, 3, 64, 64), (8, 5, 20, 77),
-                                               (2, 3, 2 * QUERY_BLOCK + 52, 50)])  # 3 blocks of queries
-def test_shared_probabilities_attention_is_softmax_attention_run_by_run(heads, runs, n, m):
-    g = torch.Generator().manual_seed(heads)
-    channels = 8 * heads
-    q, k = torch.randn(1, n, channels, generator=g, dtype=torch.float64), torch.randn(1, m, channels, generator=g,
-                                                                                       dtype=torch.float64)
-    v = torch.randn(runs, m, channels, generator=g, dtype=torch.float64)
-    d = channels // heads
-    expected = torch.empty(runs, n, channels, dtype=torch.float64)
-    for run in range(runs):  # softmax(q k^T / sqrt(d)) v, head by head, run by run
-        for h in range(heads):
-            head = slice(h * d, (h + 1) * d)
-            p = torch.softmax(q[0, :, head] @ k[0, :, head].T / math.sqrt(d), dim=-1)
-            expected[run, :, head] = p @ v[run, :, head]
-    assert torch.allclose(shared_probabilities_attention(q, k, v, heads), expected, rtol=1e-12, atol=1e-12)
-
-
-def test_shared_probabilities_equal_attention_run_by_run(sd, x0_and_context, records):
-    context = x0_and_context[1]
-    shared = modulated(sd, records[True], context, share_probabilities=True)
-    per_run = modulated(sd, records[True], context, share_probabilities=False)
-    assert relative_error(shared, per_run) <= 1e-5
-
-
-
-def test_probabilities_are_shared_from_the_measured_number_of_runs():
-    """share_probabilities=None shares from SHARE_PROBABILITIES_FROM_RUNS runs per call on the CPU
-    (SDPA run by run below: it is faster there), and never without a record to replay."""
-    fewest, record = SHARE_PROBABILITIES_FROM_RUNS["cpu"], AttentionRecord()
-    assert not Modulation(torch.zeros(fewest - 1, 4), record).share_probabilities
-    assert Modulation(torch.zeros(fewest, 4), record).share_probabilities
-    assert not Modulation(torch.zeros(fewest, 4), None).share_probabilities
-    assert Modulation(torch.zeros(1, 4), record, share_probabilities=True).share_probabilities
-
-# ---- 4. The inversion's UNet calls batched ----
+# ---- 3. The inversion's UNet calls batched ----
 
 class CallSpy(torch.nn.Module):
     """Wraps a UNet, recording each call's (t, x)."""
@@ -189,13 +151,12 @@ def test_all_savings_together_equal_the_plain_path(sd):
     def latents(saving: bool):
         inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(42),
                                     batch_size=8 if saving else 1, replay_cross_attention=saving)
-        return emerdiff.modulated_latents(sd, inversion, offsets, batch_size=6, skip_projections=saving,
-                                          share_probabilities=saving)
+        return emerdiff.modulated_latents(sd, inversion, offsets, batch_size=6, skip_projections=saving)
     # 15 chained steps: float32 rounding grows to about 1e-5 here (each saving alone stays below it)
     assert relative_error(latents(True), latents(False)) <= 5e-5
 
 
-# ---- 5. State on the device, in the model's dtype ----
+# ---- 4. State on the device, in the model's dtype ----
 
 @pytest.fixture(scope="module")
 def sd_bf16(tiny_sd_dir):

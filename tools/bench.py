@@ -45,8 +45,8 @@ from devices import Stopwatch, synchronize  # noqa: E402
 from files import atomic_save  # noqa: E402
 from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
 from notebook import NotebookPipeline, reference_models  # noqa: E402
-from unet import (Conv2d, UNet, UNetConfig, shared_probabilities_attention, winograd_convolution,  # noqa: E402
-                  winograd_filters)
+import speed  # noqa: E402
+from unet import UNet, UNetConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 from weights import StableDiffusion, random_stable_diffusion  # noqa: E402
 
@@ -210,32 +210,40 @@ def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
     return rows
 
 
-def modulated_step(unet, x, context, t, runs: int, share: bool | None = None):
+def modulated_step(unet, x, context, t, runs: int):
     """A call of our UNet as a modulated step after t_m (every run in full) of `runs` runs under
-    injection, all savings on (`share`: the shared probabilities forced on or off): the recording
-    pass is made first, from x's first image."""
+    injection, all savings on, the speed paths as the UNet has them: the recording pass is made
+    first, from x's first image."""
     record = sampler.AttentionRecord()
     sampler.predict_noise(unet, x[:1], t, context, record, step=0)
     x = x[:1].expand(runs, -1, -1, -1).contiguous()
     tokens = math.prod(side // (GRID_FACTOR // LATENT_FACTOR) for side in x.shape[-2:])  # the modulated layer's h*w
-    hooks = sampler.Modulation(torch.zeros(runs, tokens, device=x.device, dtype=x.dtype), record,
-                               share_probabilities=share)
+    hooks = sampler.Modulation(torch.zeros(runs, tokens, device=x.device, dtype=x.dtype), record)
     return lambda: sampler.predict_noise(unet, x, t, context, hooks, step=0)
+
+
+def on_path(unet, fast: bool, call):
+    """`call`, with the UNet's speed paths applied (fast) or swapped back first (speed.apply)."""
+    def run():
+        speed.apply(unet, fast)
+        return call()
+    return run
 
 
 @torch.no_grad()
 def hooked_steps(unet, x, context, t, args, device) -> list[dict]:
-    """A modulated step under injection (batch of runs, savings on) against a plain UNet call, and
-    its self-attention with the probabilities shared against SDPA run by run."""
+    """A modulated step under injection (batch of runs, savings on) against a plain UNet call of as
+    many images, with the speed paths and on the plain path."""
     plain = x[:1].expand(args.runs, -1, -1, -1).contiguous()  # as the modulated step's runs
-    plain_s, shared_s, sdpa_s = timed([lambda: unet(plain, t, context),
-                                       modulated_step(unet, x, context, t, args.runs, share=True),
-                                       modulated_step(unet, x, context, t, args.runs, share=False)],
-                                      device, args.repeats)
+    step = modulated_step(unet, x, context, t, args.runs)
+    plain_s, fast_s, plain_path_s = timed([on_path(unet, True, lambda: unet(plain, t, context)),
+                                           on_path(unet, True, step), on_path(unet, False, step)],
+                                          device, args.repeats)
+    speed.apply(unet)
     h, w = x.shape[-2:]
     note = f"{args.runs} runs; reference: a plain UNet call"
-    return [dict(row=f"modulated step, shared probabilities, {h}x{w}", ours_s=shared_s, reference_s=plain_s, note=note),
-            dict(row=f"modulated step, SDPA run by run, {h}x{w}", ours_s=sdpa_s, reference_s=plain_s, note=note)]
+    return [dict(row=f"modulated step, speed paths, {h}x{w}", ours_s=fast_s, reference_s=plain_s, note=note),
+            dict(row=f"modulated step, plain path, {h}x{w}", ours_s=plain_path_s, reference_s=plain_s, note=note)]
 
 
 def print_rows(title, rows):
@@ -249,6 +257,7 @@ def print_rows(title, rows):
 def bench_models(args, device, dtype):
     sd = load_models(args, device, dtype)
     devices.set_memory_layout(sd)
+    speed.apply(sd)  # ours as segment() runs it
     load = load_average()
     rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
     print_rows(f"batch {args.batch}, reference: diffusers", rows)
@@ -275,30 +284,31 @@ def convolution_shapes(model: str, side: int) -> Counter:
 def bench_convolutions(args, device, dtype):
     """Each 3x3 convolution shape of a UNet call and a decode at --size, --batch images per call, random
     weights: torch's convolution (oneDNN on the CPU) in the usual layout and in channels_last, and
-    Winograd's F(4x4, 3x3) (unet.winograd_convolution, the filters transformed in the call, as Conv2d
-    does); seconds per image for all the convolutions of that shape in the model, and which of them
-    unet.Conv2d chooses (Conv2d.runs_winograd)."""
+    Winograd's F(4x4, 3x3) (speed.winograd_convolution, the filters transformed in the call, as
+    speed.FastConv2d does); seconds per image for all the convolutions of that shape in the model, and
+    what speed.FastConv2d's choice (the faster of oneDNN and Winograd, measured where it runs) costs."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for model in ("unet", "decoder"):
         for (c_in, c_out, side), count in sorted(convolution_shapes(model, args.size[0]).items()):
-            conv = Conv2d(c_in, c_out, 3, padding=1).to(device, dtype)
+            conv = nn.Conv2d(c_in, c_out, 3, padding=1).to(device, dtype)
             x = torch.randn(args.batch, c_in, side, side, generator=g).to(device, dtype)
             x_last = x.contiguous(memory_format=torch.channels_last)
             weight_last = conv.weight.contiguous(memory_format=torch.channels_last)
             seconds = timed([lambda: F.conv2d(x, conv.weight, conv.bias, padding=1),
                              lambda: F.conv2d(x_last, weight_last, conv.bias, padding=1),
-                             lambda: winograd_convolution(x, winograd_filters(conv.weight), conv.bias)], device, args.repeats)
+                             lambda: speed.winograd_convolution(x, speed.winograd_filters(conv.weight), conv.bias)],
+                            device, args.repeats)
             onednn, channels_last, winograd = (s * count / args.batch for s in seconds)
             rows.append(dict(model=model, in_channels=c_in, out_channels=c_out, side=side, count=count, onednn_s=onednn,
-                             channels_last_s=channels_last, winograd_s=winograd, chosen_winograd=conv.runs_winograd(x)))
+                             channels_last_s=channels_last, winograd_s=winograd))
             print(f"{model:<8}{c_in:>5} -> {c_out:<5}{side:>4}x{side:<4} x{count:<3} oneDNN {onednn:7.3f} s, channels_last "
                   f"{channels_last:7.3f} s, Winograd {winograd:7.3f} s ({winograd / onednn:.2f} of oneDNN's)", flush=True)
     for model in ("unet", "decoder"):
         mine = [r for r in rows if r["model"] == model]
-        ours = sum(r["winograd_s"] if r["chosen_winograd"] else r["onednn_s"] for r in mine)
+        chosen = sum(min(r["winograd_s"], r["onednn_s"]) for r in mine)
         print(f"{model}: all 3x3 convolutions per image, oneDNN {sum(r['onednn_s'] for r in mine):.2f} s, channels_last "
-              f"{sum(r['channels_last_s'] for r in mine):.2f} s, unet.Conv2d's choice {ours:.2f} s")
+              f"{sum(r['channels_last_s'] for r in mine):.2f} s, speed.FastConv2d's choice {chosen:.2f} s")
     return dict(command="convolutions", size=args.size[0], batch=args.batch, device=str(device), dtype=str(dtype),
                 rows=rows, load_average=load_average())
 
@@ -314,7 +324,7 @@ def seconds_by_operator(prof, images: int) -> dict:
 def shared_attention_rows(unet, side: int, device, dtype, repeats: int) -> list[dict]:
     """The full-resolution self-attention of a modulated step (SD v1.5: 8 heads, h*w tokens of 320
     channels at a side x side image): the probabilities shared by the runs against SDPA run by run,
-    per run, for 1 to 8 runs: where sharing starts to pay (sampler.SHARE_PROBABILITIES_FROM_RUNS)."""
+    per run, for 1 to 8 runs: the two paths that speed.FastAttention chooses between."""
     layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     tokens, channels = (side // LATENT_FACTOR) ** 2, layer.to_q.in_features
     g = torch.Generator().manual_seed(0)
@@ -322,7 +332,7 @@ def shared_attention_rows(unet, side: int, device, dtype, repeats: int) -> list[
     rows = []
     for runs in range(1, 9):
         v = torch.randn(runs, tokens, channels, generator=g).to(device, dtype)
-        shared_s, sdpa_s = timed([lambda: shared_probabilities_attention(q, k, v, layer.heads),
+        shared_s, sdpa_s = timed([lambda: speed.shared_probabilities_attention(q, k, v, layer.heads),
                                   lambda: F.scaled_dot_product_attention(*(layer._split_heads(a, runs)
                                                                            for a in (q, k, v)))],
                                  device, repeats)
@@ -343,6 +353,7 @@ def bench_profile(args, device, dtype):
     from torch.profiler import ProfilerActivity, profile
     sd = load_models(args, device, dtype)
     ref_unet, _ = reference_models(sd.unet, sd.vae, device, dtype)
+    speed.apply(sd)  # ours as segment() runs it
     g = torch.Generator().manual_seed(0)
     rows, attention = [], []
     for side in args.size:

@@ -1,0 +1,178 @@
+"""The speed paths, beside the plain PyTorch models of unet.py and vae.py.
+
+`apply(sd)` swaps two kinds of layer of a loaded model for faster subclasses that compute the
+same numbers up to float rounding; `apply(sd, fast=False)` swaps them back. Nothing else in the
+project knows these paths exist: the models read as the architecture, and emerdiff.segment's
+option `speed_paths=False` (`--plain` on the command line) runs them plain.
+
+- 3x3 convolutions by Winograd's F(4x4, 3x3) (`FastConv2d`), on the CPU in float32 without gradients.
+- Attention over runs that share their queries and keys (the modulated runs under injection replay
+  the same q and k): softmax(q k^T / sqrt(d)) computed once for all runs (`FastAttention`).
+
+Neither wins everywhere: what pays depends on the CPU (AVX2 or AVX-512), the shape and the number of
+runs per call. So each is chosen by measurement where it runs, in the spirit of cudnn.benchmark: the
+first time a layer shape comes, the fast path and the plain one are each timed (`choose`), and the
+faster is remembered for the process. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
+docs/speed.md has the measurements behind every choice).
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from unet import Attention
+
+# ---- Choosing by measurement ----
+
+TIMED_CALLS = 2  # per candidate, after an untimed first call; the fastest of them counts
+CHOSEN: dict[tuple, int] = {}  # (kind, shapes, dtype, threads) -> the index of the candidate measured fastest
+
+
+def choose(key: tuple, candidates: list, *args):
+    """The candidate (a function of `args`) that is fastest for `key` on this machine: measured the
+    first time the key comes (each called once untimed, then TIMED_CALLS times, interleaved), then
+    remembered. Candidates compute the same result, so any of them may answer. Under a dispatch mode
+    (torch.utils.flop_counter counting, say) nothing is measured: the plain path, candidates[0]."""
+    if is_in_torch_dispatch_mode():
+        return candidates[0]
+    key = (*key, torch.get_num_threads())
+    if key not in CHOSEN:
+        for candidate in candidates:
+            candidate(*args)
+        seconds = [[] for _ in candidates]
+        for _ in range(TIMED_CALLS):
+            for candidate, spent in zip(candidates, seconds):
+                clock = time.perf_counter()
+                candidate(*args)
+                spent.append(time.perf_counter() - clock)
+        CHOSEN[key] = min(range(len(candidates)), key=lambda i: min(seconds[i]))
+    return candidates[CHOSEN[key]]
+
+
+def runs_here(x: torch.Tensor, module: nn.Module) -> bool:
+    """The fast paths are for inference on the CPU in float32."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())))
+
+
+# ---- Winograd's F(4x4, 3x3) ----
+
+# Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016: each 4x4 output tile
+# of a 3x3 convolution is Y = A^T [(G g G^T) * (B^T d B)] A, d the 6x6 input tile around it and g the
+# filter: 36 multiplications per channel pair instead of 144. The matrices interpolate at 0, 1, -1, 2,
+# -1/2 and infinity, the points that round least in float32 (Barabasz et al., "Error analysis and
+# improving the accuracy of Winograd convolution", 2020).
+WINOGRAD_BT = torch.tensor([[2, 3, -4, -3, 2, 0], [0, 2, 5, 1, -2, 0], [0, 2, 1, -5, 2, 0],
+                            [0, -1, -2, 1, 2, 0], [0, -2, 1, 2, -1, 0], [0, 2, 3, -4, -3, 2]], dtype=torch.float64)
+WINOGRAD_G = torch.tensor([[15, 0, 0], [5, 5, 5], [5, -5, 5], [1, 2, 4], [32, -16, 8], [0, 0, 15]],
+                          dtype=torch.float64) / 30
+WINOGRAD_AT = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -1 / 2, 0], [0, 1, 1, 4, 1 / 4, 0],
+                            [0, 1, -1, 8, -1 / 8, 1]], dtype=torch.float64)
+# The same transforms of a flattened tile: kron(M, M) vec(X) = vec(M X M^T).
+WINOGRAD_INPUT = torch.kron(WINOGRAD_BT, WINOGRAD_BT).float()  # (36, 36): 6x6 input tile -> B^T d B
+WINOGRAD_FILTER = torch.kron(WINOGRAD_G, WINOGRAD_G).float()  # (36, 9): 3x3 filter -> G g G^T
+WINOGRAD_OUTPUT = torch.kron(WINOGRAD_AT, WINOGRAD_AT).float()  # (16, 36): products -> 4x4 output tile
+
+
+def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
+    """G g G^T of every filter g: (C_out, C_in, 3, 3) -> (36, C_out, C_in). Made at every call: kept,
+    they would take 4 times the weights' memory (7.8 GiB for SD v1.5's UNet), for a few % of the time."""
+    c_out, c_in = weight.shape[:2]
+    return (WINOGRAD_FILTER.to(weight) @ weight.reshape(c_out * c_in, 9).T).view(36, c_out, c_in)
+
+
+def winograd_convolution(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """3x3 convolution with padding 1 by F(4x4, 3x3): x (B, C_in, H, W), filters G g G^T (36, C_out, C_in)
+    -> (B, C_out, H, W), contiguous. Three matrix products: B^T d B of every input tile, then one
+    batched product over the 36 tile positions does the multiplying, then A^T m A. Sides that are not
+    a multiple of 4 are padded up to one and cropped."""
+    b, c, h, w = x.shape
+    th, tw = -(-h // 4), -(-w // 4)  # output tiles
+    padded = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h))
+    tiles = padded.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 1, 0, 2, 3)  # (6, 6, C_in, B, th, tw), a view
+    transformed = WINOGRAD_INPUT.to(x.device) @ tiles.reshape(36, -1)  # B^T d B: (36, C_in * B * th * tw)
+    products = torch.bmm(filters, transformed.view(36, c, -1))  # (36, C_out, B * th * tw)
+    del transformed  # freed before the next product: each is 2.25 times the size of a map
+    y = WINOGRAD_OUTPUT.to(x.device) @ products.view(36, -1)  # A^T m A: (16, C_out * B * th * tw)
+    del products
+    y = y.view(4, 4, -1, b, th, tw)  # (row in tile, column in tile, C_out, B, th, tw)
+    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, -1, 4 * th, 4 * tw)  # a copy, (B, C_out, 4 th, 4 tw)
+    return y[:, :, :h, :w].add_(bias[:, None, None]).contiguous()
+
+
+def is_winograd_shaped(conv: nn.Module) -> bool:
+    """A plain nn.Conv2d that F(4x4, 3x3) computes: 3x3, stride 1, padding 1, no dilation or groups, a bias."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.bias is not None)
+
+
+class FastConv2d(nn.Conv2d):
+    """A 3x3 convolution (is_winograd_shaped) by oneDNN or by Winograd, whichever `choose` measured faster
+    for this input shape."""
+
+    def forward(self, x):
+        if not runs_here(x, self):
+            return super().forward(x)
+        fastest = choose(("conv", tuple(x.shape), self.out_channels), [super().forward, self.winograd], x)
+        return fastest(x)
+
+    def winograd(self, x):
+        return winograd_convolution(x, winograd_filters(self.weight), self.bias)
+
+
+# ---- Attention computed once for runs that share q and k ----
+
+QUERY_BLOCK = 1024  # queries per softmax in shared_probabilities_attention: (heads, 1024, M) at a time
+
+
+def shared_probabilities_attention(q, k, v, heads: int) -> torch.Tensor:
+    """Attention of B runs that share their queries and keys: q (1, N, C), k (1, M, C), v (B, M, C).
+
+    P = softmax(q k^T / sqrt(d)) is computed once for all runs, QUERY_BLOCK queries at a time (heads,
+    block, M) so that it is never held whole; the runs are folded into the value dimension, (heads, M,
+    B * d), so that one matrix product applies each block of P to all of them -> (B, N, C).
+    """
+    runs, _, channels = v.shape
+    d = channels // heads
+    q, k = (a[0].unflatten(-1, (heads, d)).transpose(0, 1) for a in (q * d ** -0.5, k))  # (heads, N or M, d)
+    folded = v.unflatten(-1, (heads, d)).permute(2, 1, 0, 3).flatten(2)  # (heads, M, B * d)
+    out = v.new_empty(heads, q.shape[1], runs * d)
+    for start in range(0, q.shape[1], QUERY_BLOCK):
+        p = torch.softmax(q[:, start:start + QUERY_BLOCK] @ k.transpose(1, 2), dim=-1)  # (heads, block, M)
+        torch.matmul(p, folded, out=out[:, start:start + QUERY_BLOCK])
+    return out.unflatten(-1, (runs, d)).permute(2, 1, 0, 3).flatten(2)  # (B, N, C)
+
+
+class FastAttention(Attention):
+    """Attention whose runs share q and k (batch 1 against B values) by SDPA run by run or with the
+    probabilities shared, whichever `choose` measured faster for these shapes."""
+
+    def attention(self, q, k, v):
+        if not (len(q) == len(k) == 1 < len(v) and runs_here(v, self)):
+            return super().attention(q, k, v)
+        shared = lambda q, k, v: shared_probabilities_attention(q, k, v, self.heads)  # noqa: E731
+        fastest = choose(("attention", tuple(q.shape), tuple(v.shape), self.heads), [super().attention, shared],
+                         q, k, v)
+        return fastest(q, k, v)
+
+
+# ---- The seam ----
+
+def apply(models, fast: bool = True) -> None:
+    """Swap the layers of `models` (a module, or a StableDiffusion: its UNet and decoder) that have a speed
+    path for their fast subclasses (fast=True), or back to the plain classes: the same parameters,
+    state_dict and names; only the forward changes. In place; idempotent. The VAE's pixel attention
+    (one image, never shared runs) and every other convolution keep the plain class."""
+    parts = [models] if isinstance(models, nn.Module) else [models.unet, models.vae.decoder]  # (the encoder runs once)
+    for module in (m for part in parts for m in part.modules()):
+        if fast and is_winograd_shaped(module):
+            module.__class__ = FastConv2d
+        elif fast and type(module) is Attention:
+            module.__class__ = FastAttention
+        elif not fast and type(module) is FastConv2d:
+            module.__class__ = nn.Conv2d
+        elif not fast and type(module) is FastAttention:
+            module.__class__ = Attention

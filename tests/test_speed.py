@@ -1,0 +1,185 @@
+"""speed.py's paths against the plain ones: each fast computation against float64 or a plain loop, the
+swap itself (what it takes, what it leaves, and back), the choice by measurement, and whole models
+with every fast path forced on against diffusers and against the plain path."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import emerdiff
+import speed
+from sampler import Modulation, regenerate
+from test_models import assert_close
+from test_savings import OFFSETS, inverted, relative_error
+from tiny_models import TINY_UNET
+from unet import Attention
+from vae import PixelAttention
+
+
+def always_fast(key, candidates, *args):
+    """In place of speed.choose: every layer takes its fast path (the plain one is candidates[0])."""
+    return candidates[-1]
+
+
+@pytest.fixture
+def fast_paths(sd, monkeypatch):
+    """The session's tiny models with every fast path applied and chosen; plain again afterwards."""
+    monkeypatch.setattr(speed, "choose", always_fast)
+    speed.apply(sd)
+    yield sd
+    speed.apply(sd, fast=False)
+
+
+# ---- Winograd's F(4x4, 3x3) ----
+
+@pytest.mark.parametrize("in_channels, out_channels, side", [
+    (8, 8, (8, 12)), (11, 9, (5, 7)), (8, 8, (1, 1)), (8, 8, (2, 3)), (16, 4, (10, 6))])
+def test_winograd_convolution_is_the_convolution(in_channels, out_channels, side):
+    """Against torch's convolution in float64, sides not a multiple of 4 (padded and cropped), both
+    memory layouts."""
+    g = torch.Generator().manual_seed(in_channels + out_channels + side[0])
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    x = torch.randn(2, in_channels, *side, generator=g)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        with torch.no_grad():
+            out = speed.winograd_convolution(x.contiguous(memory_format=layout), speed.winograd_filters(conv.weight),
+                                             conv.bias)
+        assert_close(out, expected, rel=1e-5)  # torch's own float32 convolution: up to 6e-6
+
+
+def test_fast_conv2d_follows_the_weights_and_runs_only_float32_on_the_cpu(monkeypatch):
+    """Winograd's filters come from the weights of the moment (loaded anew after a first call). Other
+    dtypes and gradients take torch's convolution."""
+    monkeypatch.setattr(speed, "choose", always_fast)
+    g = torch.Generator().manual_seed(7)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    speed.apply(conv)
+    assert type(conv) is speed.FastConv2d
+    x = torch.randn(1, 8, 4, 4, generator=g)
+    with torch.no_grad():
+        conv(x)
+        conv.load_state_dict({name: torch.randn(p.shape, generator=g) for name, p in conv.state_dict().items()})
+        expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        assert_close(conv(x), expected, rel=1e-5)
+        assert torch.equal(conv.double()(x.double()), F.conv2d(x.double(), conv.weight, conv.bias, padding=1))
+        half = conv.bfloat16()
+        assert torch.equal(half(x.bfloat16()), F.conv2d(x.bfloat16(), half.weight, half.bias, padding=1))
+    conv.float()
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # with gradients: torch's
+
+
+# ---- Attention probabilities once for the runs ----
+
+@pytest.mark.parametrize("heads, runs, n, m", [(1, 2, 16, 16), (4, 3, 64, 64), (8, 5, 20, 77),
+                                               (2, 3, 2 * speed.QUERY_BLOCK + 52, 50)])  # 3 blocks of queries
+def test_shared_probabilities_attention_is_softmax_attention_run_by_run(heads, runs, n, m):
+    g = torch.Generator().manual_seed(heads)
+    channels = 8 * heads
+    q, k = (torch.randn(1, length, channels, generator=g, dtype=torch.float64) for length in (n, m))
+    v = torch.randn(runs, m, channels, generator=g, dtype=torch.float64)
+    d = channels // heads
+    expected = torch.empty(runs, n, channels, dtype=torch.float64)
+    for run in range(runs):  # softmax(q k^T / sqrt(d)) v, head by head, run by run
+        for h in range(heads):
+            head = slice(h * d, (h + 1) * d)
+            p = torch.softmax(q[0, :, head] @ k[0, :, head].T / math.sqrt(d), dim=-1)
+            expected[run, :, head] = p @ v[run, :, head]
+    assert torch.allclose(speed.shared_probabilities_attention(q, k, v, heads), expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- The swap and the choice ----
+
+def test_apply_swaps_only_the_layers_with_a_fast_path_and_back():
+    """3x3 convolutions of stride 1, padding 1, no groups or dilation, with a bias, and the UNet's
+    attention: swapped, their parameters and state_dict untouched; every other layer left alone (a
+    stride-2 3x3 convolution by F(4x4, 3x3) would compute something else)."""
+    layers = nn.ModuleDict(dict(
+        same=nn.Conv2d(4, 4, 3, padding=1), strided=nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        unpadded=nn.Conv2d(4, 4, 3), pointwise=nn.Conv2d(4, 4, 1), grouped=nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        dilated=nn.Conv2d(4, 4, 3, padding=1, dilation=2), unbiased=nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        reflected=nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        attention=Attention(8, 2), pixel_attention=PixelAttention(8, 2)))
+    plain = {name: type(layer) for name, layer in layers.items()}
+    state = {name: p.clone() for name, p in layers.state_dict().items()}
+    speed.apply(layers)
+    swapped = {name for name, layer in layers.items() if type(layer) is not plain[name]}
+    assert swapped == {"same", "attention"}
+    assert type(layers["same"]) is speed.FastConv2d and type(layers["attention"]) is speed.FastAttention
+    speed.apply(layers)  # idempotent
+    assert layers.state_dict().keys() == state.keys()
+    assert all(torch.equal(p, state[name]) for name, p in layers.state_dict().items())
+    speed.apply(layers, fast=False)
+    assert {name: type(layer) for name, layer in layers.items()} == plain
+
+
+def test_choose_times_each_candidate_once_per_shape_and_keeps_the_faster(monkeypatch):
+    """A clock that each candidate advances by its own cost: the cheaper is chosen, measured the first
+    time its key comes (an untimed call, then TIMED_CALLS timed ones each) and not again."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(speed, "CHOSEN", {})
+
+    def costing(name, seconds):
+        def candidate(x):
+            calls.append(name)
+            clock[0] += seconds
+            return x
+        return candidate
+    slow, fast = costing("slow", 2.0), costing("fast", 1.0)
+    assert speed.choose(("key",), [slow, fast], 0) is fast
+    assert calls.count("slow") == calls.count("fast") == 1 + speed.TIMED_CALLS
+    calls.clear()
+    assert speed.choose(("key",), [slow, fast], 0) is fast and calls == []
+    assert speed.choose(("other key",), [fast, slow], 0) is fast and len(calls) == 2 * (1 + speed.TIMED_CALLS)
+
+
+# ---- Whole models ----
+
+def test_the_unet_with_every_fast_path_computes_what_diffusers_computes(fast_paths, tiny_reference):
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([281, 1])
+    context = torch.randn(2, 77, TINY_UNET["cross_attention_dim"], generator=g)
+    assert sum(type(m) is speed.FastConv2d for m in fast_paths.unet.modules()) > 10
+    with torch.no_grad():
+        assert_close(fast_paths.unet(x, t, context), tiny_reference[0](x, t, context).sample)
+
+
+def test_modulated_runs_with_shared_probabilities_equal_the_plain_path(sd, monkeypatch):
+    """The modulated runs replay batch-1 q and k against the runs' values: FastAttention computes the
+    probabilities once (forced here, Winograd too) and the runs come out as on the plain models."""
+    x0_and_context = (torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)),
+                      sd.text_encoder(sd.tokenizer("")).detach())
+    timesteps, x_start, zs, record = inverted(sd, x0_and_context)
+
+    def runs():
+        return regenerate(sd.unet, x_start, zs, timesteps, x0_and_context[1], hooks=Modulation(OFFSETS, record))
+    plain = runs()
+    shared = []
+    monkeypatch.setattr(speed, "shared_probabilities_attention",
+                        lambda *args, f=speed.shared_probabilities_attention: shared.append(1) or f(*args))
+    monkeypatch.setattr(speed, "choose", always_fast)
+    speed.apply(sd)
+    try:
+        fast = runs()
+    finally:
+        speed.apply(sd, fast=False)
+    assert len(shared) > 0 and relative_error(fast, plain) <= 1e-5
+
+
+def test_segment_with_and_without_the_speed_paths(sd, monkeypatch):
+    """segment() applies the speed paths unless speed_paths=False, which leaves the models plain; the
+    maps agree within float rounding."""
+    monkeypatch.setattr(speed, "choose", always_fast)
+    options = dict(size=128, masks=3, feature_samples=2, kmeans_restarts=2)
+    image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(4))
+    try:
+        fast = emerdiff.segment(image, sd, **options)
+        assert any(type(m) is speed.FastConv2d for m in sd.unet.modules())
+        plain = emerdiff.segment(image, sd, speed_paths=False, **options)
+        assert not any(type(m) in (speed.FastConv2d, speed.FastAttention) for m in sd.unet.modules())
+    finally:
+        speed.apply(sd, fast=False)
+    assert relative_error(fast.difference_maps, plain.difference_maps) <= 1e-4
