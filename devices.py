@@ -190,7 +190,8 @@ def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
     CUDA's peak-memory count: its reading afterwards covers what follows them."""
     device, dtype = model_device_dtype(sd)
     x0 = torch.zeros(shape, device=device)
-    context = sd.text_encoder(sd.tokenizer("").to(device))  # emerdiff.embed_prompt's, without importing the method
+    from emerdiff import embed_prompt  # here: emerdiff imports this module
+    context = embed_prompt(sd)
     t = torch.tensor([1], device=device)
     record = sampler.AttentionRecord()
     sampler.predict_noise(sd.unet, x0, t, context, record, step=0)

@@ -246,7 +246,10 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def kmeans(x: np.ndarray, k: int, *, seed: int, restarts: int, iters: int = 100) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding, the lowest inertia of `restarts` runs -> labels (N,).
-    k is lowered to the number of points where there are fewer."""
+    k is lowered to the number of points where there are fewer. Not emerdiff.kmeans: evaluate.py runs
+    without torch, on the embeddings of whole datasets, and a cluster that empties keeps its center
+    (it then simply stays empty: here fewer clusters than k are allowed, where the method wants K masks
+    and re-seeds one)."""
     rng, k = np.random.default_rng(seed), min(k, len(x))
     squares = (x ** 2).sum(1)
     best, best_inertia = None, np.inf
