@@ -460,10 +460,11 @@ def is_done(folder: Path, record: dict) -> bool:
         return False
 
 
-def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
+def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     """Segment the images of the command line (process `rank` of `world`: every world-th one) into
     their own folders of --out, skipping those done; summary.json says what was done, and why the
-    run stopped if it did, from the moment --out is ready."""
+    run stopped if it did, from the moment --out is ready. Returns the summary this process wrote as
+    summary.json, or None where it wrote only its part of a torchrun's (write_summary)."""
     options = method_options(args)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
@@ -480,7 +481,8 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
-        write_summary(out, summary.as_dict(options), rank, world)
+        whole = write_summary(out, summary.as_dict(options), rank, world)
+    return whole
 
 
 def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summary: Summary, announce: bool):
@@ -513,16 +515,18 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summar
             summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
 
 
-def write_summary(out: Path, summary: dict, rank: int, world: int):
-    """summary.json in --out. With several processes there is no collective wait: each writes its part
-    (tagged with the run it belongs to) and whoever finds every part of its run there merges them, so
-    the last to finish does, however unequal the shares; a process never waits for another."""
+def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | None:
+    """summary.json in --out, returned. With several processes there is no collective wait: each writes
+    its part (tagged with the run it belongs to) and whoever finds every part of its run there merges
+    them, so the last to finish does, however unequal the shares; a process never waits for another.
+    That one returns the merged summary and says how many images of the whole run failed; the others
+    return None. A summary that cannot be written is said, and this process's own summary returned."""
     try:
         if world == 1:
             atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
             for stale in out.glob("summary.part*.json"):  # of an earlier torchrun cut short: superseded
                 stale.unlink(missing_ok=True)
-            return
+            return summary
         run_id = torchrun_id()
         atomic_save(out / f"summary.part{rank}.json",
                     lambda tmp: tmp.write_text(json.dumps(summary | {"run": run_id}, indent=1)))
@@ -530,13 +534,20 @@ def write_summary(out: Path, summary: dict, rank: int, world: int):
         try:
             found = [json.loads(checked_file(p).read_text()) for p in parts]
         except (FileError, ValueError, RecursionError):  # not all here yet (or another process merged them)
-            return
-        if all(part.get("run") == run_id for part in found):
-            atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(merged(found), indent=1)))
-            for p in parts:
-                p.unlink(missing_ok=True)
+            return None
+        if not all(part.get("run") == run_id for part in found):
+            return None
+        whole = merged(found)
+        atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(whole, indent=1)))
+        for p in parts:
+            p.unlink(missing_ok=True)
+        if whole["failed"]:
+            say(f"{len(whole['failed'])} of {whole['images']} images of this torchrun failed (each said by its "
+                f"process); {out / SUMMARY} lists them")
+        return whole
     except OSError as e:
         say(f"cannot write {out / SUMMARY}: {e.strerror or e}")
+        return summary
 
 
 def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, announce: bool = False) -> float:
@@ -625,14 +636,16 @@ def torchrun_id() -> str:
 def main(argv=None) -> int:
     """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
     (interrupted by Ctrl-C / SIGTERM; from then on both signals are ignored, as the process is
-    ending). Under torchrun each process returns its own."""
+    ending). Under torchrun a process whose images failed records them in its summary part and returns
+    0, as torchrun stops every process when one returns another status: the process that merges the
+    parts, the last to finish, returns 2 where any image of the run failed."""
     global errors_said
     args = parse_args(argv)
     from weights import WeightsError
     summary, errors_said = Summary(), 0
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        run(args, summary, *process_rank())
+        whole = run(args, summary, *process_rank())
     except (EmerDiffError, WeightsError, EvaluationError, FileError) as e:
         say(str(e))
         return 2
@@ -651,4 +664,6 @@ def main(argv=None) -> int:
     finally:
         if signal.getsignal(signal.SIGTERM) is raise_terminated:  # after an interrupt both stay ignored
             signal.signal(signal.SIGTERM, previous)
-    return 2 if summary.failed or errors_said else 0
+    if whole is None:  # a part of a torchrun's summary: the process that merges the parts gives the status
+        return 0
+    return 2 if whole["failed"] or errors_said else 0
