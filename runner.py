@@ -616,9 +616,18 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
+TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent in each process it starts, by no other launcher
+
+
 def process_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside it. The processes share the
-    images out by rank and never talk to each other (no process group: nothing to time out)."""
+    """(rank, world size) from torchrun's environment; (0, 1) outside it, where a WORLD_SIZE or RANK
+    of another launcher is no share of ours (said). The processes share the images out by rank and
+    never talk to each other (no process group: nothing to time out)."""
+    if TORCHRUN_MARK not in os.environ:
+        if {"WORLD_SIZE", "RANK"} & set(os.environ):
+            note(f"WORLD_SIZE / RANK are set, but not by torchrun (no {TORCHRUN_MARK}): this process "
+                 "segments every image")
+        return 0, 1
     world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
     if not (world.isdigit() and rank.isdigit() and int(rank) < int(world)):
         raise EmerDiffError(f"WORLD_SIZE={world[:20]!r} and RANK={rank[:20]!r} are not a process of a torchrun: "

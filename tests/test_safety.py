@@ -16,7 +16,7 @@ import emerdiff
 import evaluate
 import files
 import runner
-from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, save_image, start_cli,
+from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, save_image, start_cli,
                           torchrun_cli)
 from conftest import ROOT
 from datasets import EvaluationError, dataset_samples
@@ -247,9 +247,27 @@ def test_a_failed_image_under_torchrun_ends_no_other_process(tmp_path, tiny_sd_d
 @pytest.mark.parametrize("world, rank", [("abc", "0"), ("2", "5")])
 def test_a_torchrun_environment_that_is_none_is_one_line(tmp_path, world, rank):
     result = subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), "--image", str(EXAMPLE), "--out",
-                             str(tmp_path)], env=os.environ | {"WORLD_SIZE": world, "RANK": rank},
+                             str(tmp_path)], env=os.environ | {"WORLD_SIZE": world, "RANK": rank,
+                                                               "TORCHELASTIC_RUN_ID": "test"},
                             capture_output=True, text=True, timeout=120)
     assert_one_error(result, "are not a process of a torchrun")
+
+
+def test_world_size_set_by_another_launcher_runs_every_image(tmp_path, tiny_sd_dir):
+    """WORLD_SIZE and RANK without torchrun's own variables (another launcher's job): one process
+    segments every image, says so, and writes summary.json."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for name in ("a", "b"):
+        save_image(images / f"{name}.png", (64, 64))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")} | {"WORLD_SIZE": "2", "RANK": "0"}
+    result = cli("--image", str(images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "not by torchrun" in result.stderr
+    for name in ("a", "b"):
+        assert_complete(out / name, (64, 64))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["done"], summary["failed"]) == (2, 2, [])
 
 
 # ---- the estimate ----
