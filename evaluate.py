@@ -134,15 +134,27 @@ def scored_pair(gt: np.ndarray, pred: np.ndarray, resolution: str) -> tuple[np.n
     return gt, pred.astype(np.int64)
 
 
+def npy_array(path: Path) -> np.ndarray:
+    """The array of a .npy file, or a one-line EvaluationError: the file is mapped, not read, so a header
+    claiming more data than the file holds is refused by the mapping before anything is allocated; an
+    empty file, another format (an .npz archive under the name) or pickled objects likewise."""
+    try:
+        mapped = np.load(checked_file(path), mmap_mode="r", allow_pickle=False)
+    except FileError as e:
+        raise EvaluationError(str(e)) from None
+    except (OSError, ValueError, EOFError) as e:
+        raise EvaluationError(f"{shown(path)}: not a readable .npy file ({e.__class__.__name__}: {e}); "
+                              "write it as emerdiff.py does") from None
+    if not isinstance(mapped, np.ndarray):  # np.load opens a zip archive (.npz) whatever its name
+        mapped.close()
+        raise EvaluationError(f"{shown(path)}: an .npz archive, not a .npy file; write it as emerdiff.py does")
+    return np.array(mapped)
+
+
 def embeddings_of(folder: Path, segments: int) -> np.ndarray:
     """(K, C) float32 mask embeddings of a prediction folder whose labels.png holds ids below `segments`."""
     path = folder / EMBEDDINGS_FILE
-    try:
-        embeddings = np.load(checked_file(path), allow_pickle=False)
-    except FileError as e:
-        raise EvaluationError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise EvaluationError(f"{shown(path)}: not a readable .npy file ({e.__class__.__name__})") from None
+    embeddings = npy_array(path)
     if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
         raise EvaluationError(f"{shown(path)}: not (segments, channels) finite floats; write it as emerdiff.py does")
     if len(embeddings) < segments:

@@ -193,6 +193,32 @@ def test_embeddings_from_another_run_are_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and "1 embeddings for segment ids up to 1" in err
 
 
+def npz_archive(path):
+    np.savez(path.with_suffix(".npz"), np.eye(2, dtype=np.float32))
+    path.with_suffix(".npz").rename(path)
+
+
+def header_of_a_huge_array(path):
+    """160 bytes: a .npy header claiming (10**12, 8) float32 (32 TB), then 32 bytes of data."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12, 8)})
+        f.write(bytes(160 - f.tell()))
+
+
+@pytest.mark.parametrize("broken", [lambda path: path.write_bytes(b""), npz_archive, header_of_a_huge_array],
+                         ids=["empty", "npz", "huge-header"])
+def test_embeddings_that_are_no_npy_array_are_one_line(tmp_path, capsys, broken):
+    args, pred = hand_folder(tmp_path)
+    broken(pred / "a" / "embeddings.npy")
+    assert (pred / "a" / "embeddings.npy").stat().st_size in (0, 160) or broken is npz_archive
+    out = tmp_path / "scores.json"
+    out.write_text("earlier")
+    assert main([*args, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"evaluate: error: {pred / 'a' / 'embeddings.npy'}: "), err
+    assert out.read_text() == "earlier"
+
+
 # ---- The paper's datasets, in their distributions' layouts ----
 
 def test_ade20k_reader_and_its_150_classes(tmp_path):
