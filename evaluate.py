@@ -252,8 +252,12 @@ def cluster_counts(results: list[ImageResult], n_class: int, settings: dict) -> 
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (a zero row stays zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """Rows scaled to length 1 (a zero row stays zero), in float64, whatever their scale: each row is first
+    divided by its largest magnitude, so that no square in its length overflows or vanishes."""
+    largest = np.abs(x).max(1, keepdims=True).astype(np.float64)
+    x = x / np.where(largest > 0, largest, 1)
+    length = np.linalg.norm(x, axis=1, keepdims=True)  # at least 1 for a row that is not zero
+    return x / np.where(length > 0, length, 1)
 
 
 def kmeans(x: np.ndarray, k: int, *, seed: int, restarts: int, iters: int = 100) -> np.ndarray:

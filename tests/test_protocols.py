@@ -172,6 +172,21 @@ def test_embedding_protocols_without_embeddings(tmp_path, capsys):
     assert result["protocols"] == ["hungarian", "majority"] and "concept" not in result and "clusters" not in result
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e-30])  # both finite and nonzero in float32
+def test_the_embedding_protocols_are_scale_free(tmp_path, scale):
+    """Embeddings scaled as a whole give the scores of HAND, computed by hand: their squares, which
+    overflow (or vanish in) float32, never decide a length."""
+    args, pred = hand_folder(tmp_path)
+    for name, (_, _, embeddings) in zip("ab", HAND):
+        save_embeddings(pred / name, embeddings * np.float32(scale))
+    out = tmp_path / "scores.json"
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for protocol in ("clusters", "concept"):
+        assert result[protocol]["iou"] == pytest.approx(HAND_IOU)
+        assert result[protocol]["accuracy"] == pytest.approx(HAND_ACCURACY)
+
+
 def test_segments_without_pixels_and_more_masks_than_classes(tmp_path):
     """K = 5 embeddings for 2 classes, of which labels.png uses only segments 0 and 1 (the others lost
     every pixel to the argmax): they count nowhere, and the scores are those of HAND."""
