@@ -210,6 +210,7 @@ OPTION_TYPES = {
     "upsample": (lambda v: isinstance(v, str) and v in UPSAMPLING, " or ".join(f'"{u}"' for u in UPSAMPLING)),
 }
 MAX_MASKS = MAX_SEGMENTS  # one segment per mask
+MAX_BATCH_SIZE = 2 ** 31 - 1  # torch's sizes are 64-bit; a whole run has far fewer runs (2K) or decodes
 MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)
 
 
@@ -221,7 +222,15 @@ def checked_options(options: dict, defaults: dict) -> dict:
         raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(defaults)}")
     o = defaults | options
     check_options(o)
-    return o
+    return {name: plain_ints(value) for name, value in o.items()}
+
+
+def plain_ints(value):
+    """Integers of any type (numpy's: numbers.Integral) as Python ints, alone or in a pair: torch's
+    functions take only those."""
+    if is_int(value):
+        return int(value)
+    return type(value)(map(plain_ints, value)) if isinstance(value, (tuple, list)) else value
 
 
 def check_options(o: dict):
@@ -238,7 +247,8 @@ def check_options(o: dict):
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
               (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
-              (o["batch_size"] == "auto" or min(np.ravel(o["batch_size"])) >= 1, "batch size must be at least 1"),
+              (o["batch_size"] == "auto" or all(1 <= int(n) <= MAX_BATCH_SIZE for n in np.ravel(o["batch_size"])),
+               "batch size must be between 1 and 2^31 - 1 (runs or decodes per call; a whole run has fewer)"),
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
               (sigma > 0, "the blur sigma must be above 0"),

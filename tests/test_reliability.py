@@ -43,8 +43,9 @@ from emerdiff import EmerDiffError
     (["--blur-sigma", "nan"], "option blur must be (kernel size, sigma)"),
     (["--steps", "1"], "steps must be between 2 and 1000"),
     (["--masks", "four"], "argument --masks: invalid int value: 'four'"),
+    (["--batch-size", "100000000000000000000"], "batch size must be between 1 and 2^31 - 1"),
 ], ids=["lam-0", "lam-negative", "lam-nan", "lam-inf", "size-superscript", "size-5000-digits", "seed-30-digits",
-        "seed-negative", "blur-too-large", "blur-even", "sigma-0", "sigma-nan", "steps", "masks-text"])
+        "seed-negative", "blur-too-large", "blur-even", "sigma-0", "sigma-nan", "steps", "masks-text", "batch-1e20"])
 def test_nonsense_options_are_refused_before_the_weights_load(tmp_path, args, pattern):
     result = cli("--image", str(EXAMPLE), "--weights", str(tmp_path / "no-weights"), "--out", str(tmp_path / "out"),
                  *args)
@@ -339,6 +340,9 @@ def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     assert torch.allclose(paired.difference_maps, single.difference_maps, rtol=0, atol=1e-4 * single.difference_maps.max())
 
 
+BATCH_RANGE = "batch size must be between 1 and 2^31 - 1 (runs or decodes per call; a whole run has fewer)"
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("masks", 4.5, "option masks must be an integer, not 4.5"),
     ("masks", "4", "option masks must be an integer, not '4'"),
@@ -349,13 +353,24 @@ def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     ("prompt", None, "option prompt must be a string, not None"),
     ("injection", 1, "option injection must be True or False, not 1"),
     ("batch_size", (4,), 'option batch_size must be "auto", an integer or (UNet runs, decodes) per call, not (4,)'),
-    ("batch_size", (4, 0), "batch size must be at least 1"),
+    ("batch_size", (4, 0), BATCH_RANGE),
+    ("batch_size", 10 ** 20, BATCH_RANGE),
 ], ids=["masks-float", "masks-str", "masks-bool", "size-str", "lam-str", "blur-int", "prompt-none", "injection-int",
-        "batch-one", "batch-zero"])
+        "batch-one", "batch-zero", "batch-1e20"])
 def test_segment_checks_option_types(sd, option, value, message):
     with pytest.raises(EmerDiffError) as error:
         emerdiff.segment(EXAMPLE, sd, **OPTIONS | {option: value})
     assert str(error.value) == message
+
+
+def test_integers_of_any_type_are_options(sd):
+    """numpy's integers (numbers.Integral) are taken as the Python int of the same value."""
+    plain = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=4)
+    for numpy_int in (np.int64(4), (np.int32(4), np.uint8(4))):
+        numpy_options = {k: np.int16(v) if type(v) is int else v for k, v in OPTIONS.items()}
+        same = emerdiff.segment(EXAMPLE, sd, **numpy_options, batch_size=numpy_int)
+        assert np.array_equal(same.labels, plain.labels)
+        assert all(type(v) is int for v in (same.options["masks"], same.options["steps"]))
 
 
 def test_arrays_and_tensors_give_what_the_same_pixels_from_a_file_give(sd):
