@@ -48,7 +48,7 @@ def as_image(image) -> Image.Image | torch.Tensor:
             raise EmerDiffError(f"an image array must be RGB, (H, W, 3); got shape {image.shape}")
         if image.dtype != np.uint8 and image.dtype.kind != "f":
             raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got an array of {image.dtype}")
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the input may be read-only
+        image = torch.from_numpy(torch_ready(image)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim == 4 and image.shape[0] != 1:
             raise EmerDiffError(f"a batch of {image.shape[0]} images: segment them one at a time")
@@ -56,11 +56,24 @@ def as_image(image) -> Image.Image | torch.Tensor:
             raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
         if image.is_meta:
             raise EmerDiffError("a meta tensor holds no pixel values: give one with data")
+        if image.layout != torch.strided:  # sparse
+            image = image.to_dense()
         image = image.reshape(image.shape[-3:])
     else:
         raise EmerDiffError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, "
                             "a numpy array (H, W, 3) or a tensor (3, H, W)")
     return checked_pixels(image.detach().cpu())
+
+
+def torch_ready(array: np.ndarray) -> np.ndarray:
+    """A copy of an image array (the input may be read-only) that torch can take: in this machine's
+    byte order, and floats wider than float64 (longdouble) as float64 where their values fit."""
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:
+        largest = np.abs(array).max()
+        if largest > np.finfo(np.float64).max:
+            raise EmerDiffError(f"float image values must be in [0, 1]; this array holds {largest!s}")
+        return array.astype(np.float64)
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:

@@ -325,6 +325,24 @@ def test_segment_refuses_what_is_not_an_image(sd, image, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+SQUARE = RGB[:64, :64].astype(np.float32) / 255  # at the working size 64: no resizing
+
+
+@pytest.mark.parametrize("odd", [lambda a: a.astype(">f4"), lambda a: a.astype(np.longdouble),
+                                 lambda a: torch.from_numpy(a).permute(2, 0, 1).to_sparse(),
+                                 lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].to_sparse_csr()],
+                         ids=["big-endian", "longdouble", "sparse", "sparse-csr-batch"])
+def test_odd_arrays_give_the_pixels_of_their_values(odd):
+    pixels, size = emerdiff.load_image(odd(SQUARE), 64)
+    assert size == (64, 64) and torch.equal(pixels, torch.from_numpy(SQUARE).permute(2, 0, 1)[None] * 2 - 1)
+
+
+def test_values_no_float64_holds_are_one_line():
+    with pytest.raises(EmerDiffError) as error:
+        emerdiff.load_image(np.full((64, 64, 3), np.longdouble("1e400")), 64)
+    assert "1e+400" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     """batch_size=(2, 4): the 2K = 4 modulated runs in UNet calls of 2 runs, decoded 4 images per call."""
     unet_batches, decode_batches = [], []
