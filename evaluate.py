@@ -52,6 +52,9 @@ PREDICTION_FILE = "labels.png"
 EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
 RESOLUTIONS = ("512", "native")
+# clusters: each restart is a whole k-means over every segment of the dataset (125,000 for COCO's 5,000
+# images at K = 25), so the time grows with the restarts; far more than the lowest inertia needs.
+MAX_KMEANS_RESTARTS = 1000
 
 
 # ---- Label maps and predictions ----
@@ -452,8 +455,9 @@ def run(args) -> dict:
     """Evaluate the command line's predictions; the result as the JSON file holds it."""
     if args.limit is not None and args.limit < 1:
         raise EvaluationError(f"--limit {args.limit}: give a positive number of images")
-    if args.kmeans_restarts < 1:
-        raise EvaluationError(f"--kmeans-restarts {args.kmeans_restarts}: give a positive number of restarts")
+    if not 1 <= args.kmeans_restarts <= MAX_KMEANS_RESTARTS:
+        raise EvaluationError(f"--kmeans-restarts {args.kmeans_restarts}: give 1..{MAX_KMEANS_RESTARTS} (each "
+                              "restart clusters every segment of the dataset again, with no progress shown)")
     if args.seed < 0:
         raise EvaluationError(f"--seed {args.seed}: give a seed of 0 or more")
     pred = Path(args.pred)

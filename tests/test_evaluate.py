@@ -504,6 +504,7 @@ def test_bad_options(capsys, folder):
     expect_error(capsys, "a.png: class id 3 with --classes 2; raise --classes", *args, "--classes", "2")
     expect_error(capsys, "--classes 300: give 1..255", *args, "--classes", "300")
     expect_error(capsys, "--limit 0: give a positive number", *args, "--limit", "0")
+    expect_error(capsys, "--kmeans-restarts 1000000000: give 1..1000", *args, "--kmeans-restarts", "1000000000")
     expect_error(capsys, "--json nowhere/out.json: its folder does not exist", *args, "--json", "nowhere/out.json")
     expect_error(capsys, "--pred nowhere: no such folder", *args[:4], "--pred", "nowhere")
 
