@@ -192,7 +192,7 @@ def coco_pairs(root: Path) -> list[tuple[Path, Path]]:
     images, labels = next((layout for layout in layouts if layout[0].is_dir()), layouts[0])
     image_dir = existing_folder(images, f"unzip val2017.zip -d {shown(images.parent)}")
     label_dir = existing_folder(labels, f"unzip stuffthingmaps_trainval2017.zip -d {shown(labels.parent)}")
-    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png")
+    return paired(images_in(image_dir, {".jpg"}), lambda image: label_dir / f"{image.stem}.png")
 
 
 def cityscapes_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -206,12 +206,16 @@ def cityscapes_pairs(root: Path) -> list[tuple[Path, Path]]:
     return paired(sorted(image_dir.glob("*/*_leftImg8bit.png")), label_of)
 
 
+def images_in(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
+    """The regular files of `folder` whose suffix is one of `suffixes` in any case (.JPG too), sorted."""
+    return [p for p in listed_folder(folder) if p.suffix.lower() in suffixes and p.is_file()]
+
+
 def folder_pairs(root: Path) -> list[tuple[Path, Path]]:
     """images/<stem>.<ext> with labels/<stem>.png."""
     image_dir = existing_folder(root / "images", "put the images there")
     label_dir = existing_folder(root / "labels", "put one <stem>.png of class ids per image there")
-    images = [p for p in listed_folder(image_dir) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return paired(images, lambda image: label_dir / f"{image.stem}.png")
+    return paired(images_in(image_dir), lambda image: label_dir / f"{image.stem}.png")
 
 
 def text_lines(path: Path, what: str) -> list[str]:
@@ -222,6 +226,20 @@ def text_lines(path: Path, what: str) -> list[str]:
         raise EvaluationError(f"{what}{shown(path)}: cannot read it ({e.reason})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise EvaluationError(f"{what}{shown(path)}: cannot read it ({e.__class__.__name__})") from None
+
+
+def once_each(path: Path, what: str) -> list[str]:
+    """The entries of a list file, one per line, blank lines skipped; an entry listed twice is refused,
+    naming both lines."""
+    first = {}
+    for number, line in enumerate(text_lines(path, what), 1):
+        entry = line.strip()
+        if entry in first:
+            raise EvaluationError(f"{shown(path)} line {number}: {shown(entry)} is listed twice (line "
+                                  f"{first[entry]} too): list each image once")
+        if entry:
+            first[entry] = number
+    return list(first)
 
 
 def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
@@ -244,7 +262,7 @@ def ade20k_pairs(root: Path) -> list[tuple[Path, Path]]:
     """ADEChallengeData2016: images/validation/<name>.jpg with annotations/validation/<name>.png."""
     image_dir = existing_folder(root / "images" / "validation", "unzip ADEChallengeData2016.zip; --root is its folder")
     label_dir = existing_folder(root / "annotations" / "validation", "unzip ADEChallengeData2016.zip whole")
-    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png")
+    return paired(images_in(image_dir, {".jpg"}), lambda image: label_dir / f"{image.stem}.png")
 
 
 def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -254,8 +272,7 @@ def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
     image_dir = existing_folder(root / "JPEGImages", hint)
     label_dir = existing_folder(root / "SegmentationClassContext", hint)
     split = root / "ImageSets" / "SegmentationContext" / "val.txt"
-    lines = text_lines(split, f"{hint}: the list of validation images, ")
-    images = [image_dir / f"{line.strip()}.jpg" for line in lines if line.strip()]
+    images = [image_dir / f"{entry}.jpg" for entry in once_each(split, f"{hint}: the list of validation images, ")]
     for image in images:
         if not image.is_file():
             raise EvaluationError(f"{shown(image)}: missing, listed in {shown(split)}")

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-from datasets import PRESETS, dataset_samples
+from datasets import PRESETS, EvaluationError, dataset_samples
 from evaluate import ImageResult, confusion, evaluate_pairs, main
 from test_evaluate import (COCO_IDS, IGNORE, coarse_of, coco_fine_labels, crop_array, make_coco, make_folder,
                            permuted, save_image, save_labels)
@@ -249,6 +249,26 @@ def test_ade20k_reader_and_its_150_classes(tmp_path):
     assert evaluate.ground_truth(samples[0], "ade20k").tolist() == [[IGNORE, 0, 1], [149, IGNORE, IGNORE]]
     names = PRESETS["ade20k"].classes
     assert len(names) == 150 and (names[0], names[12], names[149]) == ("wall", "person", "flag")
+
+
+def test_ade20k_takes_image_suffixes_of_any_case(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    for name, suffix in (("a", ".jpg"), ("b", ".JPG"), ("c", ".Jpg")):
+        save_image(root / "images" / "validation" / f"{name}{suffix}", 3, 2)
+        save_labels(root / "annotations" / "validation" / f"{name}.png", [[1, 2, 3], [4, 5, 6]])
+    assert [s.image.name for s in dataset_samples("ade20k", root)] == ["a.jpg", "b.JPG", "c.Jpg"]
+
+
+def test_pascal_context_val_list_naming_an_id_twice_says_so(tmp_path):
+    root = tmp_path / "VOC2010"
+    save_image(root / "JPEGImages" / "2008_000002.jpg", 4, 1)
+    save_labels(root / "SegmentationClassContext" / "2008_000002.png", [[0, 1, 2, 3]])
+    (root / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    split = root / "ImageSets" / "SegmentationContext" / "val.txt"
+    split.write_text("2008_000002\n\n2008_000002\n")
+    with pytest.raises(EvaluationError) as error:
+        dataset_samples("pascal-context-59", root)
+    assert str(error.value) == f"{split} line 3: 2008_000002 is listed twice (line 1 too): list each image once"
 
 
 def test_pascal_context_reader_takes_the_val_list(tmp_path):
