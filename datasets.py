@@ -66,6 +66,7 @@ CITYSCAPES_CLASSES = (
     "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider",
     "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
 CITYSCAPES_FIRST_ID = 7
+CITYSCAPES_VALUES = 34  # label ids 0..33 (license plate, -1, is stored as 255)
 # "cityscapes-19": the 19 evaluation classes (Cityscapes' trainIds), label id -> name; the rest is ignored.
 CITYSCAPES_19 = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole", 19: "traffic light",
                  20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person", 25: "rider", 26: "car",
@@ -146,6 +147,13 @@ class Preset:
     reader: Callable[[Path], list[tuple[Path, Path]]]  # root -> (image, label map) pairs
     crop: bool  # segment and score the centred square (DiffSeg's protocol), else the whole image
     resolution: str  # the scoring resolution by default: "512" (DiffSeg's) or "native"
+    values: int  # the dataset defines label values 0..values-1 (a class, or ignored) and IGNORE; others count nowhere
+
+    def undefined(self, ids: np.ndarray) -> np.ndarray:
+        """(256,) pixels of `ids` per label value this dataset does not define (evaluate.py reports them)."""
+        counts = np.bincount(ids.ravel(), minlength=256)
+        counts[:self.values] = counts[IGNORE] = 0
+        return counts
 
 
 # ---- Readers ----
@@ -291,18 +299,19 @@ def center_crop(image: Image.Image) -> Image.Image:
 
 PRESETS = {
     "coco-stuff-27": Preset(COCO_CLASSES, lookup_table(dict(enumerate(COCO_FINE_TO_COARSE))), coco_pairs,
-                            crop=True, resolution="512"),
+                            crop=True, resolution="512", values=len(COCO_FINE_TO_COARSE)),
     "cityscapes": Preset(CITYSCAPES_CLASSES, lookup_table({CITYSCAPES_FIRST_ID + c: c for c in
                                                            range(len(CITYSCAPES_CLASSES))}),
-                         cityscapes_pairs, crop=True, resolution="512"),
-    "ade20k": Preset(ADE20K_CLASSES, shifted(len(ADE20K_CLASSES)), ade20k_pairs, crop=False, resolution="native"),
+                         cityscapes_pairs, crop=True, resolution="512", values=CITYSCAPES_VALUES),
+    "ade20k": Preset(ADE20K_CLASSES, shifted(len(ADE20K_CLASSES)), ade20k_pairs, crop=False, resolution="native",
+                     values=len(ADE20K_CLASSES) + 1),
     "pascal-context-59": Preset(PASCAL_CONTEXT_CLASSES, shifted(len(PASCAL_CONTEXT_CLASSES)), pascal_context_pairs,
-                                crop=False, resolution="native"),
+                                crop=False, resolution="native", values=len(PASCAL_CONTEXT_CLASSES) + 1),
     "coco-stuff-171": Preset(COCO_171_CLASSES, lookup_table(COCO_FINE_TO_171), coco_pairs, crop=False,
-                             resolution="native"),
+                             resolution="native", values=len(COCO_FINE_CLASSES)),
     "cityscapes-19": Preset(tuple(CITYSCAPES_19.values()),
                             lookup_table({label: c for c, label in enumerate(CITYSCAPES_19)}), cityscapes_pairs,
-                            crop=False, resolution="native"),
+                            crop=False, resolution="native", values=CITYSCAPES_VALUES),
 }
 DATASETS = (*PRESETS, "folder")  # "folder": images/<stem>.<ext> with labels/<stem>.png of class ids
 

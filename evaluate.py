@@ -35,7 +35,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -89,6 +89,13 @@ def picture_size(path: Path, what: str) -> tuple[int, int]:
 
 def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
     """(H, W) uint8 class ids, IGNORE where unlabelled; the centre square for DiffSeg's presets."""
+    ids = label_values(sample)
+    return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
+
+
+def label_values(sample: Sample) -> np.ndarray:
+    """(H, W) uint8 values of a label map, checked to be 8-bit and of its image's size; the centre square
+    for DiffSeg's presets."""
     label = load_picture(sample.label, "PNG label map")
     if label.mode not in ("L", "P"):
         raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, not 8-bit class ids; "
@@ -97,8 +104,7 @@ def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
     if label.size != image_size:
         raise EvaluationError(f"{shown(sample.label)} is {label.size[0]}x{label.size[1]} but its image "
                               f"{shown(sample.image)} is {image_size[0]}x{image_size[1]}: they must match")
-    ids = np.asarray(center_crop(label) if sample.crop else label)
-    return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
+    return np.asarray(center_crop(label) if sample.crop else label)
 
 
 def prediction(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -214,6 +220,7 @@ class ImageResult:
     stem: str
     hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
     embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
+    undefined: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # Preset.undefined
 
     @cached_property
     def hungarian(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -381,13 +388,18 @@ def class_count(args, samples: list[Sample]) -> int:
     return largest + 1
 
 
-def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> np.ndarray:
+def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """The class ids of a sample, and for a preset its pixels per label value the dataset does not
+    define (counted nowhere, reported); a folder's class id beyond --classes is refused."""
+    if dataset in PRESETS:
+        ids = label_values(sample)
+        return PRESETS[dataset].labels[ids], PRESETS[dataset].undefined(ids)
     gt = ground_truth(sample, dataset)
     too_large = gt[(gt != IGNORE) & (gt >= n_class)]
     if too_large.size:
         raise EvaluationError(f"{shown(sample.label)}: class id {too_large.max()} with --classes {n_class}; "
                               "raise --classes")
-    return gt
+    return gt, np.zeros(256, np.int64)
 
 
 def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
@@ -442,6 +454,10 @@ def report(result: dict) -> str:
     protocols = [name for name in PROTOCOLS if name in result]
     lines = [f"{result['dataset']}: {result['images']} images evaluated, {result['missing']} missing; "
              f"scored at {result['resolution']}", f"options: {options}"]
+    if result["undefined_label_values"]:
+        values = result["undefined_label_values"]
+        lines.append(f"{sum(values.values())} pixels in {result['undefined_label_maps']} of {result['images']} label "
+                     f"maps hold values {result['dataset']} does not define ({', '.join(values)}): counted nowhere")
     for name in protocols:
         lines.append(f"{name:<9}  mIoU {percent(result[name]['miou']):>6} %   "
                      f"pixel accuracy {percent(result[name]['accuracy']):>6} %")
@@ -496,11 +512,14 @@ def run(args) -> dict:
     options = {"root": args.root, "pred": args.pred, "list": args.list, "classes": n_class, "limit": args.limit,
                "allow_missing": args.allow_missing}
     names = PRESETS[args.dataset].classes if args.dataset in PRESETS else [str(c) for c in range(n_class)]
+    undefined = sum(r.undefined for r in results)
     return {"dataset": args.dataset, "images": len(present), "missing": len(missing),
             "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
             **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
             "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*r.hungarian).items() if k != "iou"}}
                           for r in results],
+            "undefined_label_values": {str(v): int(n) for v, n in enumerate(undefined) if n},
+            "undefined_label_maps": sum(bool(r.undefined.any()) for r in results),
             "class_names": list(names), "options": options, "protocols": protocols,
             "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
 
@@ -514,14 +533,14 @@ def settings_of(args) -> dict:
 def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resolution: str,
                  embeddings: bool) -> ImageResult:
     """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
-    gt = checked_ground_truth(sample, dataset, n_class)
+    gt, undefined = checked_ground_truth(sample, dataset, n_class)
     gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
     hist = confusion(gt, pred, n_class)
     if not embeddings:
-        return ImageResult(sample.stem, hist, None)
+        return ImageResult(sample.stem, hist, None, undefined)
     vectors = embeddings_of(folder, int(pred.max()) + 1)
     padded = np.pad(hist, ((0, 0), (0, max(0, len(vectors) - hist.shape[1]))))  # segments with no pixel here
-    return ImageResult(sample.stem, padded, vectors)
+    return ImageResult(sample.stem, padded, vectors, undefined)
 
 
 def main(argv=None) -> int:

@@ -259,6 +259,20 @@ def test_ade20k_takes_image_suffixes_of_any_case(tmp_path):
     assert [s.image.name for s in dataset_samples("ade20k", root)] == ["a.jpg", "b.JPG", "c.Jpg"]
 
 
+def test_label_values_a_preset_does_not_define_are_counted_and_said(tmp_path, capsys):
+    """ADE20K defines 0..150 (and 255, ignored everywhere): 151 and 200 are counted nowhere, and said."""
+    root, pred = tmp_path / "ADEChallengeData2016", tmp_path / "pred"
+    for name, ids in (("a", [[0, 1, 2], [150, 151, 255]]), ("b", [[200, 200, 1], [1, 1, 1]])):
+        save_image(root / "images" / "validation" / f"{name}.jpg", 3, 2)
+        save_labels(root / "annotations" / "validation" / f"{name}.png", ids)
+        save_labels(pred / name / "labels.png", np.zeros((2, 3)), mode="P")
+    out = tmp_path / "scores.json"
+    assert main(["--dataset", "ade20k", "--root", str(root), "--pred", str(pred), "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["undefined_label_values"] == {"151": 1, "200": 2}
+    assert ("3 pixels in 2 of 2 label maps hold values ade20k does not define (151, 200): counted "
+            "nowhere") in capsys.readouterr().out
+
+
 def test_pascal_context_val_list_naming_an_id_twice_says_so(tmp_path):
     root = tmp_path / "VOC2010"
     save_image(root / "JPEGImages" / "2008_000002.jpg", 4, 1)
