@@ -473,10 +473,11 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
     try:
-        segment_jobs(jobs, out, options, device, args, summary, announce=rank == 0)
+        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0)
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
@@ -485,11 +486,10 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     return whole
 
 
-def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summary: Summary, announce: bool):
+def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool):
     """The jobs that can be done and are not done yet, each segmented into its folder; a failing image
     is said and counted, and the others go on. `announce`: the first image says how long each takes."""
     from weights import load_stable_diffusion, random_stable_diffusion
-    dtype = pick_dtype(args.dtype, device)
     jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
     todo = [job for job in jobs if args.overwrite or not is_done(out / job.name, records[job])]
