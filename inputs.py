@@ -89,7 +89,7 @@ def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
         raise EmerDiffError("the image holds NaN or infinite values")
     low, high = pixels.min().item(), pixels.max().item()
     if low < 0 or high > 1:
-        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:g}..{high:g} "
+        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:.9g}..{high:.9g} "
                             "(divide 0..255 values by 255)")
     return pixels[None]
 

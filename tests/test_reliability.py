@@ -306,6 +306,7 @@ RGB = np.array(Image.open(EXAMPLE))  # (300, 451, 3) uint8
     (torch.rand(2, 3, 64, 64), "a batch of 2 images: segment them one at a time"),
     (torch.rand(3, 64, 64) * 255, "float image values must be in [0, 1], these span"),
     (torch.rand(3, 64, 64) - 0.5, "float image values must be in [0, 1]"),
+    (torch.zeros(3, 64, 64).index_fill_(1, torch.tensor([5]), 1.0000003), "these span 0..1.00000036"),
     (torch.full((3, 64, 64), math.nan), "the image holds NaN or infinite values"),
     (torch.full((3, 64, 64), math.inf), "the image holds NaN or infinite values"),
     (torch.rand(3, 64, 64, dtype=torch.complex64), "image values must be uint8, or float in [0, 1]; got torch.complex64"),
@@ -317,7 +318,7 @@ RGB = np.array(Image.open(EXAMPLE))  # (300, 451, 3) uint8
     (None, "cannot read an image from NoneType"),
     (3, "cannot read an image from int"),
     (b"\xff\xd8", "cannot read an image from bytes"),
-], ids=["batch", "0-255", "negative", "nan", "inf", "complex", "empty", "meta", "channels-last-tensor", "gray-array",
+], ids=["batch", "0-255", "negative", "just-above-1", "nan", "inf", "complex", "empty", "meta", "channels-last-tensor", "gray-array",
         "int-array", "none", "int", "bytes"])
 def test_segment_refuses_what_is_not_an_image(sd, image, message):
     with pytest.raises(EmerDiffError) as error:
