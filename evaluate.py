@@ -46,7 +46,7 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import MAX_SEGMENTS, FileError, atomic_save, checked_file, folder_name, listed_folder, shown
+from files import MAX_SEGMENTS, FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder, shown
 
 PREDICTION_FILE = "labels.png"
 EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
@@ -335,7 +335,7 @@ def evaluate_pairs(pairs, n_class: int) -> dict:
 # ---- The command line ----
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="evaluate.py", description="mIoU and pixel accuracy of emerdiff.py's segmentations against ground "
         "truth, under four protocols: DiffSeg's per-image Hungarian matching; the many-to-one (majority) "
         "matching; EmerDiff's Table 1 (clusters: the L2-normalised mask embeddings of all images k-means "

@@ -38,8 +38,8 @@ from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, s
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
-from files import (FileError, atomic_save, checked_file, folder_name, listed_folder, remove_dead_temporaries, shown,
-                   temporary_path, write_folder)
+from files import (FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder,
+                   remove_dead_temporaries, shown, temporary_path, write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
@@ -53,14 +53,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (like every other error here) and exit status 2."""
-
-    def error(self, message):
-        say(f"{message} (see --help)")
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

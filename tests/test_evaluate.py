@@ -509,6 +509,18 @@ def test_bad_options(capsys, folder):
     expect_error(capsys, "--pred nowhere: no such folder", *args[:4], "--pred", "nowhere")
 
 
+@pytest.mark.parametrize("args, pattern", [
+    (["--resolution", "256"], "argument --resolution: invalid choice: '256'"),
+    (["--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+], ids=["choice", "int", "unknown"])
+def test_option_errors_are_one_line_too(capsys, folder, args, pattern):
+    with pytest.raises(SystemExit) as exit:
+        main([*folder[0], *args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("evaluate: error: ") and pattern in err, err
+
+
 def test_classes_of_a_preset_are_fixed(capsys, tmp_path):
     root = make_coco(tmp_path / "coco")
     expect_error(capsys, "--classes: coco-stuff-27 has 27 classes; drop --classes", "--dataset", "coco-stuff-27",
