@@ -215,15 +215,15 @@ def cityscapes_pairs(root: Path) -> list[tuple[Path, Path]]:
 
 
 def images_in(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
-    """The regular files of `folder` whose suffix is one of `suffixes` in any case (.JPG too), sorted."""
-    return [p for p in listed_folder(folder) if p.suffix.lower() in suffixes and p.is_file()]
+    """The entries of `folder` whose suffix is one of `suffixes` in any case (.JPG too), sorted."""
+    return [p for p in listed_folder(folder) if p.suffix.lower() in suffixes]
 
 
 def folder_pairs(root: Path) -> list[tuple[Path, Path]]:
     """images/<stem>.<ext> with labels/<stem>.png."""
     image_dir = existing_folder(root / "images", "put the images there")
     label_dir = existing_folder(root / "labels", "put one <stem>.png of class ids per image there")
-    return paired(images_in(image_dir), lambda image: label_dir / f"{image.stem}.png")
+    return paired([p for p in images_in(image_dir) if p.is_file()], lambda image: label_dir / f"{image.stem}.png")
 
 
 def text_lines(path: Path, what: str) -> list[str]:
