@@ -161,7 +161,8 @@ def npy_array(path: Path) -> np.ndarray:
 
 
 def embeddings_of(folder: Path, segments: int) -> np.ndarray:
-    """(K, C) float32 mask embeddings of a prediction folder whose labels.png holds ids below `segments`."""
+    """(K, C) mask embeddings of a prediction folder whose labels.png holds ids below `segments`, as float64
+    (emerdiff.py writes float32; wider values are kept as they are, not cast to infinity)."""
     path = folder / EMBEDDINGS_FILE
     embeddings = npy_array(path)
     if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
@@ -169,7 +170,7 @@ def embeddings_of(folder: Path, segments: int) -> np.ndarray:
     if len(embeddings) < segments:
         raise EvaluationError(f"{shown(path)}: {len(embeddings)} embeddings for segment ids up to "
                               f"{segments - 1} in {PREDICTION_FILE}; they come from different runs")
-    return embeddings.astype(np.float32)
+    return embeddings.astype(np.float64)
 
 
 # ---- Per image: hungarian and majority ----

@@ -172,13 +172,13 @@ def test_embedding_protocols_without_embeddings(tmp_path, capsys):
     assert result["protocols"] == ["hungarian", "majority"] and "concept" not in result and "clusters" not in result
 
 
-@pytest.mark.parametrize("scale", [1e30, 1e-30])  # both finite and nonzero in float32
-def test_the_embedding_protocols_are_scale_free(tmp_path, scale):
+@pytest.mark.parametrize("scale, dtype", [(1e30, np.float32), (1e-30, np.float32), (1e300, np.float64)])
+def test_the_embedding_protocols_are_scale_free(tmp_path, scale, dtype):
     """Embeddings scaled as a whole give the scores of HAND, computed by hand: their squares, which
-    overflow (or vanish in) float32, never decide a length."""
+    overflow (or vanish in) their float type, never decide a length, nor does a cast to a narrower one."""
     args, pred = hand_folder(tmp_path)
     for name, (_, _, embeddings) in zip("ab", HAND):
-        save_embeddings(pred / name, embeddings * np.float32(scale))
+        np.save(pred / name / "embeddings.npy", embeddings.astype(dtype) * dtype(scale))
     out = tmp_path / "scores.json"
     assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
