@@ -66,6 +66,7 @@ CITYSCAPES_CLASSES = (
     "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider",
     "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
 CITYSCAPES_FIRST_ID = 7
+CITYSCAPES_VALUES = 34  # label ids 0..33 (license plate, -1, is stored as 255)
 # "cityscapes-19": the 19 evaluation classes (Cityscapes' trainIds), label id -> name; the rest is ignored.
 CITYSCAPES_19 = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole", 19: "traffic light",
                  20: "traffic sign", 21: "vegetation", 22: "terrain", 23: "sky", 24: "person", 25: "rider", 26: "car",
@@ -146,6 +147,13 @@ class Preset:
     reader: Callable[[Path], list[tuple[Path, Path]]]  # root -> (image, label map) pairs
     crop: bool  # segment and score the centred square (DiffSeg's protocol), else the whole image
     resolution: str  # the scoring resolution by default: "512" (DiffSeg's) or "native"
+    values: int  # the dataset defines label values 0..values-1 (a class, or ignored) and IGNORE; others count nowhere
+
+    def undefined(self, ids: np.ndarray) -> np.ndarray:
+        """(256,) pixels of `ids` per label value this dataset does not define (evaluate.py reports them)."""
+        counts = np.bincount(ids.ravel(), minlength=256)
+        counts[:self.values] = counts[IGNORE] = 0
+        return counts
 
 
 # ---- Readers ----
@@ -192,7 +200,7 @@ def coco_pairs(root: Path) -> list[tuple[Path, Path]]:
     images, labels = next((layout for layout in layouts if layout[0].is_dir()), layouts[0])
     image_dir = existing_folder(images, f"unzip val2017.zip -d {shown(images.parent)}")
     label_dir = existing_folder(labels, f"unzip stuffthingmaps_trainval2017.zip -d {shown(labels.parent)}")
-    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png")
+    return paired(images_in(image_dir, {".jpg"}), lambda image: label_dir / f"{image.stem}.png")
 
 
 def cityscapes_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -206,12 +214,16 @@ def cityscapes_pairs(root: Path) -> list[tuple[Path, Path]]:
     return paired(sorted(image_dir.glob("*/*_leftImg8bit.png")), label_of)
 
 
+def images_in(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
+    """The entries of `folder` whose suffix is one of `suffixes` in any case (.JPG too), sorted."""
+    return [p for p in listed_folder(folder) if p.suffix.lower() in suffixes]
+
+
 def folder_pairs(root: Path) -> list[tuple[Path, Path]]:
     """images/<stem>.<ext> with labels/<stem>.png."""
     image_dir = existing_folder(root / "images", "put the images there")
     label_dir = existing_folder(root / "labels", "put one <stem>.png of class ids per image there")
-    images = [p for p in listed_folder(image_dir) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return paired(images, lambda image: label_dir / f"{image.stem}.png")
+    return paired([p for p in images_in(image_dir) if p.is_file()], lambda image: label_dir / f"{image.stem}.png")
 
 
 def text_lines(path: Path, what: str) -> list[str]:
@@ -222,6 +234,20 @@ def text_lines(path: Path, what: str) -> list[str]:
         raise EvaluationError(f"{what}{shown(path)}: cannot read it ({e.reason})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise EvaluationError(f"{what}{shown(path)}: cannot read it ({e.__class__.__name__})") from None
+
+
+def once_each(path: Path, what: str) -> list[str]:
+    """The entries of a list file, one per line, blank lines skipped; an entry listed twice is refused,
+    naming both lines."""
+    first = {}
+    for number, line in enumerate(text_lines(path, what), 1):
+        entry = line.strip()
+        if entry in first:
+            raise EvaluationError(f"{shown(path)} line {number}: {shown(entry)} is listed twice (line "
+                                  f"{first[entry]} too): list each image once")
+        if entry:
+            first[entry] = number
+    return list(first)
 
 
 def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
@@ -244,7 +270,7 @@ def ade20k_pairs(root: Path) -> list[tuple[Path, Path]]:
     """ADEChallengeData2016: images/validation/<name>.jpg with annotations/validation/<name>.png."""
     image_dir = existing_folder(root / "images" / "validation", "unzip ADEChallengeData2016.zip; --root is its folder")
     label_dir = existing_folder(root / "annotations" / "validation", "unzip ADEChallengeData2016.zip whole")
-    return paired(sorted(image_dir.glob("*.jpg")), lambda image: label_dir / f"{image.stem}.png")
+    return paired(images_in(image_dir, {".jpg"}), lambda image: label_dir / f"{image.stem}.png")
 
 
 def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -254,8 +280,7 @@ def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
     image_dir = existing_folder(root / "JPEGImages", hint)
     label_dir = existing_folder(root / "SegmentationClassContext", hint)
     split = root / "ImageSets" / "SegmentationContext" / "val.txt"
-    lines = text_lines(split, f"{hint}: the list of validation images, ")
-    images = [image_dir / f"{line.strip()}.jpg" for line in lines if line.strip()]
+    images = [image_dir / f"{entry}.jpg" for entry in once_each(split, f"{hint}: the list of validation images, ")]
     for image in images:
         if not image.is_file():
             raise EvaluationError(f"{shown(image)}: missing, listed in {shown(split)}")
@@ -274,18 +299,19 @@ def center_crop(image: Image.Image) -> Image.Image:
 
 PRESETS = {
     "coco-stuff-27": Preset(COCO_CLASSES, lookup_table(dict(enumerate(COCO_FINE_TO_COARSE))), coco_pairs,
-                            crop=True, resolution="512"),
+                            crop=True, resolution="512", values=len(COCO_FINE_TO_COARSE)),
     "cityscapes": Preset(CITYSCAPES_CLASSES, lookup_table({CITYSCAPES_FIRST_ID + c: c for c in
                                                            range(len(CITYSCAPES_CLASSES))}),
-                         cityscapes_pairs, crop=True, resolution="512"),
-    "ade20k": Preset(ADE20K_CLASSES, shifted(len(ADE20K_CLASSES)), ade20k_pairs, crop=False, resolution="native"),
+                         cityscapes_pairs, crop=True, resolution="512", values=CITYSCAPES_VALUES),
+    "ade20k": Preset(ADE20K_CLASSES, shifted(len(ADE20K_CLASSES)), ade20k_pairs, crop=False, resolution="native",
+                     values=len(ADE20K_CLASSES) + 1),
     "pascal-context-59": Preset(PASCAL_CONTEXT_CLASSES, shifted(len(PASCAL_CONTEXT_CLASSES)), pascal_context_pairs,
-                                crop=False, resolution="native"),
+                                crop=False, resolution="native", values=len(PASCAL_CONTEXT_CLASSES) + 1),
     "coco-stuff-171": Preset(COCO_171_CLASSES, lookup_table(COCO_FINE_TO_171), coco_pairs, crop=False,
-                             resolution="native"),
+                             resolution="native", values=len(COCO_FINE_CLASSES)),
     "cityscapes-19": Preset(tuple(CITYSCAPES_19.values()),
                             lookup_table({label: c for c, label in enumerate(CITYSCAPES_19)}), cityscapes_pairs,
-                            crop=False, resolution="native"),
+                            crop=False, resolution="native", values=CITYSCAPES_VALUES),
 }
 DATASETS = (*PRESETS, "folder")  # "folder": images/<stem>.<ext> with labels/<stem>.png of class ids
 

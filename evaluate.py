@@ -35,7 +35,7 @@ import json
 import math
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -46,12 +46,15 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import MAX_SEGMENTS, FileError, atomic_save, checked_file, folder_name, listed_folder, shown
+from files import MAX_SEGMENTS, FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder, shown
 
 PREDICTION_FILE = "labels.png"
 EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
 RESOLUTIONS = ("512", "native")
+# clusters: each restart is a whole k-means over every segment of the dataset (125,000 for COCO's 5,000
+# images at K = 25), so the time grows with the restarts; far more than the lowest inertia needs.
+MAX_KMEANS_RESTARTS = 1000
 
 
 # ---- Label maps and predictions ----
@@ -86,6 +89,13 @@ def picture_size(path: Path, what: str) -> tuple[int, int]:
 
 def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
     """(H, W) uint8 class ids, IGNORE where unlabelled; the centre square for DiffSeg's presets."""
+    ids = label_values(sample)
+    return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
+
+
+def label_values(sample: Sample) -> np.ndarray:
+    """(H, W) uint8 values of a label map, checked to be 8-bit and of its image's size; the centre square
+    for DiffSeg's presets."""
     label = load_picture(sample.label, "PNG label map")
     if label.mode not in ("L", "P"):
         raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, not 8-bit class ids; "
@@ -94,8 +104,7 @@ def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
     if label.size != image_size:
         raise EvaluationError(f"{shown(sample.label)} is {label.size[0]}x{label.size[1]} but its image "
                               f"{shown(sample.image)} is {image_size[0]}x{image_size[1]}: they must match")
-    ids = np.asarray(center_crop(label) if sample.crop else label)
-    return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
+    return np.asarray(center_crop(label) if sample.crop else label)
 
 
 def prediction(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -134,21 +143,34 @@ def scored_pair(gt: np.ndarray, pred: np.ndarray, resolution: str) -> tuple[np.n
     return gt, pred.astype(np.int64)
 
 
-def embeddings_of(folder: Path, segments: int) -> np.ndarray:
-    """(K, C) float32 mask embeddings of a prediction folder whose labels.png holds ids below `segments`."""
-    path = folder / EMBEDDINGS_FILE
+def npy_array(path: Path) -> np.ndarray:
+    """The array of a .npy file, or a one-line EvaluationError: the file is mapped, not read, so a header
+    claiming more data than the file holds is refused by the mapping before anything is allocated; an
+    empty file, another format (an .npz archive under the name) or pickled objects likewise."""
     try:
-        embeddings = np.load(checked_file(path), allow_pickle=False)
+        mapped = np.load(checked_file(path), mmap_mode="r", allow_pickle=False)
     except FileError as e:
         raise EvaluationError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise EvaluationError(f"{shown(path)}: not a readable .npy file ({e.__class__.__name__})") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise EvaluationError(f"{shown(path)}: not a readable .npy file ({e.__class__.__name__}: {e}); "
+                              "write it as emerdiff.py does") from None
+    if not isinstance(mapped, np.ndarray):  # np.load opens a zip archive (.npz) whatever its name
+        mapped.close()
+        raise EvaluationError(f"{shown(path)}: an .npz archive, not a .npy file; write it as emerdiff.py does")
+    return np.array(mapped)
+
+
+def embeddings_of(folder: Path, segments: int) -> np.ndarray:
+    """(K, C) mask embeddings of a prediction folder whose labels.png holds ids below `segments`, as float64
+    (emerdiff.py writes float32; wider values are kept as they are, not cast to infinity)."""
+    path = folder / EMBEDDINGS_FILE
+    embeddings = npy_array(path)
     if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
         raise EvaluationError(f"{shown(path)}: not (segments, channels) finite floats; write it as emerdiff.py does")
     if len(embeddings) < segments:
         raise EvaluationError(f"{shown(path)}: {len(embeddings)} embeddings for segment ids up to "
                               f"{segments - 1} in {PREDICTION_FILE}; they come from different runs")
-    return embeddings.astype(np.float32)
+    return embeddings.astype(np.float64)
 
 
 # ---- Per image: hungarian and majority ----
@@ -199,6 +221,7 @@ class ImageResult:
     stem: str
     hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
     embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
+    undefined: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # Preset.undefined
 
     @cached_property
     def hungarian(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,8 +263,12 @@ def cluster_counts(results: list[ImageResult], n_class: int, settings: dict) -> 
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1 (a zero row stays zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    """Rows scaled to length 1 (a zero row stays zero), in float64, whatever their scale: each row is first
+    divided by its largest magnitude, so that no square in its length overflows or vanishes."""
+    largest = np.abs(x).max(1, keepdims=True).astype(np.float64)
+    x = x / np.where(largest > 0, largest, 1)
+    length = np.linalg.norm(x, axis=1, keepdims=True)  # at least 1 for a row that is not zero
+    return x / np.where(length > 0, length, 1)
 
 
 def kmeans(x: np.ndarray, k: int, *, seed: int, restarts: int, iters: int = 100) -> np.ndarray:
@@ -312,7 +339,7 @@ def evaluate_pairs(pairs, n_class: int) -> dict:
 # ---- The command line ----
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="evaluate.py", description="mIoU and pixel accuracy of emerdiff.py's segmentations against ground "
         "truth, under four protocols: DiffSeg's per-image Hungarian matching; the many-to-one (majority) "
         "matching; EmerDiff's Table 1 (clusters: the L2-normalised mask embeddings of all images k-means "
@@ -365,13 +392,18 @@ def class_count(args, samples: list[Sample]) -> int:
     return largest + 1
 
 
-def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> np.ndarray:
+def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """The class ids of a sample, and for a preset its pixels per label value the dataset does not
+    define (counted nowhere, reported); a folder's class id beyond --classes is refused."""
+    if dataset in PRESETS:
+        ids = label_values(sample)
+        return PRESETS[dataset].labels[ids], PRESETS[dataset].undefined(ids)
     gt = ground_truth(sample, dataset)
     too_large = gt[(gt != IGNORE) & (gt >= n_class)]
     if too_large.size:
         raise EvaluationError(f"{shown(sample.label)}: class id {too_large.max()} with --classes {n_class}; "
                               "raise --classes")
-    return gt
+    return gt, np.zeros(256, np.int64)
 
 
 def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
@@ -426,6 +458,10 @@ def report(result: dict) -> str:
     protocols = [name for name in PROTOCOLS if name in result]
     lines = [f"{result['dataset']}: {result['images']} images evaluated, {result['missing']} missing; "
              f"scored at {result['resolution']}", f"options: {options}"]
+    if result["undefined_label_values"]:
+        values = result["undefined_label_values"]
+        lines.append(f"{sum(values.values())} pixels in {result['undefined_label_maps']} of {result['images']} label "
+                     f"maps hold values {result['dataset']} does not define ({', '.join(values)}): counted nowhere")
     for name in protocols:
         lines.append(f"{name:<9}  mIoU {percent(result[name]['miou']):>6} %   "
                      f"pixel accuracy {percent(result[name]['accuracy']):>6} %")
@@ -439,8 +475,9 @@ def run(args) -> dict:
     """Evaluate the command line's predictions; the result as the JSON file holds it."""
     if args.limit is not None and args.limit < 1:
         raise EvaluationError(f"--limit {args.limit}: give a positive number of images")
-    if args.kmeans_restarts < 1:
-        raise EvaluationError(f"--kmeans-restarts {args.kmeans_restarts}: give a positive number of restarts")
+    if not 1 <= args.kmeans_restarts <= MAX_KMEANS_RESTARTS:
+        raise EvaluationError(f"--kmeans-restarts {args.kmeans_restarts}: give 1..{MAX_KMEANS_RESTARTS} (each "
+                              "restart clusters every segment of the dataset again, with no progress shown)")
     if args.seed < 0:
         raise EvaluationError(f"--seed {args.seed}: give a seed of 0 or more")
     pred = Path(args.pred)
@@ -479,11 +516,14 @@ def run(args) -> dict:
     options = {"root": args.root, "pred": args.pred, "list": args.list, "classes": n_class, "limit": args.limit,
                "allow_missing": args.allow_missing}
     names = PRESETS[args.dataset].classes if args.dataset in PRESETS else [str(c) for c in range(n_class)]
+    undefined = sum(r.undefined for r in results)
     return {"dataset": args.dataset, "images": len(present), "missing": len(missing),
             "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
             **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
             "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*r.hungarian).items() if k != "iou"}}
                           for r in results],
+            "undefined_label_values": {str(v): int(n) for v, n in enumerate(undefined) if n},
+            "undefined_label_maps": sum(bool(r.undefined.any()) for r in results),
             "class_names": list(names), "options": options, "protocols": protocols,
             "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
 
@@ -497,14 +537,14 @@ def settings_of(args) -> dict:
 def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resolution: str,
                  embeddings: bool) -> ImageResult:
     """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
-    gt = checked_ground_truth(sample, dataset, n_class)
+    gt, undefined = checked_ground_truth(sample, dataset, n_class)
     gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
     hist = confusion(gt, pred, n_class)
     if not embeddings:
-        return ImageResult(sample.stem, hist, None)
+        return ImageResult(sample.stem, hist, None, undefined)
     vectors = embeddings_of(folder, int(pred.max()) + 1)
     padded = np.pad(hist, ((0, 0), (0, max(0, len(vectors) - hist.shape[1]))))  # segments with no pixel here
-    return ImageResult(sample.stem, padded, vectors)
+    return ImageResult(sample.stem, padded, vectors, undefined)
 
 
 def main(argv=None) -> int:

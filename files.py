@@ -4,6 +4,9 @@ and evaluate.py use it, so it needs nothing beyond the standard library.
 Reading: `checked_file` lets only regular files be opened (a FIFO or a device would block or never
 end) and turns what the system refuses into one line; `listed_folder` does the same for folders.
 
+Messages: `shown` makes a file name safe to print on one line, and `OneLineParser` gives the scripts'
+option errors as one such line, like every other error of theirs.
+
 Writing: whole or not at all. Everything is first written under a hidden temporary name beside its
 final place, `.<name>.<host>.<pid>.tmp`, then renamed into place (a rename within a folder is
 atomic): a reader finds the previous complete file (or folder) or the new complete one, never a mix.
@@ -11,6 +14,7 @@ The host and process id in the name tell which temporaries a killed run left beh
 on the same machine removes those whose process is gone. Output folders are named by `folder_name`,
 which no temporary, hidden or summary file can share.
 """
+import argparse
 import errno
 import hashlib
 import os
@@ -41,6 +45,14 @@ class FileError(Exception):
 def shown(path) -> str:
     """A file name safe to print on one line: control (and other unprintable) characters escaped."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(path))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line, `<script>: error: ...`, and exit status 2 (argparse prints
+    its usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{Path(self.prog).stem}: error: {shown(message)} (see --help)\n")
 
 
 def checked_file(path) -> Path:

@@ -48,7 +48,7 @@ def as_image(image) -> Image.Image | torch.Tensor:
             raise EmerDiffError(f"an image array must be RGB, (H, W, 3); got shape {image.shape}")
         if image.dtype != np.uint8 and image.dtype.kind != "f":
             raise EmerDiffError(f"image values must be uint8, or float in [0, 1]; got an array of {image.dtype}")
-        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the input may be read-only
+        image = torch.from_numpy(torch_ready(image)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim == 4 and image.shape[0] != 1:
             raise EmerDiffError(f"a batch of {image.shape[0]} images: segment them one at a time")
@@ -56,11 +56,24 @@ def as_image(image) -> Image.Image | torch.Tensor:
             raise EmerDiffError(f"an image tensor must be RGB, (3, H, W) or (1, 3, H, W); got {tuple(image.shape)}")
         if image.is_meta:
             raise EmerDiffError("a meta tensor holds no pixel values: give one with data")
+        if image.layout != torch.strided:  # sparse
+            image = image.to_dense()
         image = image.reshape(image.shape[-3:])
     else:
         raise EmerDiffError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, "
                             "a numpy array (H, W, 3) or a tensor (3, H, W)")
     return checked_pixels(image.detach().cpu())
+
+
+def torch_ready(array: np.ndarray) -> np.ndarray:
+    """A copy of an image array (the input may be read-only) that torch can take: in this machine's
+    byte order, and floats wider than float64 (longdouble) as float64 where their values fit."""
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:
+        largest = np.abs(array).max()
+        if largest > np.finfo(np.float64).max:
+            raise EmerDiffError(f"float image values must be in [0, 1]; this array holds {largest!s}")
+        return array.astype(np.float64)
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
@@ -76,7 +89,7 @@ def checked_pixels(pixels: torch.Tensor) -> Image.Image | torch.Tensor:
         raise EmerDiffError("the image holds NaN or infinite values")
     low, high = pixels.min().item(), pixels.max().item()
     if low < 0 or high > 1:
-        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:g}..{high:g} "
+        raise EmerDiffError(f"float image values must be in [0, 1], these span {low:.9g}..{high:.9g} "
                             "(divide 0..255 values by 255)")
     return pixels[None]
 
@@ -210,6 +223,7 @@ OPTION_TYPES = {
     "upsample": (lambda v: isinstance(v, str) and v in UPSAMPLING, " or ".join(f'"{u}"' for u in UPSAMPLING)),
 }
 MAX_MASKS = MAX_SEGMENTS  # one segment per mask
+MAX_BATCH_SIZE = 2 ** 31 - 1  # torch's sizes are 64-bit; a whole run has far fewer runs (2K) or decodes
 MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working side (64)
 
 
@@ -221,7 +235,15 @@ def checked_options(options: dict, defaults: dict) -> dict:
         raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(defaults)}")
     o = defaults | options
     check_options(o)
-    return o
+    return {name: plain_ints(value) for name, value in o.items()}
+
+
+def plain_ints(value):
+    """Integers of any type (numpy's: numbers.Integral) as Python ints, alone or in a pair: torch's
+    functions take only those."""
+    if is_int(value):
+        return int(value)
+    return type(value)(map(plain_ints, value)) if isinstance(value, (tuple, list)) else value
 
 
 def check_options(o: dict):
@@ -238,7 +260,8 @@ def check_options(o: dict):
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
               (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
-              (o["batch_size"] == "auto" or min(np.ravel(o["batch_size"])) >= 1, "batch size must be at least 1"),
+              (o["batch_size"] == "auto" or all(1 <= int(n) <= MAX_BATCH_SIZE for n in np.ravel(o["batch_size"])),
+               "batch size must be between 1 and 2^31 - 1 (runs or decodes per call; a whole run has fewer)"),
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
               (sigma > 0, "the blur sigma must be above 0"),

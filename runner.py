@@ -38,8 +38,8 @@ from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, s
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
-from files import (FileError, atomic_save, checked_file, folder_name, listed_folder, remove_dead_temporaries, shown,
-                   temporary_path, write_folder)
+from files import (FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder,
+                   remove_dead_temporaries, shown, temporary_path, write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
@@ -53,14 +53,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (like every other error here) and exit status 2."""
-
-    def error(self, message):
-        say(f"{message} (see --help)")
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -471,10 +463,11 @@ def saved_result(folder: Path, record: dict) -> dict | None:
         return None
 
 
-def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
+def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     """Segment the images of the command line (process `rank` of `world`: every world-th one) into
     their own folders of --out, skipping those done; summary.json says what was done, and why the
-    run stopped if it did, from the moment --out is ready."""
+    run stopped if it did, from the moment --out is ready. Returns the summary this process wrote as
+    summary.json, or None where it wrote only its part of a torchrun's (write_summary)."""
     options = method_options(args)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
@@ -483,22 +476,23 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> None:
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
     try:
-        segment_jobs(jobs, out, options, device, args, summary, announce=rank == 0)
+        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0)
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
-        write_summary(out, summary.as_dict(options), rank, world)
+        whole = write_summary(out, summary.as_dict(options), rank, world)
+    return whole
 
 
-def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summary: Summary, announce: bool):
+def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool):
     """The jobs that can be done and are not done yet, each segmented into its folder; a failing image
     is said and counted, and the others go on. `announce`: the first image says how long each takes."""
     from weights import load_stable_diffusion, random_stable_diffusion
-    dtype = pick_dtype(args.dtype, device)
     jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
     saved = {job: None if args.overwrite else saved_result(out / job.name, records[job]) for job in jobs}
@@ -526,16 +520,18 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, args, summar
             summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
 
 
-def write_summary(out: Path, summary: dict, rank: int, world: int):
-    """summary.json in --out. With several processes there is no collective wait: each writes its part
-    (tagged with the run it belongs to) and whoever finds every part of its run there merges them, so
-    the last to finish does, however unequal the shares; a process never waits for another."""
+def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | None:
+    """summary.json in --out, returned. With several processes there is no collective wait: each writes
+    its part (tagged with the run it belongs to) and whoever finds every part of its run there merges
+    them, so the last to finish does, however unequal the shares; a process never waits for another.
+    That one returns the merged summary and says how many images of the whole run failed; the others
+    return None. A summary that cannot be written is said, and this process's own summary returned."""
     try:
         if world == 1:
             atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
             for stale in out.glob("summary.part*.json"):  # of an earlier torchrun cut short: superseded
                 stale.unlink(missing_ok=True)
-            return
+            return summary
         run_id = torchrun_id()
         atomic_save(out / f"summary.part{rank}.json",
                     lambda tmp: tmp.write_text(json.dumps(summary | {"run": run_id}, indent=1)))
@@ -543,13 +539,20 @@ def write_summary(out: Path, summary: dict, rank: int, world: int):
         try:
             found = [json.loads(checked_file(p).read_text()) for p in parts]
         except (FileError, ValueError, RecursionError):  # not all here yet (or another process merged them)
-            return
-        if all(part.get("run") == run_id for part in found):
-            atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(merged(found), indent=1)))
-            for p in parts:
-                p.unlink(missing_ok=True)
+            return None
+        if not all(part.get("run") == run_id for part in found):
+            return None
+        whole = merged(found)
+        atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(whole, indent=1)))
+        for p in parts:
+            p.unlink(missing_ok=True)
+        if whole["failed"]:
+            say(f"{len(whole['failed'])} of {whole['images']} images of this torchrun failed (each said by its "
+                f"process); {out / SUMMARY} lists them")
+        return whole
     except OSError as e:
         say(f"cannot write {out / SUMMARY}: {e.strerror or e}")
+        return summary
 
 
 def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, announce: bool = False) -> float:
@@ -618,9 +621,18 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
+TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun's agent in each process it starts, by no other launcher
+
+
 def process_rank() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside it. The processes share the
-    images out by rank and never talk to each other (no process group: nothing to time out)."""
+    """(rank, world size) from torchrun's environment; (0, 1) outside it, where a WORLD_SIZE or RANK
+    of another launcher is no share of ours (said). The processes share the images out by rank and
+    never talk to each other (no process group: nothing to time out)."""
+    if TORCHRUN_MARK not in os.environ:
+        if {"WORLD_SIZE", "RANK"} & set(os.environ):
+            note(f"WORLD_SIZE / RANK are set, but not by torchrun (no {TORCHRUN_MARK}): this process "
+                 "segments every image")
+        return 0, 1
     world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
     if not (world.isdigit() and rank.isdigit() and int(rank) < int(world)):
         raise EmerDiffError(f"WORLD_SIZE={world[:20]!r} and RANK={rank[:20]!r} are not a process of a torchrun: "
@@ -638,14 +650,16 @@ def torchrun_id() -> str:
 def main(argv=None) -> int:
     """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
     (interrupted by Ctrl-C / SIGTERM; from then on both signals are ignored, as the process is
-    ending). Under torchrun each process returns its own."""
+    ending). Under torchrun a process whose images failed records them in its summary part and returns
+    0, as torchrun stops every process when one returns another status: the process that merges the
+    parts, the last to finish, returns 2 where any image of the run failed."""
     global errors_said
     args = parse_args(argv)
     from weights import WeightsError
     summary, errors_said = Summary(), 0
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        run(args, summary, *process_rank())
+        whole = run(args, summary, *process_rank())
     except (EmerDiffError, WeightsError, EvaluationError, FileError) as e:
         say(str(e))
         return 2
@@ -664,4 +678,6 @@ def main(argv=None) -> int:
     finally:
         if signal.getsignal(signal.SIGTERM) is raise_terminated:  # after an interrupt both stay ignored
             signal.signal(signal.SIGTERM, previous)
-    return 2 if summary.failed or errors_said else 0
+    if whole is None:  # a part of a torchrun's summary: the process that merges the parts gives the status
+        return 0
+    return 2 if whole["failed"] or errors_said else 0

@@ -21,6 +21,13 @@ def cli(*args, **kwargs) -> subprocess.CompletedProcess:
                           timeout=300, **kwargs)
 
 
+def torchrun_cli(*args, processes=2) -> subprocess.CompletedProcess:
+    """emerdiff.py under a real torchrun of `processes` processes on this machine."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                           "--standalone", str(ROOT / "emerdiff.py"), *args], capture_output=True, text=True,
+                          timeout=600)
+
+
 def default_ctrl_c():
     """In the child: Ctrl-C as a terminal delivers it. A shell without job control starts its background
     jobs (`pytest ... &`) with SIGINT ignored, which their children inherit, and Python then leaves it

@@ -177,6 +177,7 @@ def test_half_precision_on_a_cpu_without_instructions_for_it(capsys, tmp_path, m
     monkeypatch.setattr(devices, "cpu_computes", lambda wanted: False)
     expect_error(capsys, tmp_path, f"this CPU has no {dtype} instructions", "--image", str(EXAMPLE), "--device", "cpu",
                  "--dtype", dtype)
+    assert not (tmp_path / "out").exists()  # refused before --out is made
     monkeypatch.setattr(devices, "cpu_computes", lambda wanted: wanted == getattr(torch, dtype))
     assert devices.pick_dtype(dtype, torch.device("cpu")) == getattr(torch, dtype)
 

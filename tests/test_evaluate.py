@@ -504,8 +504,21 @@ def test_bad_options(capsys, folder):
     expect_error(capsys, "a.png: class id 3 with --classes 2; raise --classes", *args, "--classes", "2")
     expect_error(capsys, "--classes 300: give 1..255", *args, "--classes", "300")
     expect_error(capsys, "--limit 0: give a positive number", *args, "--limit", "0")
+    expect_error(capsys, "--kmeans-restarts 1000000000: give 1..1000", *args, "--kmeans-restarts", "1000000000")
     expect_error(capsys, "--json nowhere/out.json: its folder does not exist", *args, "--json", "nowhere/out.json")
     expect_error(capsys, "--pred nowhere: no such folder", *args[:4], "--pred", "nowhere")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--resolution", "256"], "argument --resolution: invalid choice: '256'"),
+    (["--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+], ids=["choice", "int", "unknown"])
+def test_option_errors_are_one_line_too(capsys, folder, args, pattern):
+    with pytest.raises(SystemExit) as exit:
+        main([*folder[0], *args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("evaluate: error: ") and pattern in err, err
 
 
 def test_classes_of_a_preset_are_fixed(capsys, tmp_path):

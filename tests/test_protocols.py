@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-from datasets import PRESETS, dataset_samples
+from datasets import PRESETS, EvaluationError, dataset_samples
 from evaluate import ImageResult, confusion, evaluate_pairs, main
 from test_evaluate import (COCO_IDS, IGNORE, coarse_of, coco_fine_labels, crop_array, make_coco, make_folder,
                            permuted, save_image, save_labels)
@@ -172,6 +172,21 @@ def test_embedding_protocols_without_embeddings(tmp_path, capsys):
     assert result["protocols"] == ["hungarian", "majority"] and "concept" not in result and "clusters" not in result
 
 
+@pytest.mark.parametrize("scale, dtype", [(1e30, np.float32), (1e-30, np.float32), (1e300, np.float64)])
+def test_the_embedding_protocols_are_scale_free(tmp_path, scale, dtype):
+    """Embeddings scaled as a whole give the scores of HAND, computed by hand: their squares, which
+    overflow (or vanish in) their float type, never decide a length, nor does a cast to a narrower one."""
+    args, pred = hand_folder(tmp_path)
+    for name, (_, _, embeddings) in zip("ab", HAND):
+        np.save(pred / name / "embeddings.npy", embeddings.astype(dtype) * dtype(scale))
+    out = tmp_path / "scores.json"
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for protocol in ("clusters", "concept"):
+        assert result[protocol]["iou"] == pytest.approx(HAND_IOU)
+        assert result[protocol]["accuracy"] == pytest.approx(HAND_ACCURACY)
+
+
 def test_segments_without_pixels_and_more_masks_than_classes(tmp_path):
     """K = 5 embeddings for 2 classes, of which labels.png uses only segments 0 and 1 (the others lost
     every pixel to the argmax): they count nowhere, and the scores are those of HAND."""
@@ -193,6 +208,32 @@ def test_embeddings_from_another_run_are_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and "1 embeddings for segment ids up to 1" in err
 
 
+def npz_archive(path):
+    np.savez(path.with_suffix(".npz"), np.eye(2, dtype=np.float32))
+    path.with_suffix(".npz").rename(path)
+
+
+def header_of_a_huge_array(path):
+    """160 bytes: a .npy header claiming (10**12, 8) float32 (32 TB), then 32 bytes of data."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12, 8)})
+        f.write(bytes(160 - f.tell()))
+
+
+@pytest.mark.parametrize("broken", [lambda path: path.write_bytes(b""), npz_archive, header_of_a_huge_array],
+                         ids=["empty", "npz", "huge-header"])
+def test_embeddings_that_are_no_npy_array_are_one_line(tmp_path, capsys, broken):
+    args, pred = hand_folder(tmp_path)
+    broken(pred / "a" / "embeddings.npy")
+    assert (pred / "a" / "embeddings.npy").stat().st_size in (0, 160) or broken is npz_archive
+    out = tmp_path / "scores.json"
+    out.write_text("earlier")
+    assert main([*args, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"evaluate: error: {pred / 'a' / 'embeddings.npy'}: "), err
+    assert out.read_text() == "earlier"
+
+
 # ---- The paper's datasets, in their distributions' layouts ----
 
 def test_ade20k_reader_and_its_150_classes(tmp_path):
@@ -208,6 +249,40 @@ def test_ade20k_reader_and_its_150_classes(tmp_path):
     assert evaluate.ground_truth(samples[0], "ade20k").tolist() == [[IGNORE, 0, 1], [149, IGNORE, IGNORE]]
     names = PRESETS["ade20k"].classes
     assert len(names) == 150 and (names[0], names[12], names[149]) == ("wall", "person", "flag")
+
+
+def test_ade20k_takes_image_suffixes_of_any_case(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    for name, suffix in (("a", ".jpg"), ("b", ".JPG"), ("c", ".Jpg")):
+        save_image(root / "images" / "validation" / f"{name}{suffix}", 3, 2)
+        save_labels(root / "annotations" / "validation" / f"{name}.png", [[1, 2, 3], [4, 5, 6]])
+    assert [s.image.name for s in dataset_samples("ade20k", root)] == ["a.jpg", "b.JPG", "c.Jpg"]
+
+
+def test_label_values_a_preset_does_not_define_are_counted_and_said(tmp_path, capsys):
+    """ADE20K defines 0..150 (and 255, ignored everywhere): 151 and 200 are counted nowhere, and said."""
+    root, pred = tmp_path / "ADEChallengeData2016", tmp_path / "pred"
+    for name, ids in (("a", [[0, 1, 2], [150, 151, 255]]), ("b", [[200, 200, 1], [1, 1, 1]])):
+        save_image(root / "images" / "validation" / f"{name}.jpg", 3, 2)
+        save_labels(root / "annotations" / "validation" / f"{name}.png", ids)
+        save_labels(pred / name / "labels.png", np.zeros((2, 3)), mode="P")
+    out = tmp_path / "scores.json"
+    assert main(["--dataset", "ade20k", "--root", str(root), "--pred", str(pred), "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["undefined_label_values"] == {"151": 1, "200": 2}
+    assert ("3 pixels in 2 of 2 label maps hold values ade20k does not define (151, 200): counted "
+            "nowhere") in capsys.readouterr().out
+
+
+def test_pascal_context_val_list_naming_an_id_twice_says_so(tmp_path):
+    root = tmp_path / "VOC2010"
+    save_image(root / "JPEGImages" / "2008_000002.jpg", 4, 1)
+    save_labels(root / "SegmentationClassContext" / "2008_000002.png", [[0, 1, 2, 3]])
+    (root / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    split = root / "ImageSets" / "SegmentationContext" / "val.txt"
+    split.write_text("2008_000002\n\n2008_000002\n")
+    with pytest.raises(EvaluationError) as error:
+        dataset_samples("pascal-context-59", root)
+    assert str(error.value) == f"{split} line 3: 2008_000002 is listed twice (line 1 too): list each image once"
 
 
 def test_pascal_context_reader_takes_the_val_list(tmp_path):

@@ -43,8 +43,9 @@ from emerdiff import EmerDiffError
     (["--blur-sigma", "nan"], "option blur must be (kernel size, sigma)"),
     (["--steps", "1"], "steps must be between 2 and 1000"),
     (["--masks", "four"], "argument --masks: invalid int value: 'four'"),
+    (["--batch-size", "100000000000000000000"], "batch size must be between 1 and 2^31 - 1"),
 ], ids=["lam-0", "lam-negative", "lam-nan", "lam-inf", "size-superscript", "size-5000-digits", "seed-30-digits",
-        "seed-negative", "blur-too-large", "blur-even", "sigma-0", "sigma-nan", "steps", "masks-text"])
+        "seed-negative", "blur-too-large", "blur-even", "sigma-0", "sigma-nan", "steps", "masks-text", "batch-1e20"])
 def test_nonsense_options_are_refused_before_the_weights_load(tmp_path, args, pattern):
     result = cli("--image", str(EXAMPLE), "--weights", str(tmp_path / "no-weights"), "--out", str(tmp_path / "out"),
                  *args)
@@ -305,6 +306,7 @@ RGB = np.array(Image.open(EXAMPLE))  # (300, 451, 3) uint8
     (torch.rand(2, 3, 64, 64), "a batch of 2 images: segment them one at a time"),
     (torch.rand(3, 64, 64) * 255, "float image values must be in [0, 1], these span"),
     (torch.rand(3, 64, 64) - 0.5, "float image values must be in [0, 1]"),
+    (torch.zeros(3, 64, 64).index_fill_(1, torch.tensor([5]), 1.0000003), "these span 0..1.00000036"),
     (torch.full((3, 64, 64), math.nan), "the image holds NaN or infinite values"),
     (torch.full((3, 64, 64), math.inf), "the image holds NaN or infinite values"),
     (torch.rand(3, 64, 64, dtype=torch.complex64), "image values must be uint8, or float in [0, 1]; got torch.complex64"),
@@ -316,12 +318,30 @@ RGB = np.array(Image.open(EXAMPLE))  # (300, 451, 3) uint8
     (None, "cannot read an image from NoneType"),
     (3, "cannot read an image from int"),
     (b"\xff\xd8", "cannot read an image from bytes"),
-], ids=["batch", "0-255", "negative", "nan", "inf", "complex", "empty", "meta", "channels-last-tensor", "gray-array",
+], ids=["batch", "0-255", "negative", "just-above-1", "nan", "inf", "complex", "empty", "meta", "channels-last-tensor", "gray-array",
         "int-array", "none", "int", "bytes"])
 def test_segment_refuses_what_is_not_an_image(sd, image, message):
     with pytest.raises(EmerDiffError) as error:
         emerdiff.segment(image, sd, **OPTIONS)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+SQUARE = RGB[:64, :64].astype(np.float32) / 255  # at the working size 64: no resizing
+
+
+@pytest.mark.parametrize("odd", [lambda a: a.astype(">f4"), lambda a: a.astype(np.longdouble),
+                                 lambda a: torch.from_numpy(a).permute(2, 0, 1).to_sparse(),
+                                 lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].to_sparse_csr()],
+                         ids=["big-endian", "longdouble", "sparse", "sparse-csr-batch"])
+def test_odd_arrays_give_the_pixels_of_their_values(odd):
+    pixels, size = emerdiff.load_image(odd(SQUARE), 64)
+    assert size == (64, 64) and torch.equal(pixels, torch.from_numpy(SQUARE).permute(2, 0, 1)[None] * 2 - 1)
+
+
+def test_values_no_float64_holds_are_one_line():
+    with pytest.raises(EmerDiffError) as error:
+        emerdiff.load_image(np.full((64, 64, 3), np.longdouble("1e400")), 64)
+    assert "1e+400" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
@@ -339,6 +359,9 @@ def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     assert torch.allclose(paired.difference_maps, single.difference_maps, rtol=0, atol=1e-4 * single.difference_maps.max())
 
 
+BATCH_RANGE = "batch size must be between 1 and 2^31 - 1 (runs or decodes per call; a whole run has fewer)"
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("masks", 4.5, "option masks must be an integer, not 4.5"),
     ("masks", "4", "option masks must be an integer, not '4'"),
@@ -349,13 +372,24 @@ def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     ("prompt", None, "option prompt must be a string, not None"),
     ("injection", 1, "option injection must be True or False, not 1"),
     ("batch_size", (4,), 'option batch_size must be "auto", an integer or (UNet runs, decodes) per call, not (4,)'),
-    ("batch_size", (4, 0), "batch size must be at least 1"),
+    ("batch_size", (4, 0), BATCH_RANGE),
+    ("batch_size", 10 ** 20, BATCH_RANGE),
 ], ids=["masks-float", "masks-str", "masks-bool", "size-str", "lam-str", "blur-int", "prompt-none", "injection-int",
-        "batch-one", "batch-zero"])
+        "batch-one", "batch-zero", "batch-1e20"])
 def test_segment_checks_option_types(sd, option, value, message):
     with pytest.raises(EmerDiffError) as error:
         emerdiff.segment(EXAMPLE, sd, **OPTIONS | {option: value})
     assert str(error.value) == message
+
+
+def test_integers_of_any_type_are_options(sd):
+    """numpy's integers (numbers.Integral) are taken as the Python int of the same value."""
+    plain = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=4)
+    for numpy_int in (np.int64(4), (np.int32(4), np.uint8(4))):
+        numpy_options = {k: np.int16(v) if type(v) is int else v for k, v in OPTIONS.items()}
+        same = emerdiff.segment(EXAMPLE, sd, **numpy_options, batch_size=numpy_int)
+        assert np.array_equal(same.labels, plain.labels)
+        assert all(type(v) is int for v in (same.options["masks"], same.options["steps"]))
 
 
 def test_arrays_and_tensors_give_what_the_same_pixels_from_a_file_give(sd):

@@ -12,7 +12,7 @@ from PIL import Image
 import emerdiff
 import evaluate
 import runner
-from command_line import EXAMPLE, FAST, assert_complete, assert_one_error, cli, save_image
+from command_line import EXAMPLE, FAST, assert_complete, assert_one_error, cli, save_image, torchrun_cli
 from conftest import ROOT
 
 OPTIONS = dict(size=64, masks=2, feature_samples=1, kmeans_restarts=1, steps=10, t_m=101)
@@ -122,9 +122,7 @@ def test_torchrun_shares_the_images_out_once_each(tmp_path, tiny_sd_dir):
     for i in range(5):
         save_image(images / f"img{i}.png", (64 + 16 * i, 64), seed=i)
     common = ["--image", str(images), "--weights", str(tiny_sd_dir), *FAST]
-    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             str(ROOT / "emerdiff.py"), *common, "--out", str(tmp_path / "shared")],
-                            capture_output=True, text=True, timeout=600)
+    shared = torchrun_cli(*common, "--out", str(tmp_path / "shared"))
     assert shared.returncode == 0, shared.stderr
     lines = sorted(line for line in shared.stdout.splitlines() if " segments -> " in line)
     assert [line.split(":")[0] for line in lines] == [str(images / f"img{i}.png") for i in range(5)]  # once each

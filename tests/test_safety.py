@@ -16,7 +16,8 @@ import emerdiff
 import evaluate
 import files
 import runner
-from command_line import EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, save_image, start_cli
+from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, save_image, start_cli,
+                          torchrun_cli)
 from conftest import ROOT
 from datasets import EvaluationError, dataset_samples
 from inputs import EmerDiffError
@@ -223,12 +224,50 @@ def test_processes_of_a_torchrun_never_wait_for_each_other(tmp_path, tiny_sd_dir
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["summary.json"]
 
 
+def test_a_failed_image_under_torchrun_ends_no_other_process(tmp_path, tiny_sd_dir):
+    """Process 1's only image is unreadable and it ends first: it records the failure in its part and
+    exits 0, so torchrun does not stop process 0, which segments both its images, merges the parts and
+    exits 2 (torchrun's own status is then 1, as for any worker's non-zero one)."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for name in ("a", "c"):
+        save_image(images / f"{name}.png", (64, 64))
+    (images / "b.png").write_bytes(b"not a picture")  # the sorted list's second: process 1's share
+    result = torchrun_cli("--image", str(images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST)
+    assert result.returncode == 1, result.stderr
+    assert "exitcode  : 2" in result.stderr and "rank      : 0" in result.stderr  # torchrun's report of the merger
+    for name in ("a", "c"):
+        assert_complete(out / name, (64, 64))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["done"], summary["error"]) == (3, 2, None)
+    assert [f["image"] for f in summary["failed"]] == [str(images / "b.png")]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["summary.json"]
+
+
 @pytest.mark.parametrize("world, rank", [("abc", "0"), ("2", "5")])
 def test_a_torchrun_environment_that_is_none_is_one_line(tmp_path, world, rank):
     result = subprocess.run([sys.executable, str(ROOT / "emerdiff.py"), "--image", str(EXAMPLE), "--out",
-                             str(tmp_path)], env=os.environ | {"WORLD_SIZE": world, "RANK": rank},
+                             str(tmp_path)], env=os.environ | {"WORLD_SIZE": world, "RANK": rank,
+                                                               "TORCHELASTIC_RUN_ID": "test"},
                             capture_output=True, text=True, timeout=120)
     assert_one_error(result, "are not a process of a torchrun")
+
+
+def test_world_size_set_by_another_launcher_runs_every_image(tmp_path, tiny_sd_dir):
+    """WORLD_SIZE and RANK without torchrun's own variables (another launcher's job): one process
+    segments every image, says so, and writes summary.json."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for name in ("a", "b"):
+        save_image(images / f"{name}.png", (64, 64))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")} | {"WORLD_SIZE": "2", "RANK": "0"}
+    result = cli("--image", str(images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "not by torchrun" in result.stderr
+    for name in ("a", "b"):
+        assert_complete(out / name, (64, 64))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["images"], summary["done"], summary["failed"]) == (2, 2, [])
 
 
 # ---- the estimate ----
