@@ -103,11 +103,17 @@ def prepare(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     torch.compile takes the plain model), then the batch sizes (on CUDA probed in that layout), then
     compilation (after the probes: they would compile shapes of their own)."""
     set_memory_layout(sd)
-    speed.apply(sd, fast=o["speed_paths"] and not o["compile"])
+    set_speed_paths(sd, o)
     sizes = batch_sizes(sd, height, width, o)
     if o["compile"]:
         compile_models(sd)
     return sizes
+
+
+def set_speed_paths(sd, o: dict) -> None:
+    """speed.py's paths on, unless `o` asks for the plain path or for torch.compile (which takes the
+    plain model). In place; idempotent."""
+    speed.apply(sd, fast=o["speed_paths"] and not o["compile"])
 
 
 def set_memory_layout(sd) -> None:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from devices import latent_shape, model_device_dtype, pick_device, pick_dtype, synchronize
+from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device, pick_dtype, set_speed_paths,
+                     synchronize)
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
@@ -255,44 +256,67 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
 # ---- How long it will take ----
 
 FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
-# Of our plain UNet call of one image (the one the estimate times), a modulated run's step in a batch of
-# runs (replayed attention, shared probabilities, Winograd): 0.68 at 512x512 in batches of 16 on the CPU
-# (docs/speed.md: 8.39 s per run against 12.41 s); elsewhere unmeasured.
+# Of a UNet image's own work (a call of one, less its fixed cost), a modulated run's step in a batch of runs
+# (replayed attention, speed paths): measured on the CPU at 512x512 in batches of 16 (docs/speed.md); 1 elsewhere.
 MODULATED_STEP = {"cpu": 0.68}
 LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
 TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
+FIXED_COST_LATENT = 8  # latent side of the UNet call whose time is taken as any call's fixed cost
+
+
+@dataclass
+class Estimate:
+    """How long one image takes, and what the figure rests on."""
+    seconds: float
+    unet_calls: float  # feature passes counted at FEATURE_PASS of a call
+    unet_images: float  # likewise, and the modulated runs' steps at MODULATED_STEP of an image
+    unet_s: float  # one UNet call of one image at the working size
+    fixed_s: float  # its fixed cost: a call of one image at the smallest latent
+    decodes: int
+    spread: float  # how much slower than the fastest the slowest timed call was, relative
+
+
+def fastest_and_spread(call, device) -> tuple[float, float]:
+    """The fastest of TIMED_CALLS timed calls after an untimed one (the first call of a size allocates;
+    a machine that slows down now and then does not inflate it), and how much slower the slowest was."""
+    call()
+    timed = []
+    for _ in range(TIMED_CALLS):
+        synchronize(device)
+        clock = time.perf_counter()
+        call()
+        synchronize(device)
+        timed.append(time.perf_counter() - clock)
+    return min(timed), max(timed) / min(timed) - 1
 
 
 @torch.no_grad()
-def estimate(sd, size: tuple[int, int], options: dict) -> tuple[float, float, float, int, float]:
-    """(seconds per image, UNet evaluations, seconds of one, decodes, spread) at the working size
-    (W, H), the cost model of docs/speed.md: a UNet call and a decode timed TIMED_CALLS times each
-    after an untimed one, the fastest taken (a machine that slows down now and then does not inflate
-    it), a modulated run's step counted as MODULATED_STEP of a call; `spread` is how much slower the
-    slowest was, relative. With upsample="bilinear" only the feature passes run."""
+def estimate(sd, size: tuple[int, int], options: dict) -> Estimate:
+    """Seconds per image at the working size (W, H), by the cost model of docs/speed.md:
+    calls x fixed cost + images x (a call of one - fixed cost) + decodes x a decode, the UNet's calls
+    and images counted stage by stage at the run's batch size (a call of many images costs its fixed
+    cost once). The UNet of one image at this size and at the smallest latent, and a decode, timed
+    with the speed paths as the run will have them. With upsample="bilinear" only the feature passes run."""
     device, dtype = model_device_dtype(sd)
+    set_speed_paths(sd, options)
     latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
+    smallest = torch.zeros(1, latent.shape[1], FIXED_COST_LATENT, FIXED_COST_LATENT, device=device, dtype=dtype)
     context = embed_prompt(sd, options["prompt"]).to(dtype)
-    timestep = torch.tensor([1], device=device)
-    seconds = []
-    for call in (lambda: sd.unet(latent, timestep, context), lambda: sd.vae.decode(latent)):
-        call()  # the first call of a size allocates; the next ones are those that repeat
-        timed = []
-        for _ in range(TIMED_CALLS):
-            synchronize(device)
-            clock = time.perf_counter()
-            call()
-            synchronize(device)
-            timed.append(time.perf_counter() - clock)
-        seconds.append(timed)
-    unet_s, decode_s = (min(timed) for timed in seconds)
-    spread = max(max(timed) / min(timed) - 1 for timed in seconds)
+    t = torch.tensor([1], device=device)
+    (unet_s, unet_spread), (fixed_s, _), (decode_s, decode_spread) = (
+        fastest_and_spread(call, device) for call in (lambda: sd.unet(latent, t, context),
+                                                      lambda: sd.unet(smallest, t, context),
+                                                      lambda: sd.vae.decode(latent)))
+    fixed_s = min(fixed_s, unet_s)
+    batch, _ = batch_sizes(sd, size[1], size[0], options)
     modulated = options["upsample"] == "modulation"
     steps = len(timesteps_until(options["t_m"], options["steps"])) if modulated else 0
     runs = 2 * options["masks"] if modulated else 0
-    plain_calls = FEATURE_PASS * options["feature_samples"] + steps
-    run_steps = runs * steps * MODULATED_STEP.get(device.type, 1.0)
-    return (plain_calls + run_steps) * unet_s + runs * decode_s, plain_calls + runs * steps, unet_s, runs, spread
+    samples = options["feature_samples"]
+    calls = FEATURE_PASS * math.ceil(samples / batch) + math.ceil(steps / batch) + steps * math.ceil(runs / batch)
+    images = FEATURE_PASS * samples + steps + MODULATED_STEP.get(device.type, 1.0) * runs * steps
+    seconds = calls * fixed_s + images * (unet_s - fixed_s) + runs * decode_s
+    return Estimate(seconds, calls, images, unet_s, fixed_s, runs, max(unet_spread, decode_spread))
 
 
 def announce_long_run(sd, size: tuple[int, int], options: dict):
@@ -300,13 +324,13 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
     device, _ = model_device_dtype(sd)
     if device.type == "cuda":
         return
-    seconds, evaluations, unet_s, decodes, spread = estimate(sd, size, options)
-    if seconds >= LONG_RUN_S:
-        duration = f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
-        note(f"about {duration} per image on the {device.type} ({evaluations:.0f} UNet evaluations, a plain one "
-             f"{unet_s:.2f} s, and {decodes} decodes; the fastest of {TIMED_CALLS} timed calls, the slowest "
-             f"{100 * spread:.0f} % slower): --masks, --feature-samples, --size and --steps cut it "
-             "(README, Time and cost)")
+    e = estimate(sd, size, options)
+    if e.seconds >= LONG_RUN_S:
+        duration = f"{e.seconds / 3600:.1f} h" if e.seconds >= 5400 else f"{e.seconds / 60:.0f} min"
+        note(f"about {duration} per image on the {device.type} ({e.unet_calls:.0f} UNet calls of {e.unet_images:.0f} "
+             f"images in all, a call of one {e.unet_s:.2f} s, and {e.decodes} decodes; the fastest of {TIMED_CALLS} "
+             f"timed calls, the slowest {100 * e.spread:.0f} % slower): --masks, --feature-samples, --size and "
+             "--steps cut it (README, Time and cost)")
 
 
 # ---- The pictures ----

@@ -318,6 +318,6 @@ def test_a_long_run_off_cuda_first_says_how_long(tiny_sd_dir, tmp_path, capsys, 
     assert run_cli(tiny_sd_dir, tmp_path, "--image", str(EXAMPLE)) == 0
     # FAST: 2 feature draws at 0.4 of a call, 15 inversion steps, 2 x 4 runs of 15 steps; 8 decodes
     line, = capsys.readouterr().err.splitlines()
-    assert re.fullmatch(r"emerdiff: about \d+ min per image on the cpu \(136 UNet evaluations, a plain one "
-                        r"\d+\.\d\d s, and 8 decodes; the fastest of 3 timed calls, the slowest \d+ % slower\): "
+    assert re.fullmatch(r"emerdiff: about \d+ min per image on the cpu \(\d+ UNet calls of \d+ images in all, a call "
+                        r"of one \d+\.\d\d s, and 8 decodes; the fastest of 3 timed calls, the slowest \d+ % slower\): "
                         r"--masks, --feature-samples, --size and --steps cut it \(README, Time and cost\)", line), line

@@ -602,8 +602,8 @@ def bench_time(args, device, dtype):
         extrapolated = scaled_to_defaults(seg.seconds, measured_options)
         rows.append(dict(size=size, options=measured_options, measured=seg.seconds,
                          defaults_extrapolated=extrapolated,
-                         estimate=runner.estimate(sd, (size, size), defaults | measured_options)[0],
-                         defaults_estimate=runner.estimate(sd, (size, size), dict(defaults))[0]))
+                         estimate=runner.estimate(sd, (size, size), defaults | measured_options).seconds,
+                         defaults_estimate=runner.estimate(sd, (size, size), dict(defaults)).seconds))
         r = rows[-1]
         print(f"{size}x{size}, K = {args.masks}, {args.feature_samples} draws: {sum(seg.seconds.values()):.0f} s ("
               + ", ".join(f"{stage} {v:.1f}" for stage, v in seg.seconds.items())
