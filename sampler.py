@@ -76,41 +76,58 @@ def predict_noise(unet, x, t, context, hooks, step):
 @torch.no_grad()
 def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=None, hooks=None, batch_size: int = 1,
            progress=iter):
-    """Edit-friendly DDPM inversion of latent x0 (1, 4, h, w) from t = `until` down to 1.
+    """Edit-friendly DDPM inversion of latent x0 (1, 4, h, w) from t = `until` down to 1:
+
+        x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) n_t,   each n_t drawn independently
+        z_t = (x_{t-1} - mu_t(x_t)) / sigma_t,                     so that mu_t(x_t) + sigma_t z_t = x_{t-1}
 
     Returns (timesteps, x_start, zs): the grid timesteps from `until` to 1, the latent x_until and
-    the noise maps (len(timesteps), 1, 4, h, w). Each x_t is drawn independently around x0; then
-    z_t = (x_{t-1} - mu_t(x_t)) / sigma_t. Only those steps call the UNet (15 for the defaults).
-
-    Every x_t is drawn before any UNet call, so the calls are independent of each other: with
-    `batch_size` > 1 they run `batch_size` steps at a time, one timestep per sample, and the hooks
-    see `step` as the list of the call's step indices. With one step per call, the UNet input is the
-    previous step's result mu + sigma z, bit-equal to the input the regeneration computes; in a batch
-    it is the drawn x_t, equal to that up to rounding. `progress` wraps the loop over calls (e.g. tqdm).
+    the noise maps (len(timesteps), 1, 4, h, w). Only these steps call the UNet (15 for the defaults).
+    Each step's UNet input is the previous step's mu + sigma z, bit-equal to the input the regeneration
+    computes. `batch_size` > 1 makes the same z_t in batched calls (batched_noise_maps). `progress`
+    wraps the loop over calls (e.g. tqdm).
     """
     timesteps = timesteps_until(until, steps)
-    x0 = x0.float()
-    device = generator.device if generator is not None else x0.device
-    # Drawn from t = 1 upwards, the order of the reference implementation (Huberman-Spiegelglas et
-    # al.'s code, which the authors' notebook reuses): a seed gives the same x_t as theirs.
-    noises = {t: torch.randn(x0.shape, generator=generator, device=device).to(x0.device)
-              for t in reversed(timesteps)}
-    xs = [ALPHAS_CUMPROD[t].item() ** 0.5 * x0 + (1 - ALPHAS_CUMPROD[t].item()) ** 0.5 * noises[t]
-          for t in timesteps]
-    xs.append(x0)  # x_{t-1} after the last step (t = 1) is x0 itself
+    xs = drawn_latents(x0.float(), timesteps, generator)
     on_device = torch.tensor(timesteps, device=x0.device)
-    schedule = denoising_steps(timesteps)
+    if batch_size > 1:
+        return timesteps, xs[0], batched_noise_maps(unet, xs, timesteps, context, hooks, batch_size, progress)
     x, zs = xs[0], []
+    for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):
+        mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, on_device[i:i + 1], context, hooks, i), ab, ab_prev)
+        zs.append((xs[i + 1] - mu) / sigma)
+        x = mu + sigma * zs[-1]  # x_{t-1} up to rounding, computed as the regeneration computes it
+    return timesteps, xs[0], torch.stack(zs)
+
+
+def drawn_latents(x0, timesteps: list[int], generator) -> list[torch.Tensor]:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) n_t for each of `timesteps`, then x0 itself
+    (x_{t-1} after the last step, t = 1). The noise is drawn from t = 1 upwards, the order of the
+    reference implementation (Huberman-Spiegelglas et al.'s code, which the authors' notebook
+    reuses): a seed gives the same x_t as theirs."""
+    device = generator.device if generator is not None else x0.device
+    noises = {t: torch.randn(x0.shape, generator=generator, device=device).to(x0.device) for t in reversed(timesteps)}
+    ab = ALPHAS_CUMPROD
+    return [ab[t].item() ** 0.5 * x0 + (1 - ab[t].item()) ** 0.5 * noises[t] for t in timesteps] + [x0]
+
+
+def batched_noise_maps(unet, xs, timesteps, context, hooks, batch_size: int, progress) -> torch.Tensor:
+    """invert's z_t with its UNet calls `batch_size` steps at a time. Every x_t is drawn before any
+    call, so the calls are independent of each other: each takes the drawn x_t (equal to the previous
+    step's mu + sigma z up to rounding), one timestep per sample, and the hooks see `step` as the list
+    of the call's step indices."""
+    on_device = torch.tensor(timesteps, device=xs[0].device)
+    schedule = denoising_steps(timesteps)
+    zs = []
     for start in progress(range(0, len(schedule), batch_size)):
         chunk = schedule[start:start + batch_size]
-        inputs = [x] if len(chunk) == 1 else xs[start:start + len(chunk)]
-        step = start if len(chunk) == 1 else [i for i, *_ in chunk]
-        eps = predict_noise(unet, torch.cat(inputs), on_device[start:start + len(chunk)], context, hooks, step)
+        inputs = xs[start:start + len(chunk)]
+        eps = predict_noise(unet, torch.cat(inputs), on_device[start:start + len(chunk)], context, hooks,
+                            [i for i, *_ in chunk])
         for (i, t, ab, ab_prev), x_t, eps_t in zip(chunk, inputs, eps):
             mu, sigma = ddpm_mean_and_std(x_t, eps_t[None], ab, ab_prev)
             zs.append((xs[i + 1] - mu) / sigma)
-            x = mu + sigma * zs[-1]  # equals xs[i + 1] up to rounding; the regeneration computes the same
-    return timesteps, xs[0], torch.stack(zs)
+    return torch.stack(zs)
 
 
 @torch.no_grad()
