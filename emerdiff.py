@@ -24,8 +24,10 @@ hooks that record, replay and modulate the attention), unet.py / vae.py / clip_t
 networks), weights.py (loading them), inputs.py (what segment() accepts, checked), devices.py
 (device, precision, batch sizes) and runner.py, the command line that `python emerdiff.py` runs.
 """
+import contextvars
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,7 +100,7 @@ class FeatureCapture(AttentionHooks):
 
 @torch.no_grad()
 def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None, batch_size: int = 8,
-                     prompt: str = "", progress: bool = False) -> torch.Tensor:
+                     prompt: str = "") -> torch.Tensor:
     """The mean query vectors (h*w, C) of the feature layer over `samples` noise draws at t_f.
 
     Each draw is x = sqrt(ab) x0 + sqrt(1 - ab) eps at t_f ("minimum noise", t_f = 1 in the paper)
@@ -110,7 +112,7 @@ def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None
     noise = torch.randn((samples, *x0.shape[1:]), generator=generator).to(x0.device)
     context, t = embed_prompt(sd, prompt), torch.tensor([t_f], device=x0.device)
     capture = FeatureCapture()
-    for start in tqdm(range(0, samples, batch_size), desc="features", disable=not progress, leave=False):
+    for start in progress_bar(range(0, samples, batch_size), desc="features"):
         x = alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise[start:start + batch_size]
         try:
             sampler.predict_noise(sd.unet, x, t, context, capture, step=0)
@@ -215,8 +217,7 @@ class Inversion:
 
 
 def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: str = "",
-           record_attention: bool = True, batch_size: int = 8, replay_cross_attention: bool = True,
-           progress: bool = False) -> Inversion:
+           record_attention: bool = True, batch_size: int = 8, replay_cross_attention: bool = True) -> Inversion:
     """Invert x0 from t_m down to 1 on the `steps`-step grid, recording the attention on the way.
 
     The inversion's UNet inputs are those of the unmodulated regeneration, so the record taken
@@ -231,7 +232,7 @@ def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: s
     record = sampler.AttentionRecord(cross_outputs=replay_cross_attention) if record_attention else None
     timesteps, x_start, zs = sampler.invert(
         sd.unet, x0, context, steps=steps, until=t_m, generator=generator, hooks=record, batch_size=batch_size,
-        progress=lambda calls: tqdm(calls, desc="inversion", disable=not progress, leave=False))
+        progress=lambda calls: progress_bar(calls, desc="inversion"))
     return Inversion(timesteps, x_start, zs, context, record)
 
 
@@ -245,7 +246,7 @@ def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
 
 @torch.no_grad()
 def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, injection: bool = True,
-                      batch_size: int = 8, skip_projections: bool = True, progress: bool = False) -> torch.Tensor:
+                      batch_size: int = 8, skip_projections: bool = True) -> torch.Tensor:
     """Regenerate from x_{t_m} once per row of offsets, at most `batch_size` runs per UNet call -> (R, 4, h, w).
 
     At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's
@@ -262,8 +263,7 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     # runs in batches of at most 16: 13, 13, 12, 12, not 16, 16, 16, 2: a small batch shares less).
     batches = offsets.to(dtype).tensor_split(math.ceil(len(offsets) / batch_size))
     latents = []
-    with tqdm(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step",
-              disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step") as bar:
         for batch in batches:
             hooks = sampler.Modulation(batch, replay, skip_projections=skip_projections)
             latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
@@ -294,8 +294,7 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8
 
 @torch.no_grad()
 def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float = 10.0, injection: bool = True,
-                    batch_size: int = 8, decode_batch_size: int | None = None, blur=(3, 0.8),
-                    progress: bool = False) -> torch.Tensor:
+                    batch_size: int = 8, decode_batch_size: int | None = None, blur=(3, 0.8)) -> torch.Tensor:
     """d_i = || blur(I-_i) - blur(I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32.
 
     The blur comes before the norm, as in the authors' notebook, which blurs both decoded images
@@ -308,11 +307,10 @@ def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float
     def whole_pairs(size):
         return 2 * max(1, size // 2)
     latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection,
-                                batch_size=whole_pairs(batch_size), progress=progress)
+                                batch_size=whole_pairs(batch_size))
     _, dtype = devices.model_device_dtype(sd)
     maps = []
-    for batch in tqdm(latents.split(whole_pairs(decode_batch_size or batch_size)), desc="decoding",
-                      disable=not progress, leave=False):
+    for batch in progress_bar(latents.split(whole_pairs(decode_batch_size or batch_size)), desc="decoding"):
         images = sd.vae.decode(batch.to(dtype)).float()  # (2m, 3, H, W): I-, I+, I-, I+, ...
         maps.append(gaussian_blur(images[0::2] - images[1::2], *blur).norm(dim=1))
     return torch.cat(maps)
@@ -337,6 +335,26 @@ def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return resized[0, 0].to(torch.uint8).cpu().numpy()
 
 
+# ---- Progress bars, for all steps at once ----
+
+SHOW_PROGRESS = contextvars.ContextVar("SHOW_PROGRESS", default=False)  # set by showing_progress
+
+
+@contextmanager
+def showing_progress(show: bool = True):
+    """Progress bars for the steps run inside (segment(progress=True) runs its steps in one)."""
+    token = SHOW_PROGRESS.set(show)
+    try:
+        yield
+    finally:
+        SHOW_PROGRESS.reset(token)
+
+
+def progress_bar(items=None, **bar):
+    """tqdm's bar over `items` (or a bar of `total`) inside showing_progress(), silent elsewhere."""
+    return tqdm(items, disable=not SHOW_PROGRESS.get(), leave=False, **bar)
+
+
 # ---- The whole method ----
 
 @dataclass
@@ -358,7 +376,7 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see inputs.as_image).
     `sd` is a loaded model (weights.load_stable_diffusion); without one the default weights are
     loaded on the best device. Options and their defaults: DEFAULTS; each is checked before any
-    work is done."""
+    work is done. `progress`: a progress bar for each step (showing_progress)."""
     o = checked_options(options, DEFAULTS)
     pixels, (width, height) = load_image(image, o["size"])
     grid = feature_grid(*pixels.shape[-2:])
@@ -370,30 +388,31 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
         return torch.Generator().manual_seed(o["seed"])
 
-    batch, decode_batch = devices.prepare(sd, *pixels.shape[-2:], o)  # first: its CUDA probes reset the peak memory
-    x0 = encode(sd, pixels)
-    features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
-                                batch_size=batch, prompt=o["prompt"], progress=progress)
-    devices.check_finite(features, "features")
-    watch.lap("features")
-    low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
-    masks = low_resolution_masks(low_res, grid, len(centers))
-    embeddings = mask_embeddings(features, masks)
-    watch.lap("k-means")
-    if o["upsample"] == "bilinear":  # the paper's baseline: no inversion, no modulated runs
-        maps = upsampled_masks(masks, pixels.shape[-2:])
-    else:
-        inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
-                           record_attention=o["injection"], batch_size=batch, progress=progress)
-        watch.lap("inversion")
-        maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
-                               batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"], progress=progress)
-        devices.check_finite(maps, "difference maps")
-        watch.lap("modulation")
-    return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),
-                        low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
-                        difference_maps=maps.cpu(), embeddings=embeddings.cpu().numpy(), options=o,
-                        seconds=watch.seconds)
+    with showing_progress(progress):
+        batch, decode_batch = devices.prepare(sd, *pixels.shape[-2:], o)  # first: its CUDA probes reset the peak memory
+        x0 = encode(sd, pixels)
+        features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
+                                    batch_size=batch, prompt=o["prompt"])
+        devices.check_finite(features, "features")
+        watch.lap("features")
+        low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
+        masks = low_resolution_masks(low_res, grid, len(centers))
+        embeddings = mask_embeddings(features, masks)
+        watch.lap("k-means")
+        if o["upsample"] == "bilinear":  # the paper's baseline: no inversion, no modulated runs
+            maps = upsampled_masks(masks, pixels.shape[-2:])
+        else:
+            inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
+                               record_attention=o["injection"], batch_size=batch)
+            watch.lap("inversion")
+            maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
+                                   batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"])
+            devices.check_finite(maps, "difference maps")
+            watch.lap("modulation")
+        return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),
+                            low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
+                            difference_maps=maps.cpu(), embeddings=embeddings.cpu().numpy(), options=o,
+                            seconds=watch.seconds)
 
 
 def default_model():
