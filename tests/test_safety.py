@@ -234,11 +234,22 @@ def test_a_torchrun_environment_that_is_none_is_one_line(tmp_path, world, rank):
 # ---- the estimate ----
 
 def test_the_estimate_takes_the_fastest_call_and_says_how_steady(sd, monkeypatch):
+    """The clock the estimate reads advances only by what each UNet call is said to take (the decodes: 1 s)."""
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     pauses = iter([0, 2.0, 0.3, 0.5])  # the UNet: a warm-up, then 3 timed calls (the first slowed down)
-    forward = sd.unet.forward
-    monkeypatch.setattr(sd.unet, "forward", lambda *a, **k: time.sleep(next(pauses)) or forward(*a, **k))
+    forward, decode = sd.unet.forward, sd.vae.decode
+
+    def taking(seconds, call):
+        def timed(*args, **kwargs):
+            clock[0] += seconds()
+            return call(*args, **kwargs)
+        return timed
+    monkeypatch.setattr(sd.unet, "forward", taking(lambda: next(pauses), forward))
+    monkeypatch.setattr(sd.vae, "decode", taking(lambda: 1.0, decode))
     seconds, evaluations, unet_s, decodes, spread = runner.estimate(sd, (64, 64), emerdiff.DEFAULTS)
-    assert 0.3 <= unet_s < 1.5 and spread > 1  # the fastest, not the first; the slowest over twice as slow
+    assert unet_s == pytest.approx(0.3)  # the fastest, not the first
+    assert spread == pytest.approx(2.0 / 0.3 - 1)  # the slowest over 0.3 s, relative
 
 
 def test_the_estimate_counts_a_modulated_step_at_its_measured_share_of_a_call(sd, monkeypatch):
