@@ -13,6 +13,7 @@ EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
 # The cheapest run that still goes through every step: a 2x2 feature grid, 2 masks, 2 denoising steps.
 FAST = ["--size", "64", "--masks", "2", "--feature-samples", "1", "--kmeans-restarts", "1", "--steps", "10",
         "--tm", "101", "--quiet"]
+FAST_OPTIONS = dict(size=64, masks=2, feature_samples=1, kmeans_restarts=1, steps=10, t_m=101)  # as segment()'s
 OUTPUTS = {"labels.png", "labels.npy", "embeddings.npy", "overlay.png", "lowres.png", "run.json"}
 
 
@@ -35,9 +36,12 @@ def default_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_cli(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "emerdiff.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_ctrl_c)
+def start_cli(*args, env=None, code=None) -> subprocess.Popen:
+    """The command line in a child process; with `code`, that Python code (run in the repository's
+    folder, the arguments in sys.argv[1:]) instead of emerdiff.py."""
+    command = [sys.executable, "-c", code] if code else [sys.executable, str(ROOT / "emerdiff.py")]
+    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_ctrl_c, cwd=ROOT if code else None)
 
 
 def assert_one_error(result, pattern, status=2):

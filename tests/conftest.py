@@ -25,6 +25,15 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_estimate_line(monkeypatch):
+    """In-process runs say nothing of how long an image takes: on a busy machine the estimate before the
+    first image could pass runner.LONG_RUN_S and add a line to the stderr a test reads. The tests of that
+    line set LONG_RUN_S themselves."""
+    import runner
+    monkeypatch.setattr(runner, "LONG_RUN_S", float("inf"))
+
+
 def _openai_bytes_to_unicode() -> list[str]:
     """OpenAI CLIP's byte -> unicode table, as the list of its 256 values in vocabulary order."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -10,6 +10,9 @@ from PIL import Image
 
 import emerdiff
 import runner
+from command_line import FAST as CHEAPEST
+from command_line import FAST_OPTIONS as CHEAPEST_OPTIONS
+from command_line import temporaries
 from conftest import ROOT
 from emerdiff import load_image
 from files import atomic_save
@@ -37,10 +40,54 @@ def test_every_output_file_at_the_input_size(outputs):
     png = Image.open(outputs / "labels.png")
     assert png.mode == "P" and png.size == (451, 300)
     assert np.array_equal(np.asarray(png), labels)  # pixel value = segment index
-    for name in ("overlay.png", "lowres.png"):
-        assert Image.open(outputs / name).size == (451, 300)
     assert Image.open(outputs / "diffmaps.png").size[0] > 0
-    assert not list(outputs.glob(".*tmp"))  # no temporary file left behind
+    assert not temporaries(outputs.parent)  # the folder is written as a temporary beside it, then renamed
+
+
+# FAST as segment()'s options
+FAST_OPTIONS = dict(size=128, masks=4, feature_samples=2, kmeans_restarts=5)
+
+
+def segment_colours(folder):
+    """Segment i's colour (K, 3) as labels.png's palette gives it."""
+    return np.array(Image.open(folder / "labels.png").getpalette()[:3 * 4]).reshape(4, 3)
+
+
+def test_the_overlay_half_tints_each_segment_in_its_colour_with_white_borders(outputs):
+    """overlay.png against a plain loop over labels.npy, the image and labels.png's colours: a pixel
+    whose right or lower neighbour is in another segment is white, every other one the mean of the
+    image's pixel and its segment's colour, rounded down."""
+    labels, colours = np.load(outputs / "labels.npy"), segment_colours(outputs)
+    image = np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=int)
+    overlay = np.asarray(Image.open(outputs / "overlay.png").convert("RGB"))
+    height, width = labels.shape
+    for y in range(height):
+        for x in range(width):
+            here = labels[y, x]
+            border = (x + 1 < width and labels[y, x + 1] != here) or (y + 1 < height and labels[y + 1, x] != here)
+            expected = [255] * 3 if border else (image[y, x] + colours[here]) // 2
+            assert overlay[y, x].tolist() == list(expected), (y, x)
+
+
+def cells_under_centre(i, pixels, cells=4):
+    """The cells (of `cells` across `pixels`) under pixel i's centre: both where it lies on their border."""
+    numerator, denominator = (2 * i + 1) * cells, 2 * pixels
+    cell = numerator // denominator
+    return {cell - 1, cell} if numerator % denominator == 0 else {cell}
+
+
+def test_lowres_shows_the_feature_grid_masks_in_their_colours(outputs, sd):
+    """lowres.png: each pixel in the colour of the grid cell under its centre, the cells labelled as
+    segment() labels them with the run's options."""
+    grid = emerdiff.segment(EXAMPLE, sd, **FAST_OPTIONS, upsample="bilinear").low_res_labels  # (4, 4): Step 1's
+    colours = segment_colours(outputs)
+    lowres = np.asarray(Image.open(outputs / "lowres.png").convert("RGB"))
+    assert lowres.shape == (300, 451, 3)
+    for y in range(300):
+        for x in range(451):
+            allowed = [colours[grid[row, column]].tolist()
+                       for row in cells_under_centre(y, 300) for column in cells_under_centre(x, 451)]
+            assert lowres[y, x].tolist() in allowed, (y, x)
 
 
 def test_a_run_is_deterministic_for_a_seed(tiny_sd_dir, outputs, tmp_path):
@@ -60,6 +107,29 @@ def test_the_script_runs_as_the_readme_says(tiny_sd_dir, tmp_path):
     for option in ("--weights", "--variant", "--config-dir", "--out", "--masks", "--lam", "--tm", "--tf", "--feature-samples", "--seed",
                    "--size", "--device", "--dtype", "--no-injection", "--batch-size", "--save-diffmaps"):
         assert option in help_text
+
+
+FLAGS = {  # each method flag, and segment()'s option it stands for (test_emerdiff checks each option's effect)
+    "--tf": (["--tf", "41"], {"t_f": 41}), "--no-injection": (["--no-injection"], {"injection": False}),
+    "--prompt": (["--prompt", "a photograph of a cat"], {"prompt": "a photograph of a cat"}),
+    "--lam": (["--lam", "3"], {"lam": 3.0}), "--seed": (["--seed", "7"], {"seed": 7}),
+    "--blur": (["--blur-kernel", "5", "--blur-sigma", "1.5"], {"blur": (5, 1.5)})}
+
+
+def test_the_method_flags_reach_segment(tiny_sd_dir, sd, tmp_path, monkeypatch):
+    """One run with every flag of FLAGS: its difference maps and embeddings are segment()'s with all
+    those options (a flag left out would give another combination's), not the defaults'."""
+    made = []
+    monkeypatch.setattr(runner, "segment", lambda *args, **kwargs: made.append(emerdiff.segment(*args, **kwargs))
+                        or made[-1])
+    flags = [flag for flags, _ in FLAGS.values() for flag in flags]
+    assert run_cli(tiny_sd_dir, tmp_path, "--image", str(EXAMPLE), *CHEAPEST, *flags) == 0
+    options = {name: value for _, option in FLAGS.values() for name, value in option.items()}
+    expected = emerdiff.segment(EXAMPLE, sd, **CHEAPEST_OPTIONS, **options)
+    assert torch.allclose(made[0].difference_maps, expected.difference_maps, rtol=1e-5, atol=0)
+    assert np.array_equal(np.load(tmp_path / "chelsea" / "embeddings.npy"), expected.embeddings)
+    default = emerdiff.segment(EXAMPLE, sd, **CHEAPEST_OPTIONS)
+    assert not np.allclose(expected.embeddings, default.embeddings, rtol=1e-2)
 
 
 def test_a_folder_and_several_images(tiny_sd_dir, tmp_path):
@@ -189,7 +259,6 @@ def test_bad_weights(capsys, tmp_path, tiny_sd_dir):
 
 
 def test_out_of_memory_names_the_batch_size(capsys, tmp_path, tiny_sd_dir, monkeypatch):
-    monkeypatch.setattr(runner, "LONG_RUN_S", float("inf"))  # no line on how long it takes: only the error
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(runner, "segment", exhausted)
@@ -211,7 +280,6 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
 
 
 def test_out_of_memory_on_the_cpu_or_mps_too(capsys, tmp_path, tiny_sd_dir, monkeypatch):
-    monkeypatch.setattr(runner, "LONG_RUN_S", float("inf"))  # no line on how long it takes: only the error
     def exhausted(*args, **kwargs):
         raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")
     monkeypatch.setattr(runner, "segment", exhausted)
@@ -270,9 +338,11 @@ def run_snippet(code: str, cwd) -> list[str]:
 
 def test_the_readme_api_snippet_runs_as_written_and_agrees_step_by_step(tmp_path):
     """The first snippet as written (only the folder filled in), from another folder: segment() and
-    the step-by-step calls give the same difference maps (the snippet prints allclose's answer)."""
+    the step-by-step calls give the same difference maps (the snippet prints allclose's answer) and
+    the same low-resolution masks (printed after it here)."""
     random_weights, _ = readme_python_snippets()
-    assert run_snippet(random_weights, tmp_path) == ["(300, 451) (4, 4) (4, 128, 128)", "True"]
+    same_masks = "\nprint((seg.low_res_labels == labels.reshape(grid).numpy()).all())"  # and the k-means agrees
+    assert run_snippet(random_weights + same_masks, tmp_path) == ["(300, 451) (4, 4) (4, 128, 128)", "True", "True"]
 
 
 def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, tmp_path):

@@ -1,4 +1,6 @@
 """The method (emerdiff.py) against independent references: scipy, diffusers, plain loops."""
+import copy
+
 import numpy as np
 import pytest
 import scipy.cluster.vq
@@ -9,7 +11,7 @@ from diffusers import DDIMScheduler
 
 import emerdiff
 from emerdiff import (cluster_means, difference_maps, extract_features, gaussian_blur, invert, kmeans,
-                      low_resolution_masks)
+                      low_resolution_masks, mask_embeddings)
 from sampler import ALPHAS_CUMPROD, Modulation, regenerate
 
 # The layers the method spec names, written out here rather than imported from unet.py.
@@ -145,30 +147,55 @@ class DiffusersAttention:
 
 @pytest.fixture(scope="module")
 def reference(tiny_reference):
-    unet = tiny_reference[0]
+    """diffusers' UNet with DiffusersAttention in every layer, its VAE and their shared state. The UNet
+    is a copy: the session's own keeps diffusers' attention code for the files after this one."""
+    unet = copy.deepcopy(tiny_reference[0])
     state = {"step": 0, "mode": None, "record": {}, "features": []}
     unet.set_attn_processor({name: DiffusersAttention(name.removesuffix(".processor"), state)
                              for name in unet.attn_processors})
     return unet, tiny_reference[1], state
 
 
-def test_features_match_diffusers_queries(sd, x0, inversion, reference):
+def reference_features(reference, x0, context, *, t_f=1, samples=5, seed=7):
+    """Step 1's features with diffusers' UNet: the feature layer's queries averaged over `samples`
+    draws around x0 at t_f (drawn at once from a generator seeded `seed`), one draw per UNet call."""
     ref_unet, _, state = reference
-    samples = 5
-    features = extract_features(sd, x0, samples=samples, generator=torch.Generator().manual_seed(7), batch_size=2)
-    noise = torch.randn((samples, *x0.shape[1:]), generator=torch.Generator().manual_seed(7))
+    noise = torch.randn((samples, *x0.shape[1:]), generator=torch.Generator().manual_seed(seed))
     state.update(mode="capture", features=[])
     with torch.no_grad():
         for eps in noise:  # one draw at a time, the whole UNet each time
-            x = ALPHAS_CUMPROD[1].sqrt() * x0 + (1 - ALPHAS_CUMPROD[1]).sqrt() * eps[None]
-            ref_unet(x, 1, inversion.context)
-    expected = torch.cat(state["features"]).mean(0)
+            x = ALPHAS_CUMPROD[t_f].sqrt() * x0 + (1 - ALPHAS_CUMPROD[t_f]).sqrt() * eps[None]
+            ref_unet(x, t_f, context)
+    return torch.cat(state["features"]).mean(0)
+
+
+def assert_close(ours, expected, tolerance=1e-4):
+    """Equal up to float32 rounding, relative to the largest expected value."""
+    ours, expected = torch.as_tensor(ours), torch.as_tensor(expected)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def assert_far(ours, other, tolerance=1e-2):
+    """Different by far more than assert_close allows: an option that changes them is seen."""
+    assert (torch.as_tensor(ours) - torch.as_tensor(other)).abs().max() > tolerance * torch.as_tensor(other).abs().max()
+
+
+def test_the_sessions_diffusers_unet_keeps_diffusers_attention(tiny_reference, reference):
+    """Other files compare against tiny_reference's UNet: this file's processors are in its copy only."""
+    assert all(isinstance(p, DiffusersAttention) for p in reference[0].attn_processors.values())
+    assert not any(isinstance(p, DiffusersAttention) for p in tiny_reference[0].attn_processors.values())
+
+
+def test_features_match_diffusers_queries(sd, x0, inversion, reference):
+    features = extract_features(sd, x0, samples=5, generator=torch.Generator().manual_seed(7), batch_size=2)
     assert features.shape == (GRID[0] * GRID[1], 64)
-    assert (features - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert_close(features, reference_features(reference, x0, inversion.context))
 
 
-def reference_difference_maps(reference, inversion, masks, lam, inject):
-    """Steps 3-4 with diffusers' UNet, DDIM scheduler (eta = 1, given noise) and VAE, one run at a time."""
+def reference_difference_maps(reference, inversion, masks, lam, inject, blur=(3, 0.8)):
+    """Steps 3-4 with diffusers' UNet, DDIM scheduler (eta = 1, given noise) and VAE, one run at a time;
+    the blur by scipy (a kernel of `blur[0]` taps: radius = truncate x sigma)."""
     unet, vae, state = reference
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               set_alpha_to_one=False, steps_offset=1, clip_sample=False)
@@ -189,8 +216,9 @@ def reference_difference_maps(reference, inversion, masks, lam, inject):
         maps = []
         for mask in masks.float():
             minus, plus = (denoise("modulate", offset=c, mask=mask, inject=inject) for c in (-lam, lam))
-            blurred = scipy.ndimage.gaussian_filter((minus - plus).double().numpy(), sigma=(0, 0, 0.8, 0.8),
-                                                    mode="mirror", truncate=1.25)
+            kernel, sigma = blur
+            blurred = scipy.ndimage.gaussian_filter((minus - plus).double().numpy(), sigma=(0, 0, sigma, sigma),
+                                                    mode="mirror", truncate=(kernel // 2) / sigma)
             maps.append(torch.from_numpy(np.linalg.norm(blurred, axis=1)[0]))
     return torch.stack(maps).float()
 
@@ -238,6 +266,75 @@ def test_without_injection_no_record_is_kept(sd, x0, inversion, masks):
                        difference_maps(sd, inversion, masks[:1], injection=False))
     with pytest.raises(ValueError, match="needs the inversion's attention record"):
         difference_maps(sd, bare, masks[:1], injection=True)
+
+
+# ---- segment()'s options, each against the reference path with that option ----
+
+# An image at the working size (a float tensor: no resize), 2 masks, t_m = 101: 6 steps.
+IMAGE = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
+CHEAP = dict(size=SIZE, masks=2, feature_samples=2, kmeans_restarts=2, t_m=101)
+
+
+def segment_with(sd, option, **more):
+    """segment() on IMAGE with CHEAP and `option`; also every option's value (DEFAULTS beneath) and x0."""
+    seg = emerdiff.segment(IMAGE, sd, **CHEAP, **option, **more)
+    return seg, emerdiff.DEFAULTS | CHEAP | option, emerdiff.encode(sd, IMAGE[None] * 2 - 1)
+
+
+def masks_of(seg):
+    return low_resolution_masks(torch.from_numpy(seg.low_res_labels).long().flatten(), GRID, CHEAP["masks"])
+
+
+def prompt_context(tiny_reference, sd, prompt):
+    """The prompt's embedding by transformers' CLIP text model (the tokens are ours)."""
+    with torch.no_grad():
+        return tiny_reference[2](sd.tokenizer(prompt)).last_hidden_state
+
+
+FEATURE_OPTIONS = {"t_f": {"t_f": 41}, "seed": {"seed": 7}, "prompt": {"prompt": "a photograph of a cat"}}
+
+
+@pytest.mark.parametrize("option", FEATURE_OPTIONS.values(), ids=FEATURE_OPTIONS.keys())
+def test_segment_features_follow_t_f_seed_and_prompt_as_diffusers_queries_do(sd, reference, tiny_reference, option):
+    """The mask embeddings segment() returns are the means, over its masks, of diffusers' queries at
+    that t_f, with that seed's draws and that prompt's embedding; the defaults' queries differ, and
+    k-means with that seed on diffusers' queries makes the same masks."""
+    seg, o, x0 = segment_with(sd, option, upsample="bilinear")  # Step 1 only
+
+    def features(**settings):
+        context = prompt_context(tiny_reference, sd, settings["prompt"])
+        return reference_features(reference, x0, context, t_f=settings["t_f"], samples=o["feature_samples"],
+                                  seed=settings["seed"])
+    expected = features(**o)
+    assert_far(expected, features(**emerdiff.DEFAULTS))
+    assert_close(seg.embeddings, mask_embeddings(expected, masks_of(seg)))
+    labels, _ = kmeans(expected, CHEAP["masks"], n_init=CHEAP["kmeans_restarts"],
+                       generator=torch.Generator().manual_seed(o["seed"]))
+    assert np.array_equal(seg.low_res_labels.flatten(), labels.numpy())
+
+
+MAP_OPTIONS = {"lam": {"lam": 3.0}, "no-injection": {"injection": False}, "blur": {"blur": (5, 1.5)},
+               "seed": {"seed": 7}, "prompt": {"prompt": "a photograph of a cat"}}
+
+
+@pytest.mark.parametrize("option", MAP_OPTIONS.values(), ids=MAP_OPTIONS.keys())
+def test_segment_maps_follow_lam_injection_blur_seed_and_prompt_as_the_diffusers_reference(sd, reference, option):
+    """segment()'s difference maps are reference_difference_maps with that lambda, injection and blur,
+    from the inversion with that seed and prompt; with the default's lambda, injection and blur the
+    reference gives other maps."""
+    seg, o, x0 = segment_with(sd, option)
+    inversion = invert(sd, x0, t_m=o["t_m"], prompt=o["prompt"], generator=torch.Generator().manual_seed(o["seed"]))
+    expected = reference_difference_maps(reference, inversion, masks_of(seg), o["lam"], o["injection"], o["blur"])
+    assert_close(seg.difference_maps, expected, 1e-3)
+    d = emerdiff.DEFAULTS
+    default = invert(sd, x0, t_m=o["t_m"], generator=torch.Generator().manual_seed(d["seed"]))
+    if "seed" in option:  # the seed and the prompt change the inversion, the others the maps made from it
+        assert_far(inversion.zs, default.zs)
+    elif "prompt" in option:
+        assert_far(inversion.context, default.context)
+    else:
+        assert_far(expected, reference_difference_maps(reference, inversion, masks_of(seg), d["lam"], d["injection"],
+                                                       d["blur"]))
 
 
 # ---- mask embeddings and the bilinear baseline ----

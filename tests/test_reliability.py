@@ -229,20 +229,59 @@ def big_images(tmp_path):
     return folder
 
 
-def wait_for(condition, process, timeout=120):
+def wait_for(condition, process, timeout=900):
+    """Until `condition` holds, which once true stays true (the timeout only bounds a run that hangs)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, "the run ended before the moment the test waits for"
         assert time.monotonic() < deadline
-        time.sleep(0.002)
+        time.sleep(0.05)
+
+
+# The command line, which pauses at a given moment of its second image, img1 (img0 done and saved): while
+# "segmenting" it, or "saving" it half-way, its folder's first file written. There it makes the file named by
+# its first argument and sleeps until a signal ends it: the signal's moment is this one, whatever the load.
+PAUSES_AT_IMG1 = """
+import sys, time
+from pathlib import Path
+import runner
+paused, moment = Path(sys.argv.pop(1)), sys.argv.pop(1)
+segment, write_folder, calls = runner.segment, runner.write_folder, []
+
+def pause(*args):
+    paused.touch()
+    time.sleep(3600)
+
+def pausing_segment(*args, **kwargs):
+    calls.append(args)
+    if moment == "segmenting" and len(calls) == 2:
+        pause()
+    return segment(*args, **kwargs)
+
+def pausing_write_folder(folder, files, replaceable):
+    if moment == "saving" and folder.name == "img1":
+        first = next(iter(files))
+        files = {name: write if name == first else pause for name, write in files.items()}
+    write_folder(folder, files, replaceable)
+
+runner.segment, runner.write_folder = pausing_segment, pausing_write_folder
+sys.exit(runner.main(sys.argv[1:]))
+"""
+
+
+def start_paused_at_img1(moment, tmp_path, *args) -> subprocess.Popen:
+    """The run paused at `moment` of img1, once it is there."""
+    paused = tmp_path / "paused"
+    process = start_cli(str(paused), moment, *args, code=PAUSES_AT_IMG1)
+    wait_for(paused.exists, process)
+    return process
 
 
 def test_sigkill_while_saving_then_a_rerun_finishes_everything(tmp_path, tiny_sd_dir, big_images):
     out = tmp_path / "out"
     args = ["--image", str(big_images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST]
-    process = start_cli(*args)
-    wait_for(lambda: (out / "img0" / "run.json").is_file() and any(p.name.startswith(".img") for p in out.iterdir()),
-             process)
+    process = start_paused_at_img1("saving", tmp_path, *args)
+    assert (out / "img0" / "run.json").is_file()
     process.kill()
     process.wait()
     assert temporaries(out)  # killed while writing a folder, after the first was complete
@@ -264,19 +303,19 @@ def test_sigkill_while_saving_then_a_rerun_finishes_everything(tmp_path, tiny_sd
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
 def test_an_interrupt_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny_sd_dir, big_images, signum, status):
     out = tmp_path / "out"
-    process = start_cli("--image", str(big_images), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST)
-    wait_for(lambda: (out / "img0" / "run.json").is_file(), process)
+    process = start_paused_at_img1("segmenting", tmp_path, "--image", str(big_images), "--weights", str(tiny_sd_dir),
+                                   "--out", str(out), *FAST)
     process.send_signal(signum)
     first = process.stderr.readline()
     process.send_signal(signum)  # pressed again while it shuts down: changes nothing
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)
     assert process.returncode == status, first + stderr
     lines = (first + stderr).splitlines()
     assert len(lines) == 1 and lines[0].startswith("emerdiff: error: interrupted: ") and \
         "of 5 images done and saved; run the same command again to do the rest" in lines[0], stderr
     assert not temporaries(out)
     done = [p for p in out.iterdir() if p.is_dir()]
-    assert done and all((p / "run.json").is_file() for p in done)
+    assert [p.name for p in done] == ["img0"] and (out / "img0" / "run.json").is_file()  # paused in img1
 
 
 # ---- the model's output ----

@@ -82,6 +82,15 @@ def fake_coco(root, sizes):
     return ids
 
 
+def as_stored(path, crop=False):
+    """The image's pixels as stored, no EXIF rotation (the pixels alone: a PIL image keeps its EXIF, which
+    segment() applies), and with `crop` their centred square of side min(width, height)."""
+    raw = Image.fromarray(np.asarray(Image.open(path).convert("RGB")))
+    side = min(raw.size)
+    left, top = (raw.width - side) // 2, (raw.height - side) // 2
+    return raw.crop((left, top, left + side, top + side)) if crop else raw
+
+
 def test_a_preset_segments_each_centre_square_as_evaluate_reads_it(tmp_path, tiny_sd_dir, sd):
     root, pred = tmp_path / "coco", tmp_path / "pred"
     ids = fake_coco(root, [(128, 96), (80, 112), (96, 96)])
@@ -95,11 +104,7 @@ def test_a_preset_segments_each_centre_square_as_evaluate_reads_it(tmp_path, tin
     assert sorted(p.name for p in pred.iterdir() if p.is_dir()) == ids[:2]
     for image_id, side in zip(ids, (96, 80)):
         assert_complete(pred / image_id, (side, side))
-        # as stored, no EXIF rotation (the pixels alone: a PIL image keeps its EXIF, which segment() applies)
-        raw = Image.fromarray(np.asarray(Image.open(root / "val2017" / f"{image_id}.jpg").convert("RGB")))
-        square = raw.crop(((raw.width - side) // 2, (raw.height - side) // 2,
-                           (raw.width + side) // 2, (raw.height + side) // 2))
-        expected = emerdiff.segment(square, sd, **OPTIONS)
+        expected = emerdiff.segment(as_stored(root / "val2017" / f"{image_id}.jpg", crop=True), sd, **OPTIONS)
         assert np.array_equal(np.load(pred / image_id / "labels.npy"), expected.labels)
     assert evaluate.main(["--dataset", "coco-stuff-27", "--root", str(root), "--list", str(tmp_path / "list.txt"),
                           "--pred", str(pred), "--json", str(tmp_path / "scores.json"), "--quiet"]) == 0
@@ -161,3 +166,55 @@ def test_the_papers_presets_segment_whole_images_with_their_embeddings(tmp_path,
     assert evaluate.main(["--dataset", "coco-stuff-171", "--root", str(root), "--pred", str(pred), "--quiet",
                           "--json", str(scores)]) == 0
     assert json.loads(scores.read_text())["protocols"] == ["hungarian", "majority", "clusters", "concept"]
+
+
+# The other presets' layouts (docs/evaluation.md): (image, label) of a stem under the root, the largest
+# label id, whether the image's centre square is segmented, and the stem's output folder.
+PRESET_LAYOUTS = {
+    "ade20k": ("images/validation/{}.jpg", "annotations/validation/{}.png", 150, False, "{}"),
+    "pascal-context-59": ("JPEGImages/{}.jpg", "SegmentationClassContext/{}.png", 59, False, "{}"),
+    "cityscapes": ("leftImg8bit/val/frankfurt/{}_leftImg8bit.png", "gtFine/val/frankfurt/{}_gtFine_labelIds.png",
+                   33, True, "{}_leftImg8bit"),
+    "cityscapes-19": ("leftImg8bit/val/frankfurt/{}_leftImg8bit.png", "gtFine/val/frankfurt/{}_gtFine_labelIds.png",
+                      33, False, "{}_leftImg8bit")}
+STEMS = {"ade20k": ["ADE_val_00000001", "ADE_val_00000002"], "pascal-context-59": ["2008_000002", "2008_000003"],
+         "cityscapes": ["frankfurt_000000_000294", "frankfurt_000001_000019"]}
+STEMS["cityscapes-19"] = STEMS["cityscapes"]
+SIZES = [(96, 64), (64, 80)]
+
+
+def fake_preset(dataset, root):
+    """Two images with label maps in the preset's layout (VOC2010's val.txt lists only the second)."""
+    image, label, largest, _, _ = PRESET_LAYOUTS[dataset]
+    for seed, (stem, size) in enumerate(zip(STEMS[dataset], SIZES)):
+        for path in (root / image.format(stem), root / label.format(stem)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(root / image.format(stem), size, seed=seed)
+        ids = np.random.default_rng(seed).integers(0, largest + 1, size[::-1]).astype(np.uint8)
+        Image.fromarray(ids).save(root / label.format(stem))
+    if dataset == "pascal-context-59":
+        (root / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+        (root / "ImageSets" / "SegmentationContext" / "val.txt").write_text(f"{STEMS[dataset][1]}\n")
+        return STEMS[dataset][1:], SIZES[1:]
+    return STEMS[dataset], SIZES
+
+
+@pytest.mark.parametrize("dataset", PRESET_LAYOUTS)
+def test_the_other_presets_segment_their_images_from_their_layouts(tmp_path, tiny_sd_dir, sd, dataset):
+    """emerdiff.py --dataset on a fake in the preset's layout: one output folder per image of the split (the
+    centre square for cityscapes, the whole image for the others), its labels those segment() gives for
+    the image as stored, and evaluate.py scores the folders."""
+    root, pred = tmp_path / "data", tmp_path / "pred"
+    stems, sizes = fake_preset(dataset, root)
+    image, _, _, crop, folder = PRESET_LAYOUTS[dataset]
+    assert runner.main(["--dataset", dataset, "--root", str(root), "--weights", str(tiny_sd_dir), "--out", str(pred),
+                        *FAST]) == 0
+    assert sorted(p.name for p in pred.iterdir() if p.is_dir()) == [folder.format(stem) for stem in stems]
+    for stem, size in zip(stems, sizes):
+        assert_complete(pred / folder.format(stem), (min(size),) * 2 if crop else size)
+        expected = emerdiff.segment(as_stored(root / image.format(stem), crop), sd, **OPTIONS)
+        assert np.array_equal(np.load(pred / folder.format(stem) / "labels.npy"), expected.labels)
+    scores = tmp_path / "scores.json"
+    assert evaluate.main(["--dataset", dataset, "--root", str(root), "--pred", str(pred), "--quiet",
+                          "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text())["images"] == len(stems)

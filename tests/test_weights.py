@@ -334,13 +334,13 @@ def closed_port() -> int:
 
 def test_the_cli_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path):
     """HF_HUB_OFFLINE unset, nothing cached, the hub unreachable: one line pointing to weights.md, exit 2,
-    none of huggingface_hub's retry messages. The 10 s timeout is the bound on the hang (it took 25 s
-    through five retries)."""
+    none of huggingface_hub's retry messages (it took 25 s through five retries, each saying so on stderr:
+    the one line shows that none was made; the timeout only bounds a hang, generously for a busy machine)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {
         "HF_HOME": str(tmp_path / "empty"), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
     command = [sys.executable, str(ROOT / "emerdiff.py"), "--image", str(ROOT / "examples" / "chelsea.jpg"),
                "--weights", "someone/not-cached", "--out", str(tmp_path / "out")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert re.fullmatch(r"emerdiff: error: someone/not-cached/tokenizer/vocab\.json is not in the local cache "
                         r"\(.*empty/hub\) and fetching it from http://127\.0\.0\.1:\d+ failed "
