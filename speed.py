@@ -11,7 +11,7 @@ option `speed_paths=False` (`--plain` on the command line) runs them plain.
 
 Neither wins everywhere: what pays depends on the CPU (AVX2 or AVX-512), the shape and the number of
 runs per call. So each is chosen by measurement where it runs, in the spirit of cudnn.benchmark: the
-first time a layer shape comes, the fast path and the plain one are each timed (`choose`), and the
+first time a layer shape comes, the fast path and the plain one are each timed (`fastest_result`), and the
 faster is remembered for the process. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
 docs/speed.md has the measurements behind every choice).
 """
@@ -26,29 +26,34 @@ from unet import Attention
 
 # ---- Choosing by measurement ----
 
-TIMED_CALLS = 2  # per candidate, after an untimed first call; the fastest of them counts
-CHOSEN: dict[tuple, int] = {}  # (kind, shapes, dtype, threads) -> the index of the candidate measured fastest
+CHOSEN: dict[tuple, int] = {}  # (kind, shapes, threads) -> the index of the candidate measured fastest
 
 
-def choose(key: tuple, candidates: list, *args):
-    """The candidate (a function of `args`) that is fastest for `key` on this machine: measured the
-    first time the key comes (each called once untimed, then TIMED_CALLS times, interleaved), then
-    remembered. Candidates compute the same result, so any of them may answer. Under a dispatch mode
-    (torch.utils.flop_counter counting, say) nothing is measured: the plain path, candidates[0]."""
+def fastest_result(key: tuple, candidates: list, *args):
+    """The result of the candidate (a function of `args`) that is fastest for `key` on this machine. The
+    first time the key comes, each is called once to warm up, then once timed, and the faster is
+    remembered; its timed call gives the result (the candidates compute the same up to rounding), so
+    measuring costs three extra calls per key, once. Under a dispatch mode (torch.utils.flop_counter
+    counting, say) nothing is measured: the plain path, candidates[0]."""
     if is_in_torch_dispatch_mode():
-        return candidates[0]
+        return candidates[0](*args)
     key = (*key, torch.get_num_threads())
-    if key not in CHOSEN:
-        for candidate in candidates:
-            candidate(*args)
-        seconds = [[] for _ in candidates]
-        for _ in range(TIMED_CALLS):
-            for candidate, spent in zip(candidates, seconds):
-                clock = time.perf_counter()
-                candidate(*args)
-                spent.append(time.perf_counter() - clock)
-        CHOSEN[key] = min(range(len(candidates)), key=lambda i: min(seconds[i]))
-    return candidates[CHOSEN[key]]
+    if key in CHOSEN:
+        return candidates[CHOSEN[key]](*args)
+    for candidate in candidates:
+        candidate(*args)
+    seconds, results = [], []
+    for candidate in candidates:
+        clock = time.perf_counter()
+        results.append(candidate(*args))
+        seconds.append(time.perf_counter() - clock)
+    CHOSEN[key] = seconds.index(min(seconds))
+    return results[CHOSEN[key]]
+
+
+def batch_class(n: int) -> int:
+    """n rounded down to a power of two: batches of 8 to 15 runs share one measurement."""
+    return 1 << (n.bit_length() - 1)
 
 
 def runs_here(x: torch.Tensor, module: nn.Module) -> bool:
@@ -110,14 +115,14 @@ def is_winograd_shaped(conv: nn.Module) -> bool:
 
 
 class FastConv2d(nn.Conv2d):
-    """A 3x3 convolution (is_winograd_shaped) by oneDNN or by Winograd, whichever `choose` measured faster
+    """A 3x3 convolution (is_winograd_shaped) by oneDNN or by Winograd, whichever `fastest_result` measured faster
     for this input shape."""
 
     def forward(self, x):
         if not runs_here(x, self):
             return super().forward(x)
-        fastest = choose(("conv", tuple(x.shape), self.out_channels), [super().forward, self.winograd], x)
-        return fastest(x)
+        key = ("conv", batch_class(len(x)), *x.shape[1:], self.out_channels, x.dtype)
+        return fastest_result(key, [super().forward, self.winograd], x)
 
     def winograd(self, x):
         return winograd_convolution(x, winograd_filters(self.weight), self.bias)
@@ -148,15 +153,14 @@ def shared_probabilities_attention(q, k, v, heads: int) -> torch.Tensor:
 
 class FastAttention(Attention):
     """Attention whose runs share q and k (batch 1 against B values) by SDPA run by run or with the
-    probabilities shared, whichever `choose` measured faster for these shapes."""
+    probabilities shared, whichever `fastest_result` measured faster for these shapes."""
 
     def attention(self, q, k, v):
         if not (len(q) == len(k) == 1 < len(v) and runs_here(v, self)):
             return super().attention(q, k, v)
         shared = lambda q, k, v: shared_probabilities_attention(q, k, v, self.heads)  # noqa: E731
-        fastest = choose(("attention", tuple(q.shape), tuple(v.shape), self.heads), [super().attention, shared],
-                         q, k, v)
-        return fastest(q, k, v)
+        key = ("attention", *q.shape[1:], *k.shape[1:], batch_class(len(v)), self.heads, v.dtype)
+        return fastest_result(key, [super().attention, shared], q, k, v)
 
 
 # ---- The seam ----
