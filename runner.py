@@ -257,8 +257,9 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
 
 FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
 # Of a UNet image's own work (a call of one, less its fixed cost), a modulated run's step in a batch of runs
-# (replayed attention, speed paths): measured on the CPU at 512x512 in batches of 16 (docs/speed.md); 1 elsewhere.
-MODULATED_STEP = {"cpu": 0.68}
+# (replayed attention, speed paths): 0.80 on an AVX-512 CPU and 0.68 on an AVX2 one at 512x512 in batches of
+# 16 (docs/speed.md), the higher taken; 1 elsewhere.
+MODULATED_STEP = {"cpu": 0.8}
 LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
 TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
 FIXED_COST_LATENT = 8  # latent side of the UNet call whose time is taken as any call's fixed cost

@@ -590,20 +590,21 @@ def bench_time(args, device, dtype):
     """segment() timed stage by stage at each --size with --masks and --feature-samples (fewer than
     the defaults, to take minutes), then scaled to the defaults stage by stage: the features by the
     draws, the modulated runs and decodes by the masks; beside it, what the CLI's estimate line says
-    for both settings (runner.estimate: a UNet call and a decode timed, times their counts, a modulated
-    step at runner.MODULATED_STEP of a call)."""
+    for both settings (runner.estimate, made before the image as the command line makes it)."""
     sd = tiny_stable_diffusion() if args.tiny else load_models(args, device, dtype)
     devices.set_memory_layout(sd)
     measured_options = dict(masks=args.masks, feature_samples=args.feature_samples)
     defaults = emerdiff.DEFAULTS
     rows = []
     for size in args.size:
+        height, width = emerdiff.load_image(args.image, size)[0].shape[-2:]
+        working = (width, height)
+        estimate = runner.estimate(sd, working, defaults | measured_options | dict(size=size)).seconds
         seg = emerdiff.segment(args.image, sd, size=size, **measured_options)
         extrapolated = scaled_to_defaults(seg.seconds, measured_options)
         rows.append(dict(size=size, options=measured_options, measured=seg.seconds,
-                         defaults_extrapolated=extrapolated,
-                         estimate=runner.estimate(sd, (size, size), defaults | measured_options).seconds,
-                         defaults_estimate=runner.estimate(sd, (size, size), dict(defaults)).seconds))
+                         defaults_extrapolated=extrapolated, estimate=estimate,
+                         defaults_estimate=runner.estimate(sd, working, defaults | dict(size=size)).seconds))
         r = rows[-1]
         print(f"{size}x{size}, K = {args.masks}, {args.feature_samples} draws: {sum(seg.seconds.values()):.0f} s ("
               + ", ".join(f"{stage} {v:.1f}" for stage, v in seg.seconds.items())
