@@ -11,7 +11,7 @@ option `speed_paths=False` (`--plain` on the command line) runs them plain.
 
 Neither wins everywhere: what pays depends on the CPU (AVX2 or AVX-512), the shape and the number of
 runs per call. So each is chosen by measurement where it runs, in the spirit of cudnn.benchmark: the
-first time a layer shape comes, the fast path and the plain one are each timed (`fastest_result`), and the
+first time a layer shape comes, the fast path and the plain one are each timed (`fastest`), and the
 faster is remembered for the process. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
 docs/speed.md has the measurements behind every choice).
 """
@@ -29,26 +29,24 @@ from unet import Attention
 CHOSEN: dict[tuple, int] = {}  # (kind, shapes, threads) -> the index of the candidate measured fastest
 
 
-def fastest_result(key: tuple, candidates: list, *args):
-    """The result of the candidate (a function of `args`) that is fastest for `key` on this machine. The
-    first time the key comes, each is called once to warm up, then once timed, and the faster is
-    remembered; its timed call gives the result (the candidates compute the same up to rounding), so
-    measuring costs three extra calls per key, once. Under a dispatch mode (torch.utils.flop_counter
-    counting, say) nothing is measured: the plain path, candidates[0]."""
+def fastest(key: tuple, candidates: list, *args):
+    """The candidate (a function of `args`) that is fastest for `key` on this machine: the first time
+    the key comes, each is called with `args` once to warm up and once timed, and the faster is
+    remembered. The candidates compute the same up to rounding. Under a dispatch mode
+    (torch.utils.flop_counter counting, say) nothing is measured: the plain path, candidates[0]."""
     if is_in_torch_dispatch_mode():
-        return candidates[0](*args)
+        return candidates[0]
     key = (*key, torch.get_num_threads())
-    if key in CHOSEN:
-        return candidates[CHOSEN[key]](*args)
-    for candidate in candidates:
-        candidate(*args)
-    seconds, results = [], []
-    for candidate in candidates:
-        clock = time.perf_counter()
-        results.append(candidate(*args))
-        seconds.append(time.perf_counter() - clock)
-    CHOSEN[key] = seconds.index(min(seconds))
-    return results[CHOSEN[key]]
+    if key not in CHOSEN:
+        for candidate in candidates:
+            candidate(*args)
+        seconds = []
+        for candidate in candidates:
+            clock = time.perf_counter()
+            candidate(*args)
+            seconds.append(time.perf_counter() - clock)
+        CHOSEN[key] = seconds.index(min(seconds))
+    return candidates[CHOSEN[key]]
 
 
 def batch_class(n: int) -> int:
@@ -114,15 +112,20 @@ def is_winograd_shaped(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros" and conv.bias is not None)
 
 
+MEASURED_PIXELS = 4096  # a convolution's two paths are timed on the fewest images of the batch that hold as many
+
+
 class FastConv2d(nn.Conv2d):
-    """A 3x3 convolution (is_winograd_shaped) by oneDNN or by Winograd, whichever `fastest_result` measured faster
-    for this input shape."""
+    """A 3x3 convolution (is_winograd_shaped) by oneDNN or by Winograd, whichever `fastest` measured faster
+    for this shape: timed on a few images of the batch (MEASURED_PIXELS), not the whole, which measuring a
+    decode of 8 images at 512x512 four times would cost."""
 
     def forward(self, x):
         if not runs_here(x, self):
             return super().forward(x)
-        key = ("conv", batch_class(len(x)), *x.shape[1:], self.out_channels, x.dtype)
-        return fastest_result(key, [super().forward, self.winograd], x)
+        images = batch_class(min(len(x), -(-MEASURED_PIXELS // (x.shape[-2] * x.shape[-1]))))
+        key = ("conv", images, *x.shape[1:], self.out_channels)
+        return fastest(key, [super().forward, self.winograd], x[:images])(x)
 
     def winograd(self, x):
         return winograd_convolution(x, winograd_filters(self.weight), self.bias)
@@ -153,14 +156,14 @@ def shared_probabilities_attention(q, k, v, heads: int) -> torch.Tensor:
 
 class FastAttention(Attention):
     """Attention whose runs share q and k (batch 1 against B values) by SDPA run by run or with the
-    probabilities shared, whichever `fastest_result` measured faster for these shapes."""
+    probabilities shared, whichever `fastest` measured faster for these shapes."""
 
     def attention(self, q, k, v):
         if not (len(q) == len(k) == 1 < len(v) and runs_here(v, self)):
             return super().attention(q, k, v)
         shared = lambda q, k, v: shared_probabilities_attention(q, k, v, self.heads)  # noqa: E731
-        key = ("attention", *q.shape[1:], *k.shape[1:], batch_class(len(v)), self.heads, v.dtype)
-        return fastest_result(key, [super().attention, shared], q, k, v)
+        key = ("attention", *q.shape[1:], *k.shape[1:], batch_class(len(v)), self.heads)
+        return fastest(key, [super().attention, shared], q, k, v)(q, k, v)
 
 
 # ---- The seam ----

@@ -99,7 +99,7 @@ def test_the_profile_sets_a_modulated_step_beside_a_diffusers_call(tiny_sd_dir, 
     with the speed paths chosen (forced here), ours computes the probabilities once (softmax) for 3
     runs, and takes SDPA for one run, which shares nothing."""
     import speed
-    monkeypatch.setattr(speed, "fastest_result", lambda key, candidates, *args: candidates[-1](*args))
+    monkeypatch.setattr(speed, "fastest", lambda key, candidates, *args: candidates[-1])
     out = tmp_path / "profile.json"
     bench.main(["profile", "--weights", str(tiny_sd_dir), "--size", "64", "--batches", "1", "3",
                 "--repeats", "1", "--json", str(out)])

@@ -19,14 +19,14 @@ from vae import PixelAttention
 
 
 def always_fast(key, candidates, *args):
-    """In place of speed.fastest_result: every layer takes its fast path (the plain one is candidates[0])."""
-    return candidates[-1](*args)
+    """In place of speed.fastest: every layer takes its fast path (the plain one is candidates[0])."""
+    return candidates[-1]
 
 
 @pytest.fixture
 def fast_paths(sd, monkeypatch):
     """The session's tiny models with every fast path applied and chosen; plain again afterwards."""
-    monkeypatch.setattr(speed, "fastest_result", always_fast)
+    monkeypatch.setattr(speed, "fastest", always_fast)
     speed.apply(sd)
     yield sd
     speed.apply(sd, fast=False)
@@ -53,7 +53,7 @@ def test_winograd_convolution_is_the_convolution(in_channels, out_channels, side
 def test_fast_conv2d_follows_the_weights_and_runs_only_float32_on_the_cpu(monkeypatch):
     """Winograd's filters come from the weights of the moment (loaded anew after a first call). Other
     dtypes and gradients take torch's convolution."""
-    monkeypatch.setattr(speed, "fastest_result", always_fast)
+    monkeypatch.setattr(speed, "fastest", always_fast)
     g = torch.Generator().manual_seed(7)
     conv = nn.Conv2d(8, 8, 3, padding=1)
     speed.apply(conv)
@@ -115,10 +115,9 @@ def test_apply_swaps_only_the_layers_with_a_fast_path_and_back():
     assert {name: type(layer) for name, layer in layers.items()} == plain
 
 
-def test_the_faster_candidate_is_measured_once_per_key_and_gives_the_result(monkeypatch):
+def test_the_faster_candidate_is_measured_once_per_key(monkeypatch):
     """A clock that each candidate advances by its own cost: the first time a key comes, each candidate
-    warms up once and is timed once, and the cheaper one's timed result is returned; after that only
-    the cheaper one runs. Batches of 8 to 15 share a key."""
+    warms up once and is timed once, and the cheaper is kept; after that nothing is measured."""
     clock, calls = [0.0], []
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(speed, "CHOSEN", {})
@@ -127,15 +126,26 @@ def test_the_faster_candidate_is_measured_once_per_key_and_gives_the_result(monk
         def candidate(x):
             calls.append(name)
             clock[0] += seconds
-            return name, x
         return candidate
     slow, fast = costing("slow", 2.0), costing("fast", 1.0)
-    assert speed.fastest_result(("key",), [slow, fast], 0) == ("fast", 0)
-    assert sorted(calls) == ["fast", "fast", "slow", "slow"]
+    assert speed.fastest(("key",), [slow, fast], 0) is fast and sorted(calls) == ["fast", "fast", "slow", "slow"]
     calls.clear()
-    assert speed.fastest_result(("key",), [slow, fast], 1) == ("fast", 1) and calls == ["fast"]
-    assert speed.fastest_result(("other key",), [fast, slow], 2) == ("fast", 2) and len(calls) == 1 + 4
+    assert speed.fastest(("key",), [slow, fast], 1) is fast and calls == []
+    assert speed.fastest(("other key",), [fast, slow], 2) is fast and len(calls) == 4
     assert [speed.batch_class(n) for n in (1, 2, 3, 8, 13, 15, 16, 50)] == [1, 2, 2, 8, 8, 8, 16, 32]
+
+
+def test_a_convolution_is_timed_on_as_few_images_as_hold_enough_pixels(monkeypatch):
+    """64x64 maps: one image of the batch; 8x8 maps: the whole batch of 16 (its power-of-two class)."""
+    timed = []
+    monkeypatch.setattr(speed, "fastest", lambda key, candidates, x: timed.append(len(x)) or candidates[0])
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    speed.apply(conv)
+    with torch.no_grad():
+        for side in (64, 8):
+            x = torch.randn(16, 4, side, side)
+            assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert timed == [1, 16]
 
 
 # ---- Whole models ----
@@ -162,7 +172,7 @@ def test_modulated_runs_with_shared_probabilities_equal_the_plain_path(sd, monke
     shared = []
     monkeypatch.setattr(speed, "shared_probabilities_attention",
                         lambda *args, f=speed.shared_probabilities_attention: shared.append(1) or f(*args))
-    monkeypatch.setattr(speed, "fastest_result", always_fast)
+    monkeypatch.setattr(speed, "fastest", always_fast)
     speed.apply(sd)
     try:
         fast = runs()
@@ -174,7 +184,7 @@ def test_modulated_runs_with_shared_probabilities_equal_the_plain_path(sd, monke
 def test_segment_with_and_without_the_speed_paths(sd, monkeypatch):
     """segment() applies the speed paths unless speed_paths=False, which leaves the models plain; the
     maps agree within float rounding."""
-    monkeypatch.setattr(speed, "fastest_result", always_fast)
+    monkeypatch.setattr(speed, "fastest", always_fast)
     options = dict(size=128, masks=3, feature_samples=2, kmeans_restarts=2)
     image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(4))
     try:
