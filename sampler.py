@@ -89,9 +89,9 @@ def invert(unet, x0, context, *, steps: int = 50, until: int = 281, generator=No
     """
     timesteps = timesteps_until(until, steps)
     xs = drawn_latents(x0.float(), timesteps, generator)
-    on_device = torch.tensor(timesteps, device=x0.device)
     if batch_size > 1:
         return timesteps, xs[0], batched_noise_maps(unet, xs, timesteps, context, hooks, batch_size, progress)
+    on_device = torch.tensor(timesteps, device=x0.device)
     x, zs = xs[0], []
     for i, t, ab, ab_prev in progress(denoising_steps(timesteps)):
         mu, sigma = ddpm_mean_and_std(x, predict_noise(unet, x, on_device[i:i + 1], context, hooks, i), ab, ab_prev)
