@@ -9,6 +9,7 @@ import json
 import math
 import os
 import unicodedata
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -185,13 +186,11 @@ def split_words(text: str) -> list[str]:
 
 
 def _read_text(path: str | os.PathLike, what: str) -> str:
+    """The file's text; one that is not UTF-8 named in the error (Python's own names no file)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"CLIP {what} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read CLIP {what} file {path}: {e}") from None
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"CLIP {what} file {path} is not UTF-8 text: {e}") from None
 
 
 class CLIPTokenizer:

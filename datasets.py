@@ -187,10 +187,10 @@ def paired(images: list[Path], label_of) -> list[tuple[Path, Path]]:
     pairs = []
     for image in images:
         label = label_of(image)
-        if not label.is_file():
-            problem = "not a regular file" if label.exists() else f"missing, the label of {shown(image)}"
-            raise EvaluationError(f"{shown(label)}: {problem}")
-        pairs.append((image, label))
+        try:
+            pairs.append((image, checked_file(label, missing=f"missing, the label of {shown(image)}")))
+        except FileError as e:
+            raise EvaluationError(str(e)) from None
     return pairs
 
 

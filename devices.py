@@ -15,6 +15,10 @@ import speed
 from inputs import GRID_FACTOR, LATENT_FACTOR, EmerDiffError, is_int
 from unet import FeedForward, ResnetBlock2D
 
+# segment()'s option `speed`, with these defaults: how the work is laid out, none of it changing a result
+# beyond float rounding. batch_size: "auto", UNet runs per call (and decodes per call) or a pair of them;
+# compile: torch.compile the models; plain: the plain models, without speed.py's paths.
+SPEED = dict(batch_size="auto", compile=False, plain=False)
 CPU_BATCH_SIZES = (16, 8)  # batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16
                           # in `python tools/bench.py profile`), decodes per call
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
@@ -103,17 +107,17 @@ def prepare(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     torch.compile takes the plain model), then the batch sizes (on CUDA probed in that layout), then
     compilation (after the probes: they would compile shapes of their own)."""
     set_memory_layout(sd)
-    set_speed_paths(sd, o)
+    set_speed_paths(sd, o["speed"])
     sizes = batch_sizes(sd, height, width, o)
-    if o["compile"]:
+    if o["speed"]["compile"]:
         compile_models(sd)
     return sizes
 
 
-def set_speed_paths(sd, o: dict) -> None:
-    """speed.py's paths on, unless `o` asks for the plain path or for torch.compile (which takes the
-    plain model). In place; idempotent."""
-    speed.apply(sd, fast=o["speed_paths"] and not o["compile"])
+def set_speed_paths(sd, options: dict) -> None:
+    """speed.py's paths on, unless the `speed` options ask for the plain models or for torch.compile
+    (which takes the plain model). In place; idempotent."""
+    speed.apply(sd, fast=not (options["plain"] or options["compile"]))
 
 
 def set_memory_layout(sd) -> None:
@@ -148,13 +152,14 @@ def latent_shape(sd, height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
-    """(UNet images per call, decodes per call) for a height x width image with options `o`: its
-    batch_size an int (both), such a pair, or "auto".
+    """(UNet images per call, decodes per call) for a height x width image with options `o`: their
+    speed's batch_size an int (both), such a pair, or "auto".
 
     "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
     latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES."""
-    if o["batch_size"] != "auto":
-        return (o["batch_size"],) * 2 if is_int(o["batch_size"]) else tuple(o["batch_size"])
+    size = o["speed"]["batch_size"]
+    if size != "auto":
+        return (size, size) if is_int(size) else tuple(size)
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
         return CPU_BATCH_SIZES

@@ -246,14 +246,13 @@ def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
 
 @torch.no_grad()
 def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, injection: bool = True,
-                      batch_size: int = 8, skip_projections: bool = True) -> torch.Tensor:
+                      batch_size: int = 8) -> torch.Tensor:
     """Regenerate from x_{t_m} once per row of offsets, at most `batch_size` runs per UNet call -> (R, 4, h, w).
 
     At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's
     modulation (added in sampler.Modulation.out); with injection, every attention layer at every
     step takes the recorded Q and K of the unmodulated pass. What injection makes the same in every
-    run is not computed again (sampler.Modulation): `skip_projections=False` turns that saving off
-    for comparison.
+    run is not computed again (sampler.Modulation).
     """
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
@@ -265,7 +264,7 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     latents = []
     with progress_bar(total=len(batches) * len(inversion.timesteps), desc="modulated runs", unit="step") as bar:
         for batch in batches:
-            hooks = sampler.Modulation(batch, replay, skip_projections=skip_projections)
+            hooks = sampler.Modulation(batch, replay)
             latents.append(sampler.regenerate(sd.unet, inversion.x_start, inversion.zs, inversion.timesteps,
                                               inversion.context, hooks=hooks, progress=lambda steps: ticking(steps, bar)))
     return torch.cat(latents)
@@ -301,18 +300,15 @@ def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float
     and then takes the norm of their difference; the blur is linear, so here the difference is
     blurred once. (Blurring the map after the norm would give other maps: the norm is not linear.)
     All 2K runs go through the UNet in batches of at most `batch_size` runs, then the VAE decoder in
-    batches of `decode_batch_size` images (default: batch_size), each rounded down to whole +-
-    pairs, at least one pair.
+    batches of `decode_batch_size` images (default: batch_size), rounded down to whole +- pairs.
     """
-    def whole_pairs(size):
-        return 2 * max(1, size // 2)
-    latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection,
-                                batch_size=whole_pairs(batch_size))
+    latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection, batch_size=batch_size)
+    pairs = latents.unflatten(0, (-1, 2))  # (K, 2, 4, h, w): the latents of I-_i and I+_i
     _, dtype = devices.model_device_dtype(sd)
     maps = []
-    for batch in progress_bar(latents.split(whole_pairs(decode_batch_size or batch_size)), desc="decoding"):
-        images = sd.vae.decode(batch.to(dtype)).float()  # (2m, 3, H, W): I-, I+, I-, I+, ...
-        maps.append(gaussian_blur(images[0::2] - images[1::2], *blur).norm(dim=1))
+    for batch in progress_bar(pairs.split(max(1, (decode_batch_size or batch_size) // 2)), desc="decoding"):
+        images = sd.vae.decode(batch.flatten(0, 1).to(dtype)).float().unflatten(0, (-1, 2))  # (m, 2, 3, H, W)
+        maps.append(gaussian_blur(images[:, 0] - images[:, 1], *blur).norm(dim=1))
     return torch.cat(maps)
 
 
@@ -368,15 +364,17 @@ class Segmentation:
 
 
 DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_restarts=100, seed=42,
-                size="auto", injection=True, batch_size="auto", steps=50, prompt="", blur=(3, 0.8), compile=False,
-                upsample="modulation", speed_paths=True)  # "bilinear": the paper's baseline instead of Steps 2-4
+                size="auto", injection=True, steps=50, prompt="", blur=(3, 0.8),
+                upsample="modulation",  # "bilinear": the paper's baseline instead of Steps 2-4
+                speed=devices.SPEED)  # how the work is laid out (batch sizes, compilation, plain models): devices.py
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
     """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see inputs.as_image).
     `sd` is a loaded model (weights.load_stable_diffusion); without one the default weights are
-    loaded on the best device. Options and their defaults: DEFAULTS; each is checked before any
-    work is done. `progress`: a progress bar for each step (showing_progress)."""
+    loaded on the best device. Options and their defaults: DEFAULTS (`speed` a dict of some of
+    devices.SPEED's keys); each is checked before any work is done. `progress`: a progress bar for
+    each step (showing_progress)."""
     o = checked_options(options, DEFAULTS)
     pixels, (width, height) = load_image(image, o["size"])
     grid = feature_grid(*pixels.shape[-2:])

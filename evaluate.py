@@ -46,10 +46,9 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import MAX_SEGMENTS, FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder, shown
+from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file,
+                   folder_name, listed_folder, shown)
 
-PREDICTION_FILE = "labels.png"
-EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
 RESOLUTIONS = ("512", "native")
 # clusters: each restart is a whole k-means over every segment of the dataset (125,000 for COCO's 5,000

@@ -2,7 +2,9 @@
 and evaluate.py use it, so it needs nothing beyond the standard library.
 
 Reading: `checked_file` lets only regular files be opened (a FIFO or a device would block or never
-end) and turns what the system refuses into one line; `listed_folder` does the same for folders.
+end) and turns what the system refuses into one line (`path_kind` tells what is at a path);
+`listed_folder` does the same for folders. weights.py's loader and evaluate.py's readers check
+through them.
 
 Messages: `shown` makes a file name safe to print on one line, and `OneLineParser` gives the scripts'
 option errors as one such line, like every other error of theirs.
@@ -24,7 +26,10 @@ import socket
 import stat
 from pathlib import Path
 
-MAX_SEGMENTS = 256  # labels.png, which emerdiff.py writes and evaluate.py reads, is an 8-bit palette image
+# What the command line writes per image and evaluate.py reads:
+PREDICTION_FILE = "labels.png"  # the labels, an 8-bit palette image
+EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
+MAX_SEGMENTS = 256  # what an 8-bit labels.png can hold
 HOST = socket.gethostname().replace(".", "-")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d{1,10})\.tmp")
 MAX_PID = 2 ** 31 - 1  # a larger number in a temporary's name is no process id: not ours
@@ -55,19 +60,32 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{Path(self.prog).stem}: error: {shown(message)} (see --help)\n")
 
 
-def checked_file(path) -> Path:
-    """`path` if it is a regular file that can be read; else a FileError of one line."""
+KIND_PROBLEMS = {"folder": "a folder where a file belongs", "other": "not a regular file (a FIFO, socket or device)"}
+
+
+def path_kind(path) -> str | None:
+    """"file", "folder" or "other" for what is at `path`; None where nothing is. A path that may not be
+    looked at (a folder on the way without permission) is a FileError of one line."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileError(path, "no such file") from None
-    except PermissionError:
-        raise FileError(path, "permission denied") from None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as e:
-        raise FileError(path, f"cannot read it ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise FileError(path, "not a regular file")
-    return Path(path)
+        raise FileError(path, f"cannot be looked at ({e.strerror}): check its folders' permissions") from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def checked_file(path, missing: str = "no such file") -> Path:
+    """`path` if it is a regular file this process may open; else a FileError of one line (`missing`
+    where nothing is there)."""
+    kind = path_kind(path)
+    if kind != "file":
+        raise FileError(path, KIND_PROBLEMS.get(kind, missing))
+    try:
+        with open(path, "rb"):
+            return Path(path)
+    except OSError as e:
+        raise FileError(path, f"cannot be read ({e.strerror}): check its permissions") from None
 
 
 def listed_folder(folder: Path) -> list[Path]:

@@ -216,11 +216,13 @@ OPTION_TYPES = {
     "kmeans_restarts": (is_int, "an integer"), "seed": (is_int, "an integer"),
     "size": (is_auto_int_or_pair, '"auto", an integer or (width, height)'),
     "injection": (is_flag, "True or False"),
-    "batch_size": (is_auto_int_or_pair, '"auto", an integer or (UNet runs, decodes) per call'),
-    "compile": (is_flag, "True or False"), "speed_paths": (is_flag, "True or False"),
     "steps": (is_int, "an integer"), "prompt": (lambda v: isinstance(v, str), "a string"),
     "blur": (lambda v: is_pair(v, is_int, is_real), "(kernel size, sigma)"),
     "upsample": (lambda v: isinstance(v, str) and v in UPSAMPLING, " or ".join(f'"{u}"' for u in UPSAMPLING)),
+}
+SPEED_OPTION_TYPES = {  # the keys of the option `speed`
+    "batch_size": (is_auto_int_or_pair, '"auto", an integer or (UNet runs, decodes) per call'),
+    "compile": (is_flag, "True or False"), "plain": (is_flag, "True or False"),
 }
 MAX_MASKS = MAX_SEGMENTS  # one segment per mask
 MAX_BATCH_SIZE = 2 ** 31 - 1  # torch's sizes are 64-bit; a whole run has far fewer runs (2K) or decodes
@@ -228,14 +230,19 @@ MAX_BLUR_KERNEL = 63  # the reflect padding needs it below the smallest working 
 
 
 def checked_options(options: dict, defaults: dict) -> dict:
-    """`defaults` updated with `options`, each checked: an unknown name is a TypeError that lists the
-    known ones; a wrong type or a value out of range an EmerDiffError naming the option."""
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(defaults)}")
-    o = defaults | options
+    """`defaults` updated with `options` (and the `speed` dict's defaults with its keys given), each checked:
+    an unknown name is a TypeError that lists the known ones; a wrong type or a value out of range an
+    EmerDiffError naming the option."""
+    speed = options.get("speed", {})
+    if not isinstance(speed, dict):
+        raise EmerDiffError(f"option speed must be a dict of some of {sorted(SPEED_OPTION_TYPES)}, not {speed!r:.40}")
+    for given, known, what in ((options, defaults, "options"), (speed, defaults["speed"], "speed options")):
+        unknown = set(given) - set(known)
+        if unknown:
+            raise TypeError(f"unknown {what} {sorted(unknown)}; known: {sorted(known)}")
+    o = defaults | options | {"speed": defaults["speed"] | speed}
     check_options(o)
-    return {name: plain_ints(value) for name, value in o.items()}
+    return plain_ints(o)
 
 
 def plain_ints(value):
@@ -243,24 +250,27 @@ def plain_ints(value):
     functions take only those."""
     if is_int(value):
         return int(value)
+    if isinstance(value, dict):
+        return {name: plain_ints(v) for name, v in value.items()}
     return type(value)(map(plain_ints, value)) if isinstance(value, (tuple, list)) else value
 
 
 def check_options(o: dict):
     """One-line errors for options of the wrong type or out of range, before any work is done."""
-    for name, (ok, kind) in OPTION_TYPES.items():
-        if not ok(o[name]):
-            raise EmerDiffError(f"option {name} must be {kind}, not {o[name]!r:.40}")
+    for values, types, prefix in ((o, OPTION_TYPES, ""), (o["speed"], SPEED_OPTION_TYPES, "speed ")):
+        for name, (ok, kind) in types.items():
+            if not ok(values[name]):
+                raise EmerDiffError(f"option {prefix}{name} must be {kind}, not {values[name]!r:.40}")
     if not 2 <= o["steps"] <= sampler.TRAIN_STEPS:
         raise EmerDiffError(f"steps must be between 2 and {sampler.TRAIN_STEPS}")
-    kernel, sigma = o["blur"]
+    kernel, sigma, batch = *o["blur"], o["speed"]["batch_size"]
     checks = [(1 <= o["masks"] <= MAX_MASKS, f"masks must be between 1 and {MAX_MASKS}"),
               (o["lam"] > 0, "lambda (lam) must be above 0: it is the strength of the modulation"),
               (0 <= o["t_f"] < sampler.TRAIN_STEPS, f"t_f must be a timestep in 0..{sampler.TRAIN_STEPS - 1}"),
               (o["feature_samples"] >= 1, "feature samples must be at least 1"),
               (o["kmeans_restarts"] >= 1, "k-means restarts must be at least 1"),
               (0 <= o["seed"] < 2 ** 63, "seed must be between 0 and 2^63 - 1"),
-              (o["batch_size"] == "auto" or all(1 <= int(n) <= MAX_BATCH_SIZE for n in np.ravel(o["batch_size"])),
+              (batch == "auto" or all(1 <= int(n) <= MAX_BATCH_SIZE for n in np.ravel(batch)),
                "batch size must be between 1 and 2^31 - 1 (runs or decodes per call; a whole run has fewer)"),
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),

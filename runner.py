@@ -38,9 +38,8 @@ from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device,
                      synchronize)
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
-from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
-from files import (FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder,
-                   remove_dead_temporaries, shown, temporary_path, write_folder)
+from files import (EMBEDDINGS_FILE, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file, folder_name,
+                   listed_folder, remove_dead_temporaries, shown, temporary_path, write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 from sampler import timesteps_until
 
@@ -110,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--upsample", choices=UPSAMPLING, default=DEFAULTS["upsample"],
                    help="modulation: the method; bilinear: the paper's baseline, the low-resolution masks "
                    "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
-    p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["batch_size"],
+    p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["speed"]["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
                    "memory free at the start; elsewhere 16 runs and 8 decodes); lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
@@ -150,9 +149,9 @@ def method_options(args) -> dict:
     """The options of emerdiff.segment from the command line, checked."""
     options = dict(masks=args.masks, lam=args.lam, t_m=args.tm, t_f=args.tf, feature_samples=args.feature_samples,
                    kmeans_restarts=args.kmeans_restarts, seed=args.seed, size=parse_size(args.size),
-                   injection=not args.no_injection, batch_size=args.batch_size, steps=args.steps,
-                   prompt=args.prompt, blur=(args.blur_kernel, args.blur_sigma), compile=args.compile,
-                   upsample=args.upsample, speed_paths=not args.plain)
+                   injection=not args.no_injection, steps=args.steps, prompt=args.prompt,
+                   blur=(args.blur_kernel, args.blur_sigma), upsample=args.upsample,
+                   speed=dict(batch_size=args.batch_size, compile=args.compile, plain=args.plain))
     check_options(DEFAULTS | options)
     return options
 
@@ -195,10 +194,10 @@ def image_paths(given: list[str]) -> list[Path]:
         if path.is_dir():
             found = []
             for p in (p for p in listed_folder(path) if p.suffix.lower() in IMAGE_SUFFIXES):
-                if p.is_file():  # regular files (or links to them) only: a FIFO would block the run
-                    found.append(p)
-                else:
-                    note(f"skipping {p}: not a regular file")
+                try:  # regular files (or links to them) only: a FIFO would block the run
+                    found.append(checked_file(p))
+                except FileError as e:
+                    note(f"skipping {e}")
             if not found:
                 raise EmerDiffError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
             paths += found
@@ -299,7 +298,7 @@ def estimate(sd, size: tuple[int, int], options: dict) -> Estimate:
     cost once). The UNet of one image at this size and at the smallest latent, and a decode, timed
     with the speed paths as the run will have them. With upsample="bilinear" only the feature passes run."""
     device, dtype = model_device_dtype(sd)
-    set_speed_paths(sd, options)
+    set_speed_paths(sd, options["speed"])
     latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
     smallest = torch.zeros(1, latent.shape[1], FIXED_COST_LATENT, FIXED_COST_LATENT, device=device, dtype=dtype)
     context = embed_prompt(sd, options["prompt"]).to(dtype)
@@ -453,7 +452,6 @@ def merged(parts: list[dict]) -> dict:
 
 
 RANDOM_WEIGHTS = "random: the tiny model of weights.random_stable_diffusion, seed 0"
-SPEED_ONLY = {"batch_size", "compile", "speed_paths"}  # options that change the speed, not the result (beyond rounding)
 
 
 def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
@@ -464,7 +462,7 @@ def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
                       "centre_crop": job.crop},
             "weights": {"source": weights_source(args),
                         "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
-            "options": {k: v for k, v in json.loads(json.dumps(options)).items() if k not in SPEED_ONLY},
+            "options": {k: v for k, v in json.loads(json.dumps(options)).items() if k != "speed"},  # the speed's: not the result's
             "diffmaps": args.save_diffmaps}
 
 

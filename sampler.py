@@ -197,14 +197,12 @@ class Modulation(AttentionHooks):
 
     Under injection nothing is computed that the record replaces: cross-attention outputs recorded
     whole are replayed (the modulated layer adds its offset to the replayed output), and the
-    replaced q/k projections are skipped (`skip_projections=False`: computed and thrown away, the
-    plain path). The replayed q and k have batch 1 against the runs' values: speed.FastAttention
+    replaced q/k projections are not computed. The replayed q and k have batch 1 against the runs' values: speed.FastAttention
     may then compute the probabilities once for all runs.
     """
 
-    def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None, layer: str = MODULATED_LAYER,
-                 *, skip_projections: bool = True):
-        self.offsets, self.replay, self.layer, self.skip_projections = offsets, replay, layer, skip_projections
+    def __init__(self, offsets: torch.Tensor, replay: AttentionRecord | None = None, layer: str = MODULATED_LAYER):
+        self.offsets, self.replay, self.layer = offsets, replay, layer
 
     def out(self, name, attend):
         o = None if self.replay is None else self.replay.outputs.get((self.step, name))
@@ -214,8 +212,4 @@ class Modulation(AttentionHooks):
         return o
 
     def qk(self, name, project):
-        if self.replay is None:
-            return project()
-        if not self.skip_projections:
-            project()
-        return self.replay.qks[self.step, name]
+        return project() if self.replay is None else self.replay.qks[self.step, name]

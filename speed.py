@@ -3,7 +3,7 @@
 `apply(sd)` swaps two kinds of layer of a loaded model for faster subclasses that compute the
 same numbers up to float rounding; `apply(sd, fast=False)` swaps them back. Nothing else in the
 project knows these paths exist: the models read as the architecture, and emerdiff.segment's
-option `speed_paths=False` (`--plain` on the command line) runs them plain.
+option `speed=dict(plain=True)` (`--plain` on the command line) runs them plain.
 
 - 3x3 convolutions by Winograd's F(4x4, 3x3) (`FastConv2d`), on the CPU in float32 without gradients.
 - Attention over runs that share their queries and keys (the modulated runs under injection replay
@@ -11,42 +11,104 @@ option `speed_paths=False` (`--plain` on the command line) runs them plain.
 
 Neither wins everywhere: what pays depends on the CPU (AVX2 or AVX-512), the shape and the number of
 runs per call. So each is chosen by measurement where it runs, in the spirit of cudnn.benchmark: the
-first time a layer shape comes, the fast path and the plain one are each timed (`fastest`), and the
-faster is remembered for the process. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
+first time a layer shape comes on a machine, the fast path and the plain one are each timed
+(`fastest`), and the faster is remembered: in the process, and in a file of the user's cache (keyed by
+the CPU, its instruction set as PyTorch sees it, the PyTorch version and the thread count), so that
+later runs on the machine measure nothing. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
 docs/speed.md has the measurements behind every choice).
 """
+import functools
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from files import atomic_save
 from unet import Attention
 
 # ---- Choosing by measurement ----
 
-CHOSEN: dict[tuple, int] = {}  # (kind, shapes, threads) -> the index of the candidate measured fastest
+CHOICES_VARIABLE = "EMERDIFF_SPEED_CHOICES"  # the choices file's path, if not the default (choices_path)
 
 
 def fastest(key: tuple, candidates: list, *args):
-    """The candidate (a function of `args`) that is fastest for `key` on this machine: the first time
-    the key comes, each is called with `args` once to warm up and once timed, and the faster is
-    remembered. The candidates compute the same up to rounding. Under a dispatch mode
-    (torch.utils.flop_counter counting, say) nothing is measured: the plain path, candidates[0]."""
+    """The candidate (a function of `args`) that is fastest for `key` on this machine. The first time
+    the key comes on a machine, each is called with `args` once to warm up and once timed, and the
+    faster is remembered, in this process and in the choices file (`choices_path`) for the next ones.
+    The candidates compute the same up to rounding. Under a dispatch mode (torch.utils.flop_counter
+    counting, say) nothing is measured: the plain path, candidates[0]."""
     if is_in_torch_dispatch_mode():
         return candidates[0]
-    key = (*key, torch.get_num_threads())
-    if key not in CHOSEN:
-        for candidate in candidates:
-            candidate(*args)
-        seconds = []
-        for candidate in candidates:
-            clock = time.perf_counter()
-            candidate(*args)
-            seconds.append(time.perf_counter() - clock)
-        CHOSEN[key] = seconds.index(min(seconds))
-    return candidates[CHOSEN[key]]
+    key, chosen = repr((*key, machine())), remembered()
+    if chosen.get(key, len(candidates)) >= len(candidates):
+        chosen[key] = measured_fastest(candidates, args)
+        save_choices({key: chosen[key]})
+    return candidates[chosen[key]]
+
+
+def measured_fastest(candidates: list, args) -> int:
+    """The index of the candidate whose call with `args` took least, each warmed up once first."""
+    for candidate in candidates:
+        candidate(*args)
+    seconds = []
+    for candidate in candidates:
+        clock = time.perf_counter()
+        candidate(*args)
+        seconds.append(time.perf_counter() - clock)
+    return seconds.index(min(seconds))
+
+
+@functools.cache
+def cpu_name() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
+def machine() -> str:
+    """What a measurement holds for: the CPU, the vector instructions PyTorch uses on it, PyTorch, threads."""
+    return (f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def choices_path() -> Path:
+    """$EMERDIFF_SPEED_CHOICES, else speed-choices.json in emerdiff's folder of the user's cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get(CHOICES_VARIABLE) or cache / "emerdiff" / "speed-choices.json")
+
+
+@functools.cache
+def remembered() -> dict[str, int]:
+    """The choices made so far, key -> index of the faster candidate: the file's, then this process's."""
+    return saved_choices()
+
+
+def saved_choices() -> dict[str, int]:
+    """The choices file's; none where it is missing or unreadable (those are then measured again)."""
+    try:
+        saved = json.loads(choices_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {key: index for key, index in saved.items() if type(index) is int and index >= 0}
+
+
+def save_choices(new: dict[str, int]) -> None:
+    """Add `new` to the choices file, whole or not at all (other processes may add theirs meanwhile: the
+    file is read again first). A file that cannot be written leaves the choices to this process."""
+    path = choices_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(saved_choices() | new, indent=0, sort_keys=True)))
+    except OSError:
+        pass
 
 
 def batch_class(n: int) -> int:

@@ -14,7 +14,6 @@ weights.md documents the layouts and the errors. `random_stable_diffusion` build
 with random weights and reads nothing: a look at the tool without the weights, and the benchmarks.
 """
 import json
-import stat
 import sys
 import types
 import typing
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+import files
 from clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -97,12 +97,12 @@ def load_stable_diffusion(source: str | Path = DEFAULT_REPO, device="cpu", dtype
     if kind == "folder":
         return load_folder(lambda folder, name: path / folder / name, variant, dtype, device, str(path))
     if kind == "other" or _looks_like_path(str(source)):
-        raise WeightsError(f"{source}: {KIND_PROBLEMS[kind] if kind else 'no such file or folder'} (give a hub "
+        raise WeightsError(f"{source}: {files.KIND_PROBLEMS[kind] if kind else 'no such file or folder'} (give a hub "
                            "repo id, a diffusers folder or a single .safetensors file)")
     names = [f"tokenizer/{f}" for f in TOKENIZER_FILES]
     names += [f"{name}/{f}" for name in MODELS for f in (CONFIG_FILE, weights_file(name, variant))]
-    files = hub_files(str(source), names)
-    return load_folder(lambda folder, name: files[f"{folder}/{name}"], variant, dtype, device, str(source))
+    fetched = hub_files(str(source), names)
+    return load_folder(lambda folder, name: fetched[f"{folder}/{name}"], variant, dtype, device, str(source))
 
 
 def _looks_like_path(source: str) -> bool:
@@ -128,34 +128,22 @@ def _component_config(name: str, config_path: Path):
     return read_config(MODELS[name][1], config_path)
 
 
-# ---- files: what is at a path, and whether it can be read ----
-
-KIND_PROBLEMS = {"folder": "a folder where a file belongs", "other": "not a regular file (a FIFO, socket or device)"}
-
+# ---- files: what is at a path, and whether it can be read (files.py checks; errors as WeightsError) ----
 
 def path_kind(path: Path) -> str | None:
-    """"file", "folder" or "other" for what is at `path`; None where nothing is. A path that may not
-    be looked at (a folder on the way without permission) is a WeightsError that says so."""
+    """files.path_kind, its refusal a WeightsError: the loader's one error type."""
     try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot be looked at ({e.strerror}): check its folders' permissions") from None
-    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+        return files.path_kind(path)
+    except files.FileError as e:
+        raise WeightsError(str(e)) from None
 
 
 def readable_file(path: Path, missing: str = "file not found") -> Path:
-    """`path`, checked to be a file this process may open: safetensors reports a permission error
-    as "No such file", and opening a FIFO would wait forever."""
-    kind = path_kind(path)
-    if kind != "file":
-        raise WeightsError(f"{path}: {KIND_PROBLEMS.get(kind, missing)}")
+    """files.checked_file (a FIFO would make safetensors wait forever), its refusal a WeightsError."""
     try:
-        with open(path, "rb"):
-            return path
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot be read ({e.strerror}): check its permissions") from None
+        return files.checked_file(path, missing)
+    except files.FileError as e:
+        raise WeightsError(str(e)) from None
 
 
 # ---- the hub ----
@@ -531,8 +519,7 @@ def _vae_shortcuts(table: dict[str, str]) -> dict[str, str]:
 def _tokenizer_files(folder: Path | None) -> list[Path]:
     """vocab.json and merges.txt from `folder`'s tokenizer/ (or `folder` itself), else from the hub repo."""
     if folder is None:
-        files = hub_files(DEFAULT_REPO, [f"tokenizer/{f}" for f in TOKENIZER_FILES])
-        return list(files.values())
+        return list(hub_files(DEFAULT_REPO, [f"tokenizer/{f}" for f in TOKENIZER_FILES]).values())
     if path_kind(folder / "tokenizer") == "folder":
         folder = folder / "tokenizer"
     return [folder / f for f in TOKENIZER_FILES]

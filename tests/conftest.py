@@ -19,6 +19,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))  # bench.py and its notebook pipeline
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _speed_choices_of_the_session(tmp_path_factory):
+    """speed.py's measured choices go to a file of this session (the command lines started inherit it),
+    not to the user's cache."""
+    import speed
+    os.environ[speed.CHOICES_VARIABLE] = str(tmp_path_factory.mktemp("cache") / "speed-choices.json")
+    speed.remembered.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -136,10 +136,10 @@ def test_a_fifo_in_a_folder_is_skipped_and_one_given_is_refused(tmp_path, tiny_s
     os.mkfifo(folder / "pipe.png")
     result = cli("--image", str(folder), "--weights", str(tiny_sd_dir), "--out", str(tmp_path / "out"), *FAST)
     assert result.returncode == 0, result.stderr
-    assert result.stderr == f"emerdiff: skipping {folder / 'pipe.png'}: not a regular file\n"
+    assert result.stderr == f"emerdiff: skipping {folder / 'pipe.png'}: not a regular file (a FIFO, socket or device)\n"
     assert_complete(tmp_path / "out" / "a", (64, 64))
     result = cli("--image", str(folder / "pipe.png"), "--weights", str(tiny_sd_dir), "--out", str(tmp_path / "out"))
-    assert_one_error(result, "pipe.png: not a regular file")
+    assert_one_error(result, "pipe.png: not a regular file (a FIFO, socket or device)")
 
 
 def test_a_file_name_cannot_split_the_error_line(tmp_path):
@@ -389,12 +389,12 @@ def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     unet_forward, decode = sd.unet.forward, sd.vae.decode
     monkeypatch.setattr(sd.unet, "forward", lambda x, *args: unet_batches.append(len(x)) or unet_forward(x, *args))
     monkeypatch.setattr(sd.vae, "decode", lambda latent: decode_batches.append(len(latent)) or decode(latent))
-    paired = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=(2, 4))
+    paired = emerdiff.segment(EXAMPLE, sd, **OPTIONS, speed=dict(batch_size=(2, 4)))
     # t = 101 and 1 on the 10-step grid: 1 feature draw, the 2 inversion steps in one call, then per batch
     # of 2 runs a first step of one sample (the runs differ from the modulated layer on) and a step of 2.
     assert unet_batches == [1, 2] + [1, 2] * 2
     assert decode_batches == [4]
-    single = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=1)  # one run per call, one pair per decode
+    single = emerdiff.segment(EXAMPLE, sd, **OPTIONS, speed=dict(batch_size=1))  # one run per call, one pair per decode
     assert torch.allclose(paired.difference_maps, single.difference_maps, rtol=0, atol=1e-4 * single.difference_maps.max())
 
 
@@ -410,23 +410,33 @@ BATCH_RANGE = "batch size must be between 1 and 2^31 - 1 (runs or decodes per ca
     ("blur", 3, "option blur must be (kernel size, sigma), not 3"),
     ("prompt", None, "option prompt must be a string, not None"),
     ("injection", 1, "option injection must be True or False, not 1"),
-    ("batch_size", (4,), 'option batch_size must be "auto", an integer or (UNet runs, decodes) per call, not (4,)'),
-    ("batch_size", (4, 0), BATCH_RANGE),
-    ("batch_size", 10 ** 20, BATCH_RANGE),
+    ("speed", dict(batch_size=(4,)),
+     'option speed batch_size must be "auto", an integer or (UNet runs, decodes) per call, not (4,)'),
+    ("speed", dict(batch_size=(4, 0)), BATCH_RANGE),
+    ("speed", dict(batch_size=10 ** 20), BATCH_RANGE),
+    ("speed", dict(plain="yes"), "option speed plain must be True or False, not 'yes'"),
+    ("speed", "fast", "option speed must be a dict of some of ['batch_size', 'compile', 'plain'], not 'fast'"),
 ], ids=["masks-float", "masks-str", "masks-bool", "size-str", "lam-str", "blur-int", "prompt-none", "injection-int",
-        "batch-one", "batch-zero", "batch-1e20"])
+        "batch-one", "batch-zero", "batch-1e20", "plain-str", "speed-str"])
 def test_segment_checks_option_types(sd, option, value, message):
     with pytest.raises(EmerDiffError) as error:
         emerdiff.segment(EXAMPLE, sd, **OPTIONS | {option: value})
     assert str(error.value) == message
 
 
+def test_an_unknown_option_or_speed_option_lists_the_known_ones(sd):
+    with pytest.raises(TypeError, match=r"unknown options \['batch_size'\]; known: \['blur', 'feature_samples'"):
+        emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=4)
+    with pytest.raises(TypeError, match=r"unknown speed options \['fast'\]; known: \['batch_size', 'compile', 'plain'\]$"):
+        emerdiff.segment(EXAMPLE, sd, **OPTIONS, speed=dict(fast=True))
+
+
 def test_integers_of_any_type_are_options(sd):
     """numpy's integers (numbers.Integral) are taken as the Python int of the same value."""
-    plain = emerdiff.segment(EXAMPLE, sd, **OPTIONS, batch_size=4)
+    plain = emerdiff.segment(EXAMPLE, sd, **OPTIONS, speed=dict(batch_size=4))
     for numpy_int in (np.int64(4), (np.int32(4), np.uint8(4))):
         numpy_options = {k: np.int16(v) if type(v) is int else v for k, v in OPTIONS.items()}
-        same = emerdiff.segment(EXAMPLE, sd, **numpy_options, batch_size=numpy_int)
+        same = emerdiff.segment(EXAMPLE, sd, **numpy_options, speed=dict(batch_size=numpy_int))
         assert np.array_equal(same.labels, plain.labels)
         assert all(type(v) is int for v in (same.options["masks"], same.options["steps"]))
 

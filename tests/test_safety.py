@@ -129,7 +129,7 @@ def test_evaluate_refuses_a_fifo_where_an_image_or_a_label_map_should_be(tmp_pat
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--dataset", "coco-stuff-171", "--root",
                              str(root), "--pred", str(tmp_path / "pred"), "--quiet"],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stderr == f"evaluate: error: {fifo}: not a regular file\n"
+    assert result.returncode == 2 and result.stderr == f"evaluate: error: {fifo}: not a regular file (a FIFO, socket or device)\n"
 
 
 @pytest.fixture
@@ -299,7 +299,7 @@ def test_the_estimate_counts_calls_and_images_stage_by_stage(sd, monkeypatch):
         return call
     monkeypatch.setattr(sd.unet, "forward", costing(lambda x, *_: 1.0 if x.shape[-1] > 8 else 0.25, unet_forward))
     monkeypatch.setattr(sd.vae, "decode", costing(lambda *_: 2.0, decode))
-    o = emerdiff.DEFAULTS | dict(masks=3, feature_samples=10, batch_size=4, speed_paths=False)
+    o = emerdiff.DEFAULTS | dict(masks=3, feature_samples=10, speed=dict(batch_size=4, compile=False, plain=True))
     e = runner.estimate(sd, (128, 128), o)
     steps, m = (281 - 1) // 20 + 1, runner.MODULATED_STEP["cpu"]  # t_m = 281 on the 50-step grid: 281, ..., 1
     calls = 0.4 * 3 + 4 + steps * 2

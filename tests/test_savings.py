@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import emerdiff
+import sampler
 from sampler import AttentionRecord, Modulation, invert, regenerate
 
 LATENT = (1, 4, 16, 16)  # a 128x128 image: the modulated layer works on 4x4 = 16 tokens
@@ -44,9 +45,18 @@ def records(sd, x0_and_context):
 OFFSETS = torch.zeros(3, TOKENS).index_put_((torch.arange(3), torch.tensor([0, 5, 15])), torch.tensor([10., -10., 10.]))
 
 
-def modulated(sd, inversion, context, **savings):
+class ComputingModulation(Modulation):
+    """Injection without its saving: each layer's q and k projected, then replaced by the record's."""
+
+    def qk(self, name, project):
+        if self.replay is not None:
+            project()
+        return super().qk(name, project)
+
+
+def modulated(sd, inversion, context, hooks=Modulation):
     timesteps, x_start, zs, record = inversion
-    return regenerate(sd.unet, x_start, zs, timesteps, context, hooks=Modulation(OFFSETS, record, **savings))
+    return regenerate(sd.unet, x_start, zs, timesteps, context, hooks=hooks(OFFSETS, record))
 
 
 class ProjectionCalls:
@@ -77,7 +87,7 @@ def test_replayed_cross_attention_outputs_equal_the_recomputed_ones(sd, x0_and_c
     with ProjectionCalls(sd.unet) as replayed_calls:
         replayed = modulated(sd, records[True], context)
     with ProjectionCalls(sd.unet) as plain_calls:
-        plain = modulated(sd, records[False], context, skip_projections=False)
+        plain = modulated(sd, records[False], context, ComputingModulation)
     assert relative_error(replayed, plain) <= 1e-5
     assert all(replayed_calls["cross", p] == 0 for p in ("q", "k", "v", "out"))  # the layer computes nothing
     assert all(plain_calls["cross", p] == STEPS * LAYERS for p in ("q", "k", "v", "out"))
@@ -98,9 +108,9 @@ def test_the_modulated_layer_adds_its_offset_to_the_replayed_output(sd, x0_and_c
 def test_skipped_projections_change_nothing(sd, x0_and_context, records):
     context = x0_and_context[1]
     with ProjectionCalls(sd.unet) as skipped_calls:
-        skipped = modulated(sd, records[True], context, skip_projections=True)
+        skipped = modulated(sd, records[True], context)
     with ProjectionCalls(sd.unet) as computed_calls:
-        computed = modulated(sd, records[True], context, skip_projections=False)
+        computed = modulated(sd, records[True], context, ComputingModulation)
     assert torch.equal(skipped, computed)  # the projections were thrown away: not a bit differs
     assert skipped_calls["self", "q"] == skipped_calls["self", "k"] == 0
     assert skipped_calls["self", "v"] == skipped_calls["self", "out"] == STEPS * LAYERS  # the values are the runs' own
@@ -142,7 +152,7 @@ def test_batched_inversion_equals_one_step_per_call(sd, x0_and_context, records,
 
 # ---- All of them together, through the method's own functions ----
 
-def test_all_savings_together_equal_the_plain_path(sd):
+def test_all_savings_together_equal_the_plain_path(sd, monkeypatch):
     image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)) * 2 - 1
     x0 = emerdiff.encode(sd, image)
     masks = emerdiff.low_resolution_masks(torch.arange(16) % 3, (4, 4), 3)
@@ -151,7 +161,9 @@ def test_all_savings_together_equal_the_plain_path(sd):
     def latents(saving: bool):
         inversion = emerdiff.invert(sd, x0, generator=torch.Generator().manual_seed(42),
                                     batch_size=8 if saving else 1, replay_cross_attention=saving)
-        return emerdiff.modulated_latents(sd, inversion, offsets, batch_size=6, skip_projections=saving)
+        with monkeypatch.context() as patch:
+            patch.setattr(sampler, "Modulation", Modulation if saving else ComputingModulation)
+            return emerdiff.modulated_latents(sd, inversion, offsets, batch_size=6)
     # 15 chained steps: float32 rounding grows to about 1e-5 here (each saving alone stays below it)
     assert relative_error(latents(True), latents(False)) <= 5e-5
 

@@ -1,6 +1,7 @@
 """speed.py's paths against the plain ones: each fast computation against float64 or a plain loop, the
 swap itself (what it takes, what it leaves, and back), the choice by measurement, and whole models
 with every fast path forced on against diffusers and against the plain path."""
+import json
 import math
 
 import pytest
@@ -115,12 +116,16 @@ def test_apply_swaps_only_the_layers_with_a_fast_path_and_back():
     assert {name: type(layer) for name, layer in layers.items()} == plain
 
 
-def test_the_faster_candidate_is_measured_once_per_key(monkeypatch):
-    """A clock that each candidate advances by its own cost: the first time a key comes, each candidate
-    warms up once and is timed once, and the cheaper is kept; after that nothing is measured."""
+def test_the_faster_candidate_is_measured_once_per_key_and_machine(monkeypatch, tmp_path):
+    """A clock that each candidate advances by its own cost: the first time a key comes on a machine, each
+    candidate warms up once and is timed once, and the cheaper is kept, in the process and in the choices
+    file: a later process (the in-process memory cleared) measures nothing; another machine measures again;
+    a broken file is measured over and replaced."""
     clock, calls = [0.0], []
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(speed, "CHOSEN", {})
+    monkeypatch.setenv(speed.CHOICES_VARIABLE, str(tmp_path / "cache" / "choices.json"))
+    monkeypatch.setattr(speed, "machine", lambda: "CPU A")
+    speed.remembered.cache_clear()
 
     def costing(name, seconds):
         def candidate(x):
@@ -132,6 +137,19 @@ def test_the_faster_candidate_is_measured_once_per_key(monkeypatch):
     calls.clear()
     assert speed.fastest(("key",), [slow, fast], 1) is fast and calls == []
     assert speed.fastest(("other key",), [fast, slow], 2) is fast and len(calls) == 4
+    assert json.loads((tmp_path / "cache" / "choices.json").read_text()) == {
+        repr(("key", "CPU A")): 1, repr(("other key", "CPU A")): 0}
+    calls.clear()
+    speed.remembered.cache_clear()  # a new process
+    assert speed.fastest(("key",), [slow, fast], 3) is fast and calls == []
+    monkeypatch.setattr(speed, "machine", lambda: "CPU B")
+    assert speed.fastest(("key",), [fast, slow], 4) is fast and len(calls) == 4
+    (tmp_path / "cache" / "choices.json").write_text("{not json")
+    speed.remembered.cache_clear()
+    calls.clear()
+    assert speed.fastest(("key",), [slow, fast], 5) is fast and len(calls) == 4
+    assert json.loads((tmp_path / "cache" / "choices.json").read_text()) == {repr(("key", "CPU B")): 1}
+    speed.remembered.cache_clear()
     assert [speed.batch_class(n) for n in (1, 2, 3, 8, 13, 15, 16, 50)] == [1, 2, 2, 8, 8, 8, 16, 32]
 
 
@@ -182,7 +200,7 @@ def test_modulated_runs_with_shared_probabilities_equal_the_plain_path(sd, monke
 
 
 def test_segment_with_and_without_the_speed_paths(sd, monkeypatch):
-    """segment() applies the speed paths unless speed_paths=False, which leaves the models plain; the
+    """segment() applies the speed paths unless speed=dict(plain=True), which leaves the models plain; the
     maps agree within float rounding."""
     monkeypatch.setattr(speed, "fastest", always_fast)
     options = dict(size=128, masks=3, feature_samples=2, kmeans_restarts=2)
@@ -190,7 +208,7 @@ def test_segment_with_and_without_the_speed_paths(sd, monkeypatch):
     try:
         fast = emerdiff.segment(image, sd, **options)
         assert any(type(m) is speed.FastConv2d for m in sd.unet.modules())
-        plain = emerdiff.segment(image, sd, speed_paths=False, **options)
+        plain = emerdiff.segment(image, sd, speed=dict(plain=True), **options)
         assert not any(type(m) in (speed.FastConv2d, speed.FastAttention) for m in sd.unet.modules())
     finally:
         speed.apply(sd, fast=False)

@@ -402,7 +402,7 @@ class OurPipeline:
         pixels, _ = emerdiff.load_image(image, o["size"])
         sizes = devices.batch_sizes(self.plain, *pixels.shape[-2:], o)
         watch.lap("batch sizes")
-        seg = emerdiff.segment(image, self.sd, **o | dict(batch_size=sizes))
+        seg = emerdiff.segment(image, self.sd, **o | dict(speed=o["speed"] | dict(batch_size=sizes)))
         return seg.difference_maps, watch.seconds | seg.seconds
 
 
@@ -458,7 +458,7 @@ def method_report(results, args, o, device, load) -> dict:
     return dict(command="method", preset=args.preset, device=str(device), torch=torch.__version__,
                 weights=args.weights or "random (SD v1.5 architecture)", image=str(args.image), repeats=args.repeats,
                 options={k: o[k] for k in ("size", "masks", "feature_samples", "kmeans_restarts", "t_m", "t_f",
-                                           "steps", "batch_size")},
+                                           "steps", "speed")},
                 load_average=[load, load_average()], contenders=contenders, ratio_to_ours=ratios)
 
 
@@ -636,7 +636,7 @@ def bench_cuda(args, device, dtype):
     batch = devices.batch_sizes(sd, 512, 512, emerdiff.DEFAULTS)
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    seg = emerdiff.segment(args.image, sd, size=512, batch_size=batch)
+    seg = emerdiff.segment(args.image, sd, size=512, speed=dict(batch_size=batch))
     peak, seconds = torch.cuda.max_memory_allocated(device) / GIB, time.perf_counter() - start
     memory = dict(cap_gib=args.cap_gib, peak_gib=peak, seconds=seconds, stages=seg.seconds, batch_sizes=batch)
     print(f"defaults at 512x512 within {args.cap_gib} GiB: batch sizes (UNet, decode) {batch}, peak "
@@ -676,7 +676,7 @@ def bench_compile(args, device, dtype):
         for _ in range(2):
             synchronize(device)
             start = time.perf_counter()
-            emerdiff.segment(args.image, sd, compile=compiled, **o)
+            emerdiff.segment(args.image, sd, speed=dict(compile=compiled), **o)
             synchronize(device)
             runs.append(time.perf_counter() - start)
         times["compiled" if compiled else "eager"] = runs
