@@ -83,10 +83,11 @@ def listed_folder(folder: Path) -> list[Path]:
 def folder_name(stem: str) -> str:
     """The output folder of an image of this stem (runner.py writes it, evaluate.py reads it): safe on
     any file system and never taken for a run's own files. Characters some file system refuses become
-    "_"; a name that is empty, hidden (such as "." or a temporary's) or a summary file's gets a "_"
-    in front; a name too long for its temporaries is cut, a hash of the whole stem kept at its end."""
+    "_"; a name that is empty, hidden (such as "." or a temporary's), a summary file's or the run's
+    page's (index.html) gets a "_" in front; a name too long for its temporaries is cut, a hash of the
+    whole stem kept at its end."""
     name = UNSAFE.sub("_", stem)
-    if not name or name.startswith((".", "summary.")):
+    if not name or name.startswith((".", "summary.")) or name.casefold() == "index.html":  # the run's page
         name = "_" + name
     if len(os.fsencode(name)) > MAX_FOLDER_NAME:
         digest = hashlib.sha1(os.fsencode(stem)).hexdigest()[:16]

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device, pick_dtype, set_speed_paths,
                      synchronize)
+import report as webpage
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
@@ -390,6 +391,10 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
     files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
     files["labels.npy"] = lambda path: np.save(path, seg.labels)
     files[EMBEDDINGS_FILE] = lambda path: np.save(path, seg.embeddings)
+    view = webpage.view_script(seg.labels, seg.low_res_labels, COLOURS[:len(seg.embeddings)])
+    files[webpage.VIEW_SCRIPT] = lambda path: path.write_text(view)
+    if diffmaps:
+        files |= webpage.diffmap_files(seg.difference_maps.float().cpu().numpy())
     return files
 
 
@@ -397,7 +402,8 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
 
 RUN_RECORD = "run.json"  # in each output folder: how it was made; written last, with the rest
 SUMMARY = "summary.json"  # in --out: what the last run did
-OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD}
+OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD,
+                webpage.VIEW_SCRIPT, webpage.DIFFMAPS, webpage.GROUND_TRUTH}  # gt.png: evaluate.py's
 
 
 def prepare_out(out: Path):
@@ -496,7 +502,8 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     options = method_options(args)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
-    jobs = all_jobs(args)[rank::world]
+    every = all_jobs(args)
+    jobs, names = every[rank::world], [job.name for job in every]
     summary.total = len(jobs)
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
@@ -504,19 +511,24 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
+    page = lambda: webpage.refresh_page(out, names, summary.as_dict(options), say, running=True)  # noqa: E731
     try:
-        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0)
+        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0, after_each=page)
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
         whole = write_summary(out, summary.as_dict(options), rank, world)
+        if whole is not None:  # index.html: the whole run's, by the process that wrote summary.json
+            webpage.refresh_page(out, names, whole, say)
     return whole
 
 
-def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool):
+def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool,
+                 after_each=lambda: None):
     """The jobs that can be done and are not done yet, each segmented into its folder; a failing image
-    is said and counted, and the others go on. `announce`: the first image says how long each takes."""
+    is said and counted, and the others go on. `announce`: the first image says how long each takes;
+    `after_each` is called after each image done or failed (index.html rewritten)."""
     from weights import load_stable_diffusion, random_stable_diffusion
     jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
@@ -543,6 +555,7 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args,
             summary.fail(job.path, e)
         except OSError as e:
             summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
+        after_each()
 
 
 def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | None:
