@@ -37,6 +37,8 @@ VIEW_SCRIPT = "view.js"  # per image folder: its label maps for the page
 DIFFMAPS = "diffmaps"  # per image folder, with --save-diffmaps: one greyscale PNG per mask
 GROUND_TRUTH = "gt.png"  # per image folder, written by evaluate.py: the ground truth in class colours
 SCORES = "summary.scores.json"  # in the folder evaluate.py scored: what the page shows of it
+PICTURES = ("labels.png", "overlay.png", "lowres.png", VIEW_SCRIPT)  # what the page shows of a folder
+BROWSER_IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}  # inputs a browser shows (not TIFF)
 RUN_RECORD = "run.json"  # runner.py's, in each image folder
 SUMMARY = "summary.json"  # runner.py's, in --out
 VIEW_SIDE = 512  # the label maps of view.js are cut to this many pixels a side at most (nearest)
@@ -162,13 +164,15 @@ _records: dict = {}  # run.json path -> (mtime, size, entry): a page rewritten a
 def image_entry(out: Path, name: str) -> dict | None:
     """A tile's data from an image folder's run.json (what the runner wrote), None where the folder has
     neither run.json nor labels.png (not done). A folder without run.json (predictions made elsewhere)
-    shows its name only."""
+    shows its name and the pictures it has."""
     folder = out / name
     path = folder / RUN_RECORD
     try:
         stat = path.stat()
     except OSError:
-        return {"name": name, "files": []} if (folder / "labels.png").is_file() else None
+        if not (folder / "labels.png").is_file():
+            return None
+        return {"name": name, "files": [f for f in PICTURES if (folder / f).is_file()]}
     cached = _records.get(path)
     if cached and cached[:2] == (stat.st_mtime_ns, stat.st_size):
         return cached[2]
@@ -177,8 +181,9 @@ def image_entry(out: Path, name: str) -> dict | None:
         record, result = saved["run"], saved["result"]
         image = Path(record["image"]["path"])
         entry = {"name": name, "segments": result["segments"], "masks": record["options"]["masks"],
-                 "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"],
-                 "input": relative_link(image, out), "crop": record["image"]["centre_crop"]}
+                 "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
+        if image.suffix.lower() in BROWSER_IMAGES and image.is_file():
+            entry["input"] = relative_link(image, out)
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         entry = {"name": name, "files": []}
     _records[path] = (stat.st_mtime_ns, stat.st_size, entry)
@@ -256,16 +261,16 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 #viewer { position: fixed; inset: 0; background: Canvas; overflow: auto; padding: 0 1.2em 1em; z-index: 2; }
 #viewer .bar { display: flex; gap: .6em; align-items: center; padding: .5em 0; position: sticky; top: 0; background: Canvas; }
 #viewer .bar b { font-size: 1.15em; overflow-wrap: anywhere; } #viewer .bar .grow { flex: 1; }
-#views { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: 10px; }
+#views { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 10px; }
 #views figure, #side figure { margin: 0; }
 .frame { position: relative; cursor: crosshair; }
 .frame img { display: block; width: 100%; height: auto; aspect-ratio: var(--ar, auto); object-fit: cover; }
 .frame canvas { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; image-rendering: pixelated; }
-#side { display: grid; grid-template-columns: minmax(220px, 1fr) minmax(220px, 1fr); gap: 16px; margin-top: 12px; }
+#side { display: grid; grid-template-columns: minmax(220px, 1fr) minmax(200px, 340px); gap: 16px; margin-top: 12px; }
 #legend { list-style: none; padding: 0; margin: 0; columns: 2 200px; }
 #legend li { padding: 1px 4px; cursor: pointer; border-radius: 3px; break-inside: avoid; }
 #legend li.on { background: #48f4; } #legend li.pinned { outline: 2px solid #48f; }
-#diffmap { display: block; width: 100%; image-rendering: pixelated; background: #000; }
+#diffmap { display: block; width: 100%; aspect-ratio: var(--ar, auto); image-rendering: pixelated; background: #000; }
 #diffmap[hidden] { display: none; }
 """
 
@@ -405,7 +410,7 @@ function openImage(i) {
     $(id).closest("figure").hidden = !src;
     if (src) $(id).src = src; else $(id).removeAttribute("src");
   }
-  $("views").style.removeProperty("--ar");
+  $("viewer").style.removeProperty("--ar");
   $("legend").replaceChildren();
   $("gt-legend").replaceChildren();
   if (entry.score) entry.score.classes.forEach(c => $("gt-legend").append(el("span", {},
@@ -418,7 +423,8 @@ function openImage(i) {
     const s = el("script", {className: "view", src: base + "view.js"});
     s.dataset.index = i;
     document.body.append(s);
-  }
+  } else $("legend").append(el("li", {className: "note", textContent:
+    "no view.js in this folder (made by an earlier version, or not by emerdiff.py): segment it again with --overwrite for the legend and the highlighting"}));
 }
 
 function closeImage() {
@@ -439,7 +445,7 @@ window.emerdiffView = function (data) {
   const entry = entries[i];
   view = {maps: {labels: {w: data.w, h: data.h, ids: decode(data.labels, data.w * data.h)},
                  low: {w: data.lw, h: data.lh, ids: decode(data.low, data.lw * data.lh)}}, masks: {}};
-  $("views").style.setProperty("--ar", `${data.w} / ${data.h}`);
+  $("viewer").style.setProperty("--ar", `${data.w} / ${data.h}`);
   document.querySelectorAll(".frame").forEach(f => { const m = view.maps[f.dataset.map], c = f.querySelector("canvas"); c.width = m.w; c.height = m.h; });
   data.colours.forEach((colour, s) => {
     const matched = entry.score && s < entry.score.matched.length ? entry.score.matched[s] : null;

@@ -17,7 +17,8 @@ import report
 import runner
 from files import folder_name
 from page_speed import fake_run
-from test_evaluate import save_image, save_labels
+from command_line import save_image
+from test_evaluate import save_labels
 
 INSTALL = "apt-get install chromium && pip install playwright==1.65.2"
 NAMES = ["a", "b <&'\"c", "d"]  # image stems; the second needs escaping in HTML, JS and URLs
@@ -43,6 +44,48 @@ def test_data_in_the_page_cannot_end_its_script():
 
 def test_no_image_folder_takes_the_page_s_name():
     assert folder_name("index.html") == "_index.html" and folder_name("INDEX.HTML") == "_INDEX.HTML"
+
+
+def page_data(out):
+    """The data index.html holds, as its script reads it."""
+    text = (out / "index.html").read_text()
+    return json.loads(re.search(r'<script type="application/json" id="run-data">(.*?)</script>', text, re.S)[1])
+
+
+def test_the_page_is_rewritten_after_each_image_and_stays_true_when_interrupted(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, name in enumerate("abc"):
+        save_image(images / f"{name}.png", (64, 64), seed)
+    (images / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = ["--image", str(images), "--out", str(out), "--save-diffmaps", *TINY]
+    written, write_page = [], report.write_page
+    monkeypatch.setattr(report, "write_page", lambda *a, **k: (write_page(*a, **k), written.append(page_data(out))))
+    segment_file, calls = runner.segment_file, []
+
+    def interrupted_at_c(job, *rest, **kw):
+        calls.append(job.name)
+        if job.name == "c":
+            raise KeyboardInterrupt
+        return segment_file(job, *rest, **kw)
+
+    monkeypatch.setattr(runner, "segment_file", interrupted_at_c)
+    assert runner.main(args) == 130
+    assert [[e["name"] for e in data["entries"]] for data in written] == [["a"], ["a", "b"], ["a", "b"]]
+    assert [data["running"] for data in written] == [True, True, False]
+    final = page_data(out)
+    assert final["summary"]["error"] == "interrupted" and final["images"] == 4
+    assert [f["image"] for f in final["summary"]["failed"]] == [str(images / "bad.png")]
+    entry = final["entries"][0]
+    assert {f"diffmaps/{i:03d}.png" for i in range(4)} | {"view.js", "overlay.png"} <= set(entry["files"])
+    assert all((out / "a" / f).is_file() for f in entry["files"])
+    assert entry["input"] == "../images/a.png"
+    monkeypatch.setattr(runner, "segment_file", segment_file)
+    assert runner.main(args) == 2  # the rerun: a and b skipped, c done, bad.png failed again
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped"], summary["done"]) == (2, 1)
+    assert [e["name"] for e in page_data(out)["entries"]] == ["a", "b", "c"]
 
 
 # ---- In a browser ----
@@ -93,7 +136,8 @@ def scored_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     rng = np.random.default_rng(1)
     for seed, name in enumerate(NAMES):
-        save_image(tmp / "data" / "images" / f"{name}.png", 80, 64, seed)
+        (tmp / "data" / "images").mkdir(parents=True, exist_ok=True)
+        save_image(tmp / "data" / "images" / f"{name}.png", (80, 64), seed)
         save_labels(tmp / "data" / "labels" / f"{name}.png", rng.integers(0, 3, (4, 5)).repeat(16, 0).repeat(16, 1))
     out = tmp / "out"
     assert runner.main(["--dataset", "folder", "--root", str(tmp / "data"), "--out", str(out), "--save-diffmaps",
