@@ -569,8 +569,8 @@ def saved_ground_truth(folder: Path, gt: np.ndarray, n_class: int) -> bool:
 
 def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     """The prediction folder's summary.scores.json and index.html (report.py): the scores per image (and
-    the class each segment was matched to by hungarian), per protocol and per class. A page that cannot
-    be written is said in one line; the scores stand."""
+    the class each segment was matched to by hungarian), per protocol and per class; the page shows the
+    folder's other images too. A page that cannot be written is said in one line; the scores stand."""
     images = {}
     for r, entry in zip(results, result["per_image"]):
         classes, segments = hungarian_matching(r.hist)
@@ -585,7 +585,9 @@ def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     except OSError as e:
         print(f"evaluate: cannot write {shown(pred / webpage.SCORES)}: {e.strerror or e}", file=sys.stderr)
         return
-    webpage.refresh_page(pred, list(images), None, lambda line: print(f"evaluate: {line}", file=sys.stderr))
+    others = {p.name for p in listed_folder(pred) if (p / webpage.RUN_RECORD).is_file()}  # the run's, not scored
+    webpage.refresh_page(pred, sorted(set(images) | others), None,
+                         lambda line: print(f"evaluate: {line}", file=sys.stderr))
 
 
 def main(argv=None) -> int:

@@ -527,7 +527,7 @@ function wire() {
   });
 }
 
-header(); evaluation(); gallery(); wire();
+header(); evaluation(); gallery(); sortTiles(); wire();
 const start = entries.findIndex(e => "#" + encodeURIComponent(e.name) === location.hash);
 if (start >= 0) openImage(start);
 document.body.dataset.ready = "1";
