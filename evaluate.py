@@ -27,6 +27,8 @@ Scoring resolution: DiffSeg scores every image at 512x512, the centre-cropped la
 prediction each resized there by nearest neighbour (half-pixel centres), so every image weighs the
 same: `--resolution 512`, the default of its two presets (coco-stuff-27, cityscapes). `--resolution
 native` (the default of the others) scores at the label map's own size, the prediction resized to it.
+Each run also refreshes PRED/index.html, the page of the run (report.py): the scores per image,
+protocol and class, and per image the ground truth (PRED/<name>/gt.png) with each segment's matched class.
 The datasets are read by datasets.py. Only the standard library, numpy, scipy, Pillow and tqdm are
 used: no model, no GPU.
 """

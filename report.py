@@ -345,6 +345,7 @@ function header() {
 }
 
 function evaluation() {
+  $("sort").querySelector("[value=score]").disabled = !entries.some(e => e.score);
   if (!scores) return;
   $("evaluation").hidden = false;
   const scored = entries.filter(e => e.score).length;
@@ -360,7 +361,6 @@ function evaluation() {
   scores.class_names.forEach((name, c) => $("classes").append(el("tr", {},
     el("td", {}, el("span", {className: "swatch", style: "background:" + scores.class_colours[c]}), name),
     ...scores.protocols.map(p => el("td", {className: "n", textContent: pct(scores[p].iou[c])})))));
-  if (!scored) $("sort").querySelector("[value=score]").disabled = true;
 }
 
 function tile(entry, i) {
@@ -379,7 +379,7 @@ function gallery() {
   const tiles = document.createDocumentFragment();
   entries.forEach((e, i) => tiles.append(tile(e, i)));
   $("gallery").append(tiles);
-  $("count").textContent = `${entries.length} images`;
+  $("count").textContent = entries.length === 1 ? "1 image" : `${entries.length} images`;
 }
 
 const SORTS = {

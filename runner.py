@@ -7,7 +7,8 @@
 emerdiff.py is the method; this file is what a command line needs around it, kept apart so that
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
-- the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, diffmaps.png);
+- the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, view.js,
+  diffmaps.png and diffmaps/), and the run's page, index.html (report.py), after each image and at the end;
 - dataset runs: a benchmark's images (datasets.py's readers and DiffSeg's centre crop), resumable,
   and shared out over torchrun's processes, each taking every N-th image;
 - safe writing (files.py): each image's folder is written under a temporary name and swapped in
@@ -62,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="emerdiff.py", formatter_class=HelpFormatter,
         description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. Writes "
         "labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png and run.json into OUT/<image name>/ "
-        "per image; a rerun skips the images already done with the same options.")
+        "per image, and OUT/index.html, the run's page (open it in a browser); a rerun skips the images already "
+        "done with the same options.")
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", action="append", metavar="PATH",
                         help="an image file, a folder of images, or a .txt file listing image paths (one per "
@@ -121,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the plain PyTorch path: no speed paths (Winograd's convolutions, attention shared by "
                    "runs; speed.py), for comparison and for reading")
     p.add_argument("--save-diffmaps", action="store_true",
-                   help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
+                   help="also write diffmaps.png, the K difference maps captioned with their segment's colour, and "
+                   "each alone in diffmaps/ (index.html shows the one of the segment hovered)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

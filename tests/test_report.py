@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
+from scipy.optimize import linear_sum_assignment
 
 import evaluate
 import report
@@ -145,6 +146,24 @@ def scored_run(tmp_path_factory):
     assert evaluate.main(["--dataset", "folder", "--root", str(tmp / "data"), "--pred", str(out), "--quiet",
                           "--json", str(tmp / "scores.json")]) == 0
     return out, json.loads((tmp / "scores.json").read_text())
+
+
+def test_evaluate_writes_the_ground_truth_and_each_segment_s_class(scored_run):
+    out, scores = scored_run
+    saved = json.loads((out / "summary.scores.json").read_text())
+    assert saved["hungarian"]["miou"] == pytest.approx(scores["hungarian"]["miou"])
+    assert saved["class_names"] == ["0", "1", "2"]
+    colours = report.class_colours(3)
+    for name in NAMES:
+        gt = np.asarray(Image.open(out.parent / "data" / "labels" / f"{name}.png"))
+        labels = np.load(out / folder_name(name) / "labels.npy")
+        assert np.array_equal(np.asarray(Image.open(out / folder_name(name) / "gt.png")), colours[gt])
+        hist = np.zeros((3, 4), dtype=int)  # class x segment, by a loop
+        for c, s in zip(gt.ravel(), labels.ravel()):
+            hist[c, s] += 1
+        classes, segments = linear_sum_assignment(hist, maximize=True)
+        matched = saved["per_image"][folder_name(name)]["matched"]
+        assert [matched[s] for s in segments] == list(classes) and matched.count(-1) == 1
 
 
 def tile_names(page):
