@@ -550,7 +550,7 @@ def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resol
                  embeddings: bool) -> ImageResult:
     """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
     gt, undefined = checked_ground_truth(sample, dataset, n_class)
-    saved = saved_ground_truth(folder, gt, n_class)
+    saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class))
     gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
     hist = confusion(gt, pred, n_class)
     if not embeddings:
@@ -560,10 +560,15 @@ def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resol
     return ImageResult(sample.stem, padded, vectors, undefined, saved)
 
 
-def saved_ground_truth(folder: Path, gt: np.ndarray, n_class: int) -> bool:
+def class_colours(dataset: str, n_class: int) -> np.ndarray:
+    """(n_class, 3) uint8: the dataset's own class colours (Cityscapes), else report.py's fixed palette."""
+    return webpage.class_colours(n_class, PRESETS[dataset].colours if dataset in PRESETS else None)
+
+
+def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> bool:
     """gt.png in the prediction folder, for its page (report.py); False where it cannot be written."""
     try:
-        webpage.save_ground_truth(folder, gt, n_class, IGNORE)
+        webpage.save_ground_truth(folder, gt, colours, IGNORE)
         return True
     except OSError:
         return False
@@ -583,7 +588,8 @@ def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
                                        "gt": r.ground_truth_saved,
                                        "labels_written": webpage.labels_written(pred / folder_name(r.stem))}
     try:
-        webpage.write_scores(pred, json_ready(result), json_ready(images))
+        webpage.write_scores(pred, json_ready(result), json_ready(images),
+                             class_colours(result["dataset"], len(result["class_names"])))
     except OSError as e:
         print(f"evaluate: cannot write {shown(pred / webpage.SCORES)}: {e.strerror or e}", file=sys.stderr)
         return

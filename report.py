@@ -120,29 +120,32 @@ def script_json(data) -> str:
 
 # ---- Ground truth and scores (evaluate.py) ----
 
-def class_colours(n: int) -> np.ndarray:
-    """A fixed palette for a dataset's n classes (the datasets define none): hues stepped by the golden
-    ratio from another start, paler than the segments'."""
+def class_colours(n: int, own=None) -> np.ndarray:
+    """(n, 3) uint8 colours of a dataset's n classes: its `own` where it has them (Cityscapes), else a
+    fixed palette, hues stepped by the golden ratio from another start than the segments', paler."""
+    if own is not None:
+        return np.array(own, dtype=np.uint8)
     hues = (0.08 + np.arange(n) * 0.618033988749895) % 1
     return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.55, 0.85)] for h in hues], dtype=np.uint8)
 
 
-def save_ground_truth(folder: Path, gt: np.ndarray, n_class: int, ignore: int):
-    """gt.png in an image folder: the class ids (H, W) in class colours, pixels that count nowhere black."""
+def save_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray, ignore: int):
+    """gt.png in an image folder: the class ids (H, W) in the classes' `colours`, pixels that count nowhere
+    black."""
     table = np.zeros((256, 3), dtype=np.uint8)
-    table[:n_class] = class_colours(n_class)
+    table[:len(colours)] = colours
     table[ignore] = IGNORED_COLOUR
     picture = Image.fromarray(table[gt])
     atomic_save(folder / GROUND_TRUTH, lambda tmp: picture.save(tmp, format="PNG"))
 
 
-def write_scores(folder: Path, result: dict, images: dict):
+def write_scores(folder: Path, result: dict, images: dict, colours: np.ndarray):
     """summary.scores.json: evaluate.py's result (nan as None) (per protocol, per class) and, per image folder name,
     its scores, the class matched to each segment, the classes present and when its labels.png was
     written (the page shows an image's scores only while its labels.png is that one)."""
     keep = ("dataset", "images", "missing", "resolution", "protocols", "class_names")
     data = {k: result[k] for k in keep} | {p: result[p] for p in result["protocols"]}
-    data |= {"class_colours": [hex_colour(c) for c in class_colours(len(result["class_names"]))],
+    data |= {"class_colours": [hex_colour(c) for c in colours],
              "evaluated": time.strftime("%Y-%m-%d %H:%M:%S"), "per_image": images}
     text = json.dumps(data, indent=1, allow_nan=False)
     atomic_save(folder / SCORES, lambda tmp: tmp.write_text(text + "\n"))

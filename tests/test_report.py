@@ -19,7 +19,8 @@ import runner
 from files import folder_name
 from page_speed import fake_run
 from command_line import save_image
-from test_evaluate import save_labels
+from datasets import dataset_samples
+from test_evaluate import crop_array, make_cityscapes, save_labels
 
 INSTALL = "apt-get install chromium && pip install playwright==1.65.2"
 NAMES = ["a", "b <&'\"c", "d"]  # image stems; the second needs escaping in HTML, JS and URLs
@@ -164,6 +165,20 @@ def test_evaluate_writes_the_ground_truth_and_each_segment_s_class(scored_run):
         classes, segments = linear_sum_assignment(hist, maximize=True)
         matched = saved["per_image"][folder_name(name)]["matched"]
         assert [matched[s] for s in segments] == list(classes) and matched.count(-1) == 1
+
+
+def test_cityscapes_ground_truth_is_drawn_in_cityscapes_colours(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    pred = tmp_path / "pred"
+    samples = dataset_samples("cityscapes", root)
+    for sample in samples:
+        save_labels(pred / sample.stem / "labels.png", crop_array(np.asarray(Image.open(sample.label))) % 5, mode="P")
+    assert evaluate.main(["--dataset", "cityscapes", "--root", str(root), "--pred", str(pred), "--quiet"]) == 0
+    ids = crop_array(np.asarray(Image.open(samples[0].label)))
+    gt = np.asarray(Image.open(pred / samples[0].stem / "gt.png"))
+    # label ids 7 road, 23 sky, 26 car, 0 unlabelled: cityscapesScripts' colours, and black
+    for label, colour in ((7, (128, 64, 128)), (23, (70, 130, 180)), (26, (0, 0, 142)), (0, (0, 0, 0))):
+        assert (ids == label).any() and (gt[ids == label] == colour).all()
 
 
 def tile_names(page):
