@@ -243,7 +243,21 @@ def refresh_page(out: Path, names: list[str], summary: dict | None, say, running
         return True
     except OSError as e:
         say(f"cannot write {shown(out / PAGE)}: {e.strerror or e}")
-        return False
+    except ValueError as e:  # a value JSON cannot hold (nan): the run's outputs stand without their page
+        say(f"cannot write {shown(out / PAGE)}: {e}")
+    return False
+
+
+class RunPage:
+    """The page of one run, rewritten when asked (runner.py: after each image and at the end); a page that
+    cannot be written is said once, through `say`, and not tried again in this run."""
+
+    def __init__(self, out: Path, names: list[str], say):
+        self.out, self.names, self.say, self.failed = out, names, say, False
+
+    def write(self, summary: dict, running: bool = False):
+        if not self.failed:
+            self.failed = not refresh_page(self.out, self.names, summary, self.say, running)
 
 
 PAGE_CSS = """

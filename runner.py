@@ -37,13 +37,13 @@ from tqdm import tqdm
 
 from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device, pick_dtype, set_speed_paths,
                      synchronize)
-import report as webpage
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from evaluate import EMBEDDINGS_FILE, PREDICTION_FILE
 from files import (FileError, OneLineParser, atomic_save, checked_file, folder_name, listed_folder,
                    remove_dead_temporaries, shown, temporary_path, write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
+import report as webpage
 from sampler import timesteps_until
 
 # ---- Options ----
@@ -514,16 +514,17 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
-    page = lambda: webpage.refresh_page(out, names, summary.as_dict(options), say, running=True)  # noqa: E731
+    page = webpage.RunPage(out, names, say)
     try:
-        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0, after_each=page)
+        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0,
+                     after_each=lambda: page.write(summary.as_dict(options), running=True))
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
         whole = write_summary(out, summary.as_dict(options), rank, world)
         if whole is not None:  # index.html: the whole run's, by the process that wrote summary.json
-            webpage.refresh_page(out, names, whole, say)
+            page.write(whole)
     return whole
 
 

@@ -90,6 +90,21 @@ def test_the_page_is_rewritten_after_each_image_and_stays_true_when_interrupted(
     assert [e["name"] for e in page_data(out)["entries"]] == ["a", "b", "c"]
 
 
+def test_a_page_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, name in enumerate("ab"):
+        save_image(images / f"{name}.png", (64, 64), seed)
+    out = tmp_path / "out"
+    (out / "index.html").mkdir(parents=True)  # in the way of the page
+    assert runner.main(["--image", str(images), "--out", str(out), *TINY]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "error" in line] == [f"emerdiff: error: cannot write {out / 'index.html'}: "
+                                                           "Is a directory"]
+    assert all((out / name / "view.js").is_file() for name in "ab")
+    assert json.loads((out / "summary.json").read_text())["done"] == 2
+
+
 # ---- In a browser ----
 
 def browser():
