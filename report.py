@@ -296,7 +296,7 @@ PAGE_BODY = """
 <h1 id="title"></h1>
 <p id="totals"></p>
 <p id="state" class="warn" hidden></p>
-<details><summary>Options</summary><table id="options"></table></details>
+<details open><summary>Options</summary><table id="options"></table></details>
 <section id="evaluation" hidden>
 <h2>Scores (evaluate.py)</h2>
 <p id="eval-note" class="note"></p>
@@ -353,8 +353,10 @@ function header() {
     $("state").hidden = false;
     $("state").textContent = s.error ? "The run stopped: " + s.error : "The run is in progress: this page is rewritten after each image.";
   }
-  for (const [k, v] of Object.entries(s.options || {}))
-    $("options").append(el("tr", {}, el("th", {textContent: k}), el("td", {textContent: JSON.stringify(v)})));
+  const options = Object.entries(s.options || {});  // in rows of four
+  for (let at = 0; at < options.length; at += 4)
+    $("options").append(el("tr", {}, ...options.slice(at, at + 4).flatMap(([k, v]) =>
+      [el("th", {textContent: k}), el("td", {textContent: JSON.stringify(v)})])));
   if (failed) {
     $("failed").hidden = false;
     for (const f of s.failed) $("failed-list").append(el("li", {textContent: f.reason}));
