@@ -66,6 +66,16 @@ CITYSCAPES_CLASSES = (
     "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider",
     "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
 CITYSCAPES_FIRST_ID = 7
+# Each class's colour in Cityscapes' own pictures (cityscapesScripts, helpers/labels.py); the page of a run
+# (report.py) draws the ground truth in them. The other datasets define none: a fixed palette there.
+CITYSCAPES_COLOURS = {
+    "road": (128, 64, 128), "sidewalk": (244, 35, 232), "parking": (250, 170, 160), "rail track": (230, 150, 140),
+    "building": (70, 70, 70), "wall": (102, 102, 156), "fence": (190, 153, 153), "guard rail": (180, 165, 180),
+    "bridge": (150, 100, 100), "tunnel": (150, 120, 90), "pole": (153, 153, 153), "polegroup": (153, 153, 153),
+    "traffic light": (250, 170, 30), "traffic sign": (220, 220, 0), "vegetation": (107, 142, 35),
+    "terrain": (152, 251, 152), "sky": (70, 130, 180), "person": (220, 20, 60), "rider": (255, 0, 0),
+    "car": (0, 0, 142), "truck": (0, 0, 70), "bus": (0, 60, 100), "caravan": (0, 0, 90), "trailer": (0, 0, 110),
+    "train": (0, 80, 100), "motorcycle": (0, 0, 230), "bicycle": (119, 11, 32)}
 CITYSCAPES_VALUES = 34  # label ids 0..33 (license plate, -1, is stored as 255)
 # "cityscapes-19": the 19 evaluation classes (Cityscapes' trainIds), label id -> name; the rest is ignored.
 CITYSCAPES_19 = {7: "road", 8: "sidewalk", 11: "building", 12: "wall", 13: "fence", 17: "pole", 19: "traffic light",
@@ -148,6 +158,7 @@ class Preset:
     crop: bool  # segment and score the centred square (DiffSeg's protocol), else the whole image
     resolution: str  # the scoring resolution by default: "512" (DiffSeg's) or "native"
     values: int  # the dataset defines label values 0..values-1 (a class, or ignored) and IGNORE; others count nowhere
+    colours: tuple | None = None  # (R, G, B) per class where the dataset draws its classes in its own colours
 
     def undefined(self, ids: np.ndarray) -> np.ndarray:
         """(256,) pixels of `ids` per label value this dataset does not define (evaluate.py reports them)."""
@@ -302,7 +313,8 @@ PRESETS = {
                             crop=True, resolution="512", values=len(COCO_FINE_TO_COARSE)),
     "cityscapes": Preset(CITYSCAPES_CLASSES, lookup_table({CITYSCAPES_FIRST_ID + c: c for c in
                                                            range(len(CITYSCAPES_CLASSES))}),
-                         cityscapes_pairs, crop=True, resolution="512", values=CITYSCAPES_VALUES),
+                         cityscapes_pairs, crop=True, resolution="512", values=CITYSCAPES_VALUES,
+                         colours=tuple(CITYSCAPES_COLOURS[name] for name in CITYSCAPES_CLASSES)),
     "ade20k": Preset(ADE20K_CLASSES, shifted(len(ADE20K_CLASSES)), ade20k_pairs, crop=False, resolution="native",
                      values=len(ADE20K_CLASSES) + 1),
     "pascal-context-59": Preset(PASCAL_CONTEXT_CLASSES, shifted(len(PASCAL_CONTEXT_CLASSES)), pascal_context_pairs,
@@ -311,7 +323,8 @@ PRESETS = {
                              resolution="native", values=len(COCO_FINE_CLASSES)),
     "cityscapes-19": Preset(tuple(CITYSCAPES_19.values()),
                             lookup_table({label: c for c, label in enumerate(CITYSCAPES_19)}), cityscapes_pairs,
-                            crop=False, resolution="native", values=CITYSCAPES_VALUES),
+                            crop=False, resolution="native", values=CITYSCAPES_VALUES,
+                            colours=tuple(CITYSCAPES_COLOURS[name] for name in CITYSCAPES_19.values())),
 }
 DATASETS = (*PRESETS, "folder")  # "folder": images/<stem>.<ext> with labels/<stem>.png of class ids
 

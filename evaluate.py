@@ -27,6 +27,8 @@ Scoring resolution: DiffSeg scores every image at 512x512, the centre-cropped la
 prediction each resized there by nearest neighbour (half-pixel centres), so every image weighs the
 same: `--resolution 512`, the default of its two presets (coco-stuff-27, cityscapes). `--resolution
 native` (the default of the others) scores at the label map's own size, the prediction resized to it.
+Each run also refreshes PRED/index.html, the page of the run (report.py): the scores per image,
+protocol and class, and per image the ground truth (PRED/<name>/gt.png) with each segment's matched class.
 The datasets are read by datasets.py. Only the standard library, numpy, scipy, Pillow and tqdm are
 used: no model, no GPU.
 """
@@ -46,8 +48,9 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file,
-                   folder_name, listed_folder, shown)
+from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, FileError, OneLineParser, atomic_save,
+                   checked_file, folder_name, listed_folder, shown)
+import report as webpage
 
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
 RESOLUTIONS = ("512", "native")
@@ -184,6 +187,12 @@ def confusion(gt: np.ndarray, pred: np.ndarray, n_class: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_class * n_segments).reshape(n_class, n_segments)
 
 
+def hungarian_matching(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, segments): class classes[i] matched to segment (column) segments[i], maximising the total
+    overlap; classes == 0..n_class-1 (rows <= columns)."""
+    return linear_sum_assignment(hist, maximize=True)
+
+
 def hungarian_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class (TP, FP, FN) of one image, segments matched one-to-one (DiffSeg's protocol).
 
@@ -191,7 +200,7 @@ def hungarian_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     FN: the class's pixels outside its segment; FP: its segment's pixels of other classes. Pixels of
     unmatched segments add no FP.
     """
-    classes, segments = linear_sum_assignment(hist, maximize=True)  # classes == 0..n_class-1 (rows <= cols)
+    classes, segments = hungarian_matching(hist)
     tp = hist[classes, segments]
     return tp, hist.sum(0)[segments] - tp, hist.sum(1)[classes] - tp
 
@@ -221,6 +230,7 @@ class ImageResult:
     hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
     embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
     undefined: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # Preset.undefined
+    ground_truth_saved: bool = False  # gt.png written into its prediction folder (the page shows it)
 
     @cached_property
     def hungarian(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -516,7 +526,7 @@ def run(args) -> dict:
                "allow_missing": args.allow_missing}
     names = PRESETS[args.dataset].classes if args.dataset in PRESETS else [str(c) for c in range(n_class)]
     undefined = sum(r.undefined for r in results)
-    return {"dataset": args.dataset, "images": len(present), "missing": len(missing),
+    result = {"dataset": args.dataset, "images": len(present), "missing": len(missing),
             "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
             **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
             "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*r.hungarian).items() if k != "iou"}}
@@ -525,6 +535,8 @@ def run(args) -> dict:
             "undefined_label_maps": sum(bool(r.undefined.any()) for r in results),
             "class_names": list(names), "options": options, "protocols": protocols,
             "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
+    refresh_page(pred, result, results)
+    return result
 
 
 def settings_of(args) -> dict:
@@ -537,13 +549,52 @@ def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resol
                  embeddings: bool) -> ImageResult:
     """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
     gt, undefined = checked_ground_truth(sample, dataset, n_class)
+    saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class))
     gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
     hist = confusion(gt, pred, n_class)
     if not embeddings:
-        return ImageResult(sample.stem, hist, None, undefined)
+        return ImageResult(sample.stem, hist, None, undefined, saved)
     vectors = embeddings_of(folder, int(pred.max()) + 1)
     padded = np.pad(hist, ((0, 0), (0, max(0, len(vectors) - hist.shape[1]))))  # segments with no pixel here
-    return ImageResult(sample.stem, padded, vectors, undefined)
+    return ImageResult(sample.stem, padded, vectors, undefined, saved)
+
+
+def class_colours(dataset: str, n_class: int) -> np.ndarray:
+    """(n_class, 3) uint8: the dataset's own class colours (Cityscapes), else report.py's fixed palette."""
+    return webpage.class_colours(n_class, PRESETS[dataset].colours if dataset in PRESETS else None)
+
+
+def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> bool:
+    """gt.png in the prediction folder, for its page (report.py); False where it cannot be written."""
+    try:
+        webpage.save_ground_truth(folder, gt, colours, IGNORE)
+        return True
+    except OSError:
+        return False
+
+
+def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
+    """The prediction folder's summary.scores.json and index.html (report.py): the scores per image (and
+    the class each segment was matched to by hungarian), per protocol and per class; the page shows the
+    folder's other images too. A page that cannot be written is said in one line; the scores stand."""
+    images = {}
+    for r, entry in zip(results, result["per_image"]):
+        classes, segments = hungarian_matching(r.hist)
+        matched = np.full(r.hist.shape[1], -1)
+        matched[segments] = classes
+        images[folder_name(r.stem)] = {"miou": entry["miou"], "accuracy": entry["accuracy"],
+                                       "matched": matched.tolist(), "classes": np.flatnonzero(r.hist.sum(1)).tolist(),
+                                       "gt": r.ground_truth_saved,
+                                       "labels_written": webpage.labels_written(pred / folder_name(r.stem))}
+    try:
+        webpage.write_scores(pred, json_ready(result), json_ready(images),
+                             class_colours(result["dataset"], len(result["class_names"])))
+    except OSError as e:
+        print(f"evaluate: cannot write {shown(pred / webpage.SCORES)}: {e.strerror or e}", file=sys.stderr)
+        return
+    others = {p.name for p in listed_folder(pred) if (p / RUN_RECORD).is_file()}  # the run's, not scored
+    webpage.refresh_page(pred, sorted(set(images) | others), None,
+                         lambda line: print(f"evaluate: {line}", file=sys.stderr))
 
 
 def main(argv=None) -> int:

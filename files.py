@@ -26,9 +26,11 @@ import socket
 import stat
 from pathlib import Path
 
-# What the command line writes per image and evaluate.py reads:
-PREDICTION_FILE = "labels.png"  # the labels, an 8-bit palette image
-EMBEDDINGS_FILE = "embeddings.npy"  # (K, C) float32: row i, segment i's mask embedding
+# What the command line writes, and evaluate.py and the run's page (report.py) read:
+PREDICTION_FILE = "labels.png"  # per image: the labels, an 8-bit palette image
+EMBEDDINGS_FILE = "embeddings.npy"  # per image: (K, C) float32, row i segment i's mask embedding
+RUN_RECORD = "run.json"  # per image: how its folder was made; written last, with the rest
+SUMMARY = "summary.json"  # in --out: what the last run did
 MAX_SEGMENTS = 256  # what an 8-bit labels.png can hold
 HOST = socket.gethostname().replace(".", "-")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d{1,10})\.tmp")
@@ -101,10 +103,11 @@ def listed_folder(folder: Path) -> list[Path]:
 def folder_name(stem: str) -> str:
     """The output folder of an image of this stem (runner.py writes it, evaluate.py reads it): safe on
     any file system and never taken for a run's own files. Characters some file system refuses become
-    "_"; a name that is empty, hidden (such as "." or a temporary's) or a summary file's gets a "_"
-    in front; a name too long for its temporaries is cut, a hash of the whole stem kept at its end."""
+    "_"; a name that is empty, hidden (such as "." or a temporary's), a summary file's or the run's
+    page's (index.html) gets a "_" in front; a name too long for its temporaries is cut, a hash of the
+    whole stem kept at its end."""
     name = UNSAFE.sub("_", stem)
-    if not name or name.startswith((".", "summary.")):
+    if not name or name.startswith((".", "summary.")) or name.casefold() == "index.html":  # the run's page
         name = "_" + name
     if len(os.fsencode(name)) > MAX_FOLDER_NAME:
         digest = hashlib.sha1(os.fsencode(stem)).hexdigest()[:16]

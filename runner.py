@@ -7,7 +7,8 @@
 emerdiff.py is the method; this file is what a command line needs around it, kept apart so that
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
-- the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, diffmaps.png);
+- the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, view.js,
+  diffmaps.png and diffmaps/), and the run's page, index.html (report.py), after each image and at the end;
 - dataset runs: a benchmark's images (datasets.py's readers and DiffSeg's centre crop), resumable,
   and shared out over torchrun's processes, each taking every N-th image;
 - safe writing (files.py): each image's folder is written under a temporary name and swapped in
@@ -38,9 +39,11 @@ from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device,
                      synchronize)
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
-from files import (EMBEDDINGS_FILE, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file, folder_name,
-                   listed_folder, remove_dead_temporaries, shown, temporary_path, write_folder)
+from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
+                   checked_file, folder_name, listed_folder, remove_dead_temporaries, shown, temporary_path,
+                   write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
+import report as webpage
 from sampler import timesteps_until
 
 # ---- Options ----
@@ -60,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="emerdiff.py", formatter_class=HelpFormatter,
         description="EmerDiff (ICLR 2024): training-free segmentation from Stable Diffusion. Writes "
         "labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png and run.json into OUT/<image name>/ "
-        "per image; a rerun skips the images already done with the same options.")
+        "per image, and OUT/index.html, the run's page (open it in a browser); a rerun skips the images already "
+        "done with the same options.")
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", action="append", metavar="PATH",
                         help="an image file, a folder of images, or a .txt file listing image paths (one per "
@@ -119,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the plain PyTorch path: no speed paths (Winograd's convolutions, attention shared by "
                    "runs; speed.py), for comparison and for reading")
     p.add_argument("--save-diffmaps", action="store_true",
-                   help="also write diffmaps.png, the K difference maps captioned with their segment's colour")
+                   help="also write diffmaps.png, the K difference maps captioned with their segment's colour, and "
+                   "each alone in diffmaps/ (index.html shows the one of the segment hovered)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -389,14 +394,17 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
     files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
     files["labels.npy"] = lambda path: np.save(path, seg.labels)
     files[EMBEDDINGS_FILE] = lambda path: np.save(path, seg.embeddings)
+    view = webpage.view_script(seg.labels, seg.low_res_labels, COLOURS[:len(seg.embeddings)])
+    files[webpage.VIEW_SCRIPT] = lambda path: path.write_text(view)
+    if diffmaps:
+        files |= webpage.diffmap_files(seg.difference_maps.float().cpu().numpy())
     return files
 
 
 # ---- Writing safely ----
 
-RUN_RECORD = "run.json"  # in each output folder: how it was made; written last, with the rest
-SUMMARY = "summary.json"  # in --out: what the last run did
-OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD}
+OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD,
+                webpage.VIEW_SCRIPT, webpage.DIFFMAPS, webpage.GROUND_TRUTH}  # gt.png: evaluate.py's
 
 
 def prepare_out(out: Path):
@@ -494,7 +502,8 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     options = method_options(args)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
-    jobs = all_jobs(args)[rank::world]
+    every = all_jobs(args)
+    jobs, names = every[rank::world], [job.name for job in every]
     summary.total = len(jobs)
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
@@ -502,19 +511,25 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
+    page = webpage.RunPage(out, names, say)
     try:
-        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0)
+        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0,
+                     after_each=lambda: page.write(summary.as_dict(options), running=True))
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
         whole = write_summary(out, summary.as_dict(options), rank, world)
+        if whole is not None:  # index.html: the whole run's, by the process that wrote summary.json
+            page.write(whole)
     return whole
 
 
-def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool):
+def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool,
+                 after_each=lambda: None):
     """The jobs that can be done and are not done yet, each segmented into its folder; a failing image
-    is said and counted, and the others go on. `announce`: the first image says how long each takes."""
+    is said and counted, and the others go on. `announce`: the first image says how long each takes;
+    `after_each` is called after each image done or failed (index.html rewritten)."""
     from weights import load_stable_diffusion, random_stable_diffusion
     jobs = checked_jobs(jobs, options, summary)
     records = {job: run_record(job, args, options, dtype) for job in jobs}
@@ -541,6 +556,7 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args,
             summary.fail(job.path, e)
         except OSError as e:
             summary.fail(job.path, EmerDiffError(f"cannot write {out / job.name}: {e.strerror or e}"))
+        after_each()
 
 
 def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | None:

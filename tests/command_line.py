@@ -14,7 +14,7 @@ EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
 FAST = ["--size", "64", "--masks", "2", "--feature-samples", "1", "--kmeans-restarts", "1", "--steps", "10",
         "--tm", "101", "--quiet"]
 FAST_OPTIONS = dict(size=64, masks=2, feature_samples=1, kmeans_restarts=1, steps=10, t_m=101)  # as segment()'s
-OUTPUTS = {"labels.png", "labels.npy", "embeddings.npy", "overlay.png", "lowres.png", "run.json"}
+OUTPUTS = {"labels.png", "labels.npy", "embeddings.npy", "overlay.png", "lowres.png", "view.js", "run.json"}
 
 
 def cli(*args, **kwargs) -> subprocess.CompletedProcess:

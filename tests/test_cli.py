@@ -140,7 +140,7 @@ def test_a_folder_and_several_images(tiny_sd_dir, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     assert run_cli(tiny_sd_dir, tmp_path / "out", "--image", str(folder), "--image", str(EXAMPLE)) == 0
     assert np.load(tmp_path / "out" / "b" / "labels.npy").shape == (150, 200)
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"a", "b", "chelsea", "summary.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"a", "b", "chelsea", "summary.json", "index.html"}
 
 
 # ---- images of every kind are converted ----

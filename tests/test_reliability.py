@@ -214,7 +214,8 @@ def test_temporaries_of_dead_processes_are_removed(tmp_path, tiny_sd_dir):
     elsewhere = out / ".z.another-machine.999999999.tmp"
     elsewhere.mkdir()
     assert runner.main(["--image", str(EXAMPLE), "--weights", str(tiny_sd_dir), "--out", str(out), *FAST]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([alive.name, elsewhere.name, "chelsea", "summary.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([alive.name, elsewhere.name, "chelsea", "summary.json",
+                                                         "index.html"])
 
 
 # ---- interrupts and kills ----

@@ -136,7 +136,9 @@ def test_torchrun_shares_the_images_out_once_each(tmp_path, tiny_sd_dir):
     for i in range(5):
         assert np.array_equal(np.load(tmp_path / "shared" / f"img{i}" / "labels.npy"),
                               np.load(tmp_path / "single" / f"img{i}" / "labels.npy"))
-    assert sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_file()) == ["summary.json"]
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_file()) == ["index.html", "summary.json"]
+    page = (tmp_path / "shared" / "index.html").read_text()  # the merging process's: every process's images
+    assert all(f'"name":"img{i}"' in page for i in range(5))
     summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
     assert (summary["images"], summary["done"], len(summary["seconds"])) == (5, 5, 5)
 

@@ -221,7 +221,7 @@ def test_processes_of_a_torchrun_never_wait_for_each_other(tmp_path, tiny_sd_dir
     assert working.wait(timeout=300) == 0, working.stderr.read()
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["images"], summary["done"]) == (1, 1)
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["summary.json"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["index.html", "summary.json"]
 
 
 def test_a_failed_image_under_torchrun_ends_no_other_process(tmp_path, tiny_sd_dir):
@@ -241,7 +241,8 @@ def test_a_failed_image_under_torchrun_ends_no_other_process(tmp_path, tiny_sd_d
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["images"], summary["done"], summary["error"]) == (3, 2, None)
     assert [f["image"] for f in summary["failed"]] == [str(images / "b.png")]
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["summary.json"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["index.html", "summary.json"]
+    assert f'"image":"{images / "b.png"}"' in (out / "index.html").read_text()  # the merger's page: every failure
 
 
 @pytest.mark.parametrize("world, rank", [("abc", "0"), ("2", "5")])

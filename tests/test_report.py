@@ -1,0 +1,277 @@
+"""The run's page, index.html (report.py): what it is made of, without a browser; then in a real one,
+Debian's chromium driven by playwright, a tiny model's run of 3 images scored by evaluate.py, opened
+from file://: its tiles, scores, sorting, hovering and difference maps, and the keys."""
+import json
+import os
+import re
+import shutil
+import urllib.parse
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
+from scipy.optimize import linear_sum_assignment
+
+import evaluate
+import report
+import runner
+from files import folder_name
+from page_speed import fake_run
+from command_line import save_image
+from datasets import dataset_samples
+from test_evaluate import crop_array, make_cityscapes, save_labels
+
+INSTALL = "apt-get install chromium && pip install playwright==1.65.2"
+NAMES = ["a", "b <&'\"c", "d"]  # image stems; the second needs escaping in HTML, JS and URLs
+TINY = ["--random-weights", "--size", "64", "--masks", "4", "--feature-samples", "1", "--kmeans-restarts", "1",
+        "--steps", "10", "--tm", "101", "--quiet"]
+
+
+# ---- Without a browser ----
+
+def test_run_length_encoding_round_trip():
+    ids = np.random.default_rng(0).integers(0, 3, (7, 9)).repeat(2, 1)
+    encoded = report.runs(ids)
+    decoded = np.concatenate([[v] * n for v, n in zip(encoded[::2], encoded[1::2])])
+    assert np.array_equal(decoded, ids.ravel()) and sum(encoded[1::2]) == ids.size
+    assert report.runs(np.zeros((0, 3))) == []
+
+
+def test_data_in_the_page_cannot_end_its_script():
+    text = report.script_json({"name": "</script><b>&'\"\u2028é"})
+    assert not re.search(r"[<>&]", text) and text.isascii()
+    assert json.loads(text) == {"name": "</script><b>&'\"\u2028é"}
+
+
+def test_no_image_folder_takes_the_page_s_name():
+    assert folder_name("index.html") == "_index.html" and folder_name("INDEX.HTML") == "_INDEX.HTML"
+
+
+def page_data(out):
+    """The data index.html holds, as its script reads it."""
+    text = (out / "index.html").read_text()
+    return json.loads(re.search(r'<script type="application/json" id="run-data">(.*?)</script>', text, re.S)[1])
+
+
+def test_the_page_is_rewritten_after_each_image_and_stays_true_when_interrupted(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, name in enumerate("abc"):
+        save_image(images / f"{name}.png", (64, 64), seed)
+    (images / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = ["--image", str(images), "--out", str(out), "--save-diffmaps", *TINY]
+    written, write_page = [], report.write_page
+    monkeypatch.setattr(report, "write_page", lambda *a, **k: (write_page(*a, **k), written.append(page_data(out))))
+    segment_file, calls = runner.segment_file, []
+
+    def interrupted_at_c(job, *rest, **kw):
+        calls.append(job.name)
+        if job.name == "c":
+            raise KeyboardInterrupt
+        return segment_file(job, *rest, **kw)
+
+    monkeypatch.setattr(runner, "segment_file", interrupted_at_c)
+    assert runner.main(args) == 130
+    assert [[e["name"] for e in data["entries"]] for data in written] == [["a"], ["a", "b"], ["a", "b"]]
+    assert [data["running"] for data in written] == [True, True, False]
+    final = page_data(out)
+    assert final["summary"]["error"] == "interrupted" and final["images"] == 4
+    assert [f["image"] for f in final["summary"]["failed"]] == [str(images / "bad.png")]
+    entry = final["entries"][0]
+    assert {f"diffmaps/{i:03d}.png" for i in range(4)} | {"view.js", "overlay.png"} <= set(entry["files"])
+    assert all((out / "a" / f).is_file() for f in entry["files"])
+    assert entry["input"] == "../images/a.png"
+    monkeypatch.setattr(runner, "segment_file", segment_file)
+    assert runner.main(args) == 2  # the rerun: a and b skipped, c done, bad.png failed again
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped"], summary["done"]) == (2, 1)
+    assert [e["name"] for e in page_data(out)["entries"]] == ["a", "b", "c"]
+
+
+def test_a_page_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed, name in enumerate("ab"):
+        save_image(images / f"{name}.png", (64, 64), seed)
+    out = tmp_path / "out"
+    (out / "index.html").mkdir(parents=True)  # in the way of the page
+    assert runner.main(["--image", str(images), "--out", str(out), *TINY]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "error" in line] == [f"emerdiff: error: cannot write {out / 'index.html'}: "
+                                                           "Is a directory"]
+    assert all((out / name / "view.js").is_file() for name in "ab")
+    assert json.loads((out / "summary.json").read_text())["done"] == 2
+
+
+# ---- In a browser ----
+
+def browser():
+    """Debian's chromium and playwright, or a skip naming how to install them (a failure where the
+    environment says they must be there: EMERDIFF_REQUIRE_BROWSER=1, as .ci/run sets)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not shutil.which("chromium"):
+        missing = "playwright" if sync_playwright is None else "chromium"
+        message = f"{missing} is missing for the browser tests: install with: {INSTALL}"
+        if os.environ.get("EMERDIFF_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with browser()() as p:
+        launched = p.chromium.launch(executable_path=shutil.which("chromium"))
+        yield launched
+        launched.close()
+
+
+class Watched:
+    """A tab whose console errors, uncaught exceptions and requests other than file:// are kept."""
+
+    def __init__(self, chromium):
+        self.page = chromium.new_page(viewport={"width": 1000, "height": 760})
+        self.errors, self.requests = [], []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: None if r.url.startswith("file://") else self.requests.append(r.url))
+
+    def open(self, path):
+        self.page.goto(path.as_uri())
+        self.page.wait_for_selector("body[data-ready]")
+        return self.page
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    """The tiny model's run of a 3-image folder dataset with --save-diffmaps, scored by evaluate.py."""
+    tmp = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(1)
+    for seed, name in enumerate(NAMES):
+        (tmp / "data" / "images").mkdir(parents=True, exist_ok=True)
+        save_image(tmp / "data" / "images" / f"{name}.png", (80, 64), seed)
+        save_labels(tmp / "data" / "labels" / f"{name}.png", rng.integers(0, 3, (4, 5)).repeat(16, 0).repeat(16, 1))
+    out = tmp / "out"
+    assert runner.main(["--dataset", "folder", "--root", str(tmp / "data"), "--out", str(out), "--save-diffmaps",
+                        *TINY]) == 0
+    assert evaluate.main(["--dataset", "folder", "--root", str(tmp / "data"), "--pred", str(out), "--quiet",
+                          "--json", str(tmp / "scores.json")]) == 0
+    return out, json.loads((tmp / "scores.json").read_text())
+
+
+def test_evaluate_writes_the_ground_truth_and_each_segment_s_class(scored_run):
+    out, scores = scored_run
+    saved = json.loads((out / "summary.scores.json").read_text())
+    assert saved["hungarian"]["miou"] == pytest.approx(scores["hungarian"]["miou"])
+    assert saved["class_names"] == ["0", "1", "2"]
+    colours = report.class_colours(3)
+    for name in NAMES:
+        gt = np.asarray(Image.open(out.parent / "data" / "labels" / f"{name}.png"))
+        labels = np.load(out / folder_name(name) / "labels.npy")
+        assert np.array_equal(np.asarray(Image.open(out / folder_name(name) / "gt.png")), colours[gt])
+        hist = np.zeros((3, 4), dtype=int)  # class x segment, by a loop
+        for c, s in zip(gt.ravel(), labels.ravel()):
+            hist[c, s] += 1
+        classes, segments = linear_sum_assignment(hist, maximize=True)
+        matched = saved["per_image"][folder_name(name)]["matched"]
+        assert [matched[s] for s in segments] == list(classes) and matched.count(-1) == 1
+
+
+def test_cityscapes_ground_truth_is_drawn_in_cityscapes_colours(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    pred = tmp_path / "pred"
+    samples = dataset_samples("cityscapes", root)
+    for sample in samples:
+        save_labels(pred / sample.stem / "labels.png", crop_array(np.asarray(Image.open(sample.label))) % 5, mode="P")
+    assert evaluate.main(["--dataset", "cityscapes", "--root", str(root), "--pred", str(pred), "--quiet"]) == 0
+    ids = crop_array(np.asarray(Image.open(samples[0].label)))
+    gt = np.asarray(Image.open(pred / samples[0].stem / "gt.png"))
+    # label ids 7 road, 23 sky, 26 car, 0 unlabelled: cityscapesScripts' colours, and black
+    for label, colour in ((7, (128, 64, 128)), (23, (70, 130, 180)), (26, (0, 0, 142)), (0, (0, 0, 0))):
+        assert (ids == label).any() and (gt[ids == label] == colour).all()
+
+
+def tile_names(page):
+    return page.locator(".tile .name").all_text_contents()
+
+
+def test_the_page_of_a_scored_run(chromium, scored_run):
+    out, scores = scored_run
+    tab = Watched(chromium)
+    page = tab.open(out / "index.html")
+    folders = sorted(folder_name(name) for name in NAMES)
+    assert tile_names(page) == folders
+    per_image = {folder_name(entry["stem"]): entry for entry in scores["per_image"]}
+    for name, text in zip(tile_names(page), page.locator(".tile .score").all_text_contents()):
+        entry = per_image[name]
+        assert text == f"mIoU {100 * entry['miou']:.2f} % · acc {100 * entry['accuracy']:.2f} %"
+    page.select_option("#sort", "score")
+    assert tile_names(page) == sorted(folders, key=lambda name: per_image[name]["miou"])
+    shot = Image.open(page_screenshot(page, out / "gallery.png")).convert("L")
+    assert np.asarray(shot).std() > 10  # not blank
+    assert not tab.errors and not tab.requests
+
+
+def page_screenshot(page, path):
+    page.screenshot(path=str(path))
+    return path
+
+
+def diffmap(page) -> str:
+    """The file the difference map's element shows, relative to the page."""
+    return urllib.parse.unquote(page.get_attribute("#diffmap", "src"))
+
+
+def inner_pixel(labels, segment):
+    """(x, y) of the pixel of `segment` farthest from any other segment."""
+    distance = distance_transform_edt(np.pad(labels == segment, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(distance.argmax(), labels.shape)
+    return x, y
+
+
+def test_hovering_a_segment_shows_its_difference_map(chromium, scored_run):
+    out, _ = scored_run
+    tab = Watched(chromium)
+    page = tab.open(out / "index.html")
+    name = folder_name(NAMES[1])
+    page.locator(".tile", has_text=name).click()
+    page.wait_for_selector("#legend li")
+    labels = np.load(out / name / "labels.npy")
+    assert page.locator("#legend li").count() == 4
+    prefix = name + "/diffmaps/"
+    frame = page.locator(".frame:has(#v-labels)").bounding_box()
+    for segment in np.unique(labels):  # hovered in the picture: the pixel's segment, from labels.npy
+        x, y = inner_pixel(labels, segment)
+        page.mouse.move(frame["x"] + (x + 0.5) * frame["width"] / labels.shape[1],
+                        frame["y"] + (y + 0.5) * frame["height"] / labels.shape[0])
+        assert diffmap(page) == f"{prefix}{segment:03d}.png"
+        assert page.locator("#legend li.on").get_attribute("data-segment") == str(segment)
+    for segment in (3, 0):  # hovered in the legend
+        page.locator("#legend li").nth(segment).hover()
+        assert diffmap(page) == f"{prefix}{segment:03d}.png"
+    page.locator("#legend li").nth(2).click()  # pinned: it stays when the mouse leaves
+    page.mouse.move(1, 1)
+    assert diffmap(page) == f"{prefix}002.png"
+    shot = os.environ.get("EMERDIFF_SCREENSHOT")  # where to keep the screenshot (README's)
+    page_screenshot(page, shot or out / "one-image.png")
+    assert np.asarray(Image.open(shot or out / "one-image.png").convert("L")).std() > 10
+    page.keyboard.press("ArrowRight")
+    assert page.locator("#v-name").text_content() == sorted(folder_name(n) for n in NAMES)[2]
+    page.keyboard.press("Escape")
+    assert page.locator("#viewer").is_hidden()
+    assert not tab.errors and not tab.requests
+
+
+def test_a_page_of_5000_images_shows_every_tile(chromium, tmp_path):
+    names = fake_run(tmp_path / "run", 5000)
+    report.write_page(tmp_path / "run", names)
+    tab = Watched(chromium)
+    page = tab.open(tmp_path / "run" / "index.html")
+    assert page.locator(".tile").count() == 5000
+    assert page.locator(".tile .name").nth(4999).text_content() == names[-1]
+    assert not tab.errors and not tab.requests
