@@ -152,7 +152,7 @@ def write_scores(folder: Path, result: dict, images: dict, colours: np.ndarray):
 def labels_written(folder: Path) -> int | None:
     """When an image folder's labels.png was written (ns), None where it has none."""
     try:
-        return (folder / "labels.png").stat().st_mtime_ns
+        return (folder / PREDICTION_FILE).stat().st_mtime_ns
     except OSError:
         return None
 
@@ -171,7 +171,7 @@ def image_entry(out: Path, name: str) -> dict | None:
     try:
         stat = path.stat()
     except OSError:
-        if not (folder / "labels.png").is_file():
+        if not (folder / PREDICTION_FILE).is_file():
             return None
         return {"name": name, "files": [f for f in PICTURES if (folder / f).is_file()]}
     cached = _records.get(path)
