@@ -9,8 +9,8 @@ import json
 import math
 import os
 import unicodedata
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn

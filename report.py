@@ -118,13 +118,18 @@ def script_json(data) -> str:
 
 # ---- Ground truth and scores (evaluate.py) ----
 
+def golden_ratio_palette(k: int, start: float = 0.0, saturation: float = 0.75, value: float = 0.95) -> np.ndarray:
+    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio from `start`."""
+    hues = (start + np.arange(k) * 0.618033988749895) % 1
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, saturation, value)] for h in hues], dtype=np.uint8)
+
+
 def class_colours(n: int, own=None) -> np.ndarray:
     """(n, 3) uint8 colours of a dataset's n classes: its `own` where it has them (Cityscapes), else a
     fixed palette, hues stepped by the golden ratio from another start than the segments', paler."""
     if own is not None:
         return np.array(own, dtype=np.uint8)
-    hues = (0.08 + np.arange(n) * 0.618033988749895) % 1
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.55, 0.85)] for h in hues], dtype=np.uint8)
+    return golden_ratio_palette(n, start=0.08, saturation=0.55, value=0.85)
 
 
 def save_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray, ignore: int):

@@ -18,7 +18,6 @@ emerdiff.py stays the paper's steps in order:
   status 130 / 143, leaving every finished image saved and nothing half-written.
 """
 import argparse
-import colorsys
 import json
 import math
 import os
@@ -340,13 +339,7 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
 
 # ---- The pictures ----
 
-def palette(k: int) -> np.ndarray:
-    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio."""
-    hues = (np.arange(k) * 0.618033988749895) % 1
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)] for h in hues], dtype=np.uint8)
-
-
-COLOURS = palette(MAX_MASKS)  # segment i is drawn in COLOURS[i] in every picture
+COLOURS = webpage.golden_ratio_palette(MAX_MASKS)  # segment i is drawn in COLOURS[i] in every picture
 
 
 def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
