@@ -5,7 +5,10 @@ None of this changes what the method computes (beyond float rounding); it decide
 laid out on the machine. Kept apart so that emerdiff.py reads as the paper: the choices are made in
 `prepare`, which `segment` calls once per image. What each choice gains is measured in docs/speed.md.
 """
+import ctypes
+import functools
 import math
+import platform
 import time
 
 import torch
@@ -19,8 +22,9 @@ from unet import FeedForward, ResnetBlock2D
 # beyond float rounding. batch_size: "auto", UNet runs per call (and decodes per call) or a pair of them;
 # compile: torch.compile the models; plain: the plain models, without speed.py's paths.
 SPEED = dict(batch_size="auto", compile=False, plain=False)
-CPU_BATCH_SIZES = (16, 8)  # batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16
-                          # in `python tools/bench.py profile`), decodes per call
+CPU_BATCH_SIZES = (16, 2)  # batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16
+                          # in `python tools/bench.py profile`), decodes per call: one +- pair (at 512x512 faster
+                          # per image than 4 or 8, and a tenth of 8's memory: docs/speed.md)
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
 
@@ -120,15 +124,37 @@ def set_speed_paths(sd, options: dict) -> None:
     speed.apply(sd, fast=not (options["plain"] or options["compile"]))
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+TRIM_THRESHOLD = 2 ** 31 - 1  # bytes free at the heap's top before glibc gives them back: the most it takes
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have the C library keep the memory that PyTorch frees for the next tensors, instead of giving
+    it back to the system. By default glibc maps every block over 32 MB afresh (most activations at
+    512x512 are 100 to 500 MB) and unmaps it when freed, so each new tensor first page-faults through
+    pages the kernel zeroes: a quarter of a modulated step's time on the CPU measured (docs/speed.md,
+    Freed memory kept). Set once per process, by mallopt: all blocks from the heap, which is not
+    trimmed; the process's memory then stays near its peak until it ends. glibc only (Linux);
+    elsewhere nothing is set. Returns whether it is set."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library the process runs on
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def set_memory_layout(sd) -> None:
     """channels_last on CUDA, where convolutions run faster in it: the UNet and the VAE decoder; the
     encoder, run once, keeps the layout the UNet expects. The CPU keeps the usual layout, in which
     speed.FastConv2d may run Winograd's convolutions, faster there than oneDNN's in channels_last on
-    the CPUs measured (docs/speed.md). In place; idempotent."""
+    the CPUs measured (docs/speed.md), and the process keeps the memory it frees (keep_freed_memory).
+    In place; idempotent."""
     device, _ = model_device_dtype(sd)
     if device.type == "cuda":
         for module in (sd.unet, sd.vae.post_quant_conv, sd.vae.decoder):
             module.to(memory_format=torch.channels_last)
+    elif device.type == "cpu":
+        keep_freed_memory()
 
 
 def compile_models(sd) -> None:

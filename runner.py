@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device, pick_dtype, set_speed_paths,
-                     synchronize)
+from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device, pick_dtype, set_memory_layout,
+                     set_speed_paths, synchronize)
 from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
     p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["speed"]["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
-                   "memory free at the start; elsewhere 16 runs and 8 decodes); lower it when memory runs out")
+                   "memory free at the start; elsewhere 16 runs and 2 decodes); lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder (the plain path): minutes at the start; slower "
                    "on the CPU and the GPU measured (docs/speed.md)")
@@ -302,6 +302,7 @@ def estimate(sd, size: tuple[int, int], options: dict) -> Estimate:
     cost once). The UNet of one image at this size and at the smallest latent, and a decode, timed
     with the speed paths as the run will have them. With upsample="bilinear" only the feature passes run."""
     device, dtype = model_device_dtype(sd)
+    set_memory_layout(sd)
     set_speed_paths(sd, options["speed"])
     latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
     smallest = torch.zeros(1, latent.shape[1], FIXED_COST_LATENT, FIXED_COST_LATENT, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Speed, measured side by side in one process.
+"""Speed, measured side by side.
 
     python tools/bench.py models --size 256 512 --batch 1    # our UNet and VAE decoder against diffusers', same weights
     python tools/bench.py profile --size 512                  # a modulated step against a diffusers UNet call, by operator
@@ -14,11 +14,13 @@ Needs the dev requirements (diffusers). notebook.py beside it holds the referenc
 written after the authors' notebook, on diffusers, that `method` measures against. Without --weights the models are SD v1.5's architecture
 with random weights (the speed is the same). Times are medians of --repeats interleaved runs,
 after a warm-up run of each contender; the warm-up also counts the FLOPs (torch.utils.flop_counter).
+`method` runs each contender in a process of its own, its rounds in a row, as a user runs it.
 Ratios are reference / ours: above 1, ours is faster.
 """
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -409,29 +411,45 @@ class OurPipeline:
 
 
 def bench_method(args, device, _dtype):
+    """Each contender in a new process of its own, one after the other, as a user runs each: the warm-up
+    round, then --repeats timed rounds. Ours sets the process's allocator (devices.keep_freed_memory); the
+    notebook's process keeps glibc's defaults unless --notebook-allocator kept."""
     preset = PRESETS[args.preset]
     o = emerdiff.DEFAULTS | preset["options"]
-    meter, load = Meter(), load_average()
-    sd = load_models(args, device, torch.float32)
-    contenders = {f"ours, {name}": OurPipeline(sd, getattr(torch, name), meter) for name in preset["dtypes"]}
-    contenders["notebook, float32"] = NotebookPipeline(sd, torch.float32, meter)
-    ours_dtype = preset["dtypes"][0]
-    if ours_dtype != "float32":  # the notebook at our precision too: the method's structure against precision
-        contenders[f"notebook, {ours_dtype}"] = NotebookPipeline(sd, getattr(torch, ours_dtype), meter)
-    results = {name: dict(seconds=defaultdict(list)) for name in contenders}
-    for rep in range(args.repeats + 1):  # round 0: the warm-up, which also counts calls, images and FLOPs
-        for name, run in contenders.items():
-            meter.reset(count_flops=rep == 0)
-            maps, seconds = run(args.image, o)
-            for stage in STAGES:
-                results[name]["seconds"][stage].append(seconds.get(stage, 0.0))  # [0]: the warm-up's
-            if rep == 0:
-                results[name]["counts"] = {stage: dict(meter.stages[stage]) for stage in STAGES}
-                results[name]["maps"] = maps.float().cpu()
-            print(f"round {rep} {name}: {sum(seconds.values()):.1f} s", file=sys.stderr)
+    load = load_average()
+    names = [f"ours, {name}" for name in preset["dtypes"]] + ["notebook, float32"]
+    if preset["dtypes"][0] != "float32":  # the notebook at our precision too: the method's structure against precision
+        names.append(f"notebook, {preset['dtypes'][0]}")
+    spawn = multiprocessing.get_context("spawn")
+    results = {}
+    for name in names:
+        with spawn.Pool(1) as process:
+            results[name] = process.apply(contender_rounds, (name, args, o, device))
     report = method_report(results, args, o, device, load)
     print_method(report)
     return report
+
+
+def contender_rounds(name: str, args, o, device) -> dict:
+    """One contender ("ours, float32", "notebook, float16"...): its seconds per stage in every round
+    (round 0 the warm-up, which also counts calls, images and FLOPs), its counts and its maps."""
+    pipeline, dtype = name.split(", ")
+    if pipeline == "notebook" and args.notebook_allocator == "kept":
+        devices.keep_freed_memory()
+    meter = Meter()
+    sd = load_models(args, device, torch.float32)
+    run = (OurPipeline if pipeline == "ours" else NotebookPipeline)(sd, getattr(torch, dtype), meter)
+    result = dict(seconds=defaultdict(list))
+    for rep in range(args.repeats + 1):
+        meter.reset(count_flops=rep == 0)
+        maps, seconds = run(args.image, o)
+        for stage in STAGES:
+            result["seconds"][stage].append(seconds.get(stage, 0.0))  # [0]: the warm-up's
+        if rep == 0:
+            result["counts"] = {stage: dict(meter.stages[stage]) for stage in STAGES}
+            result["maps"] = maps.float().cpu()
+        print(f"round {rep} {name}: {sum(seconds.values()):.1f} s", file=sys.stderr, flush=True)
+    return result | dict(seconds=dict(result["seconds"]))
 
 
 def method_report(results, args, o, device, load) -> dict:
@@ -715,6 +733,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="time: the tests' tiny model instead of SD v1.5's size")
     p.add_argument("--cap-gib", type=float, default=11, help="cuda: the memory the defaults must fit in (a 12 GB "
                    "card, less the CUDA context and the display)")
+    p.add_argument("--notebook-allocator", default="default", choices=["default", "kept"],
+                   help="method: the notebook's process with glibc's defaults, or keeping freed memory as ours does")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1:
