@@ -439,7 +439,7 @@ def contender_rounds(name: str, args, o, device) -> dict:
     meter = Meter()
     sd = load_models(args, device, torch.float32)
     run = (OurPipeline if pipeline == "ours" else NotebookPipeline)(sd, getattr(torch, dtype), meter)
-    result = dict(seconds=defaultdict(list))
+    result = dict(seconds={stage: [] for stage in STAGES})
     for rep in range(args.repeats + 1):
         meter.reset(count_flops=rep == 0)
         maps, seconds = run(args.image, o)
@@ -449,7 +449,7 @@ def contender_rounds(name: str, args, o, device) -> dict:
             result["counts"] = {stage: dict(meter.stages[stage]) for stage in STAGES}
             result["maps"] = maps.float().cpu()
         print(f"round {rep} {name}: {sum(seconds.values()):.1f} s", file=sys.stderr, flush=True)
-    return result | dict(seconds=dict(result["seconds"]))
+    return result
 
 
 def method_report(results, args, o, device, load) -> dict:
