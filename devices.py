@@ -1,17 +1,23 @@
-"""Where and how fast the method runs: device and precision, batch sizes, memory layout, speed paths,
-compilation.
+"""Where and how fast the method runs: device and precision, the speed settings, the batch sizes, the
+estimate of an image's time, and watching the work (progress bars, seconds per stage).
 
 None of this changes what the method computes (beyond float rounding); it decides how the work is
-laid out on the machine. Kept apart so that emerdiff.py reads as the paper: the choices are made in
-`prepare`, which `segment` calls once per image. What each choice gains is measured in docs/speed.md.
+laid out on the machine. Kept apart so that emerdiff.py reads as the paper. Every speed setting is
+made in one place, `speed_settings`, the way diffusers keeps every "how" of attention in its
+processors: the batch sizes, speed.py's layers, the memory layout, the C library's allocator and
+torch.compile are set on entering it and put back on leaving it. `segment` and the command line's
+estimate go through it; `speed=dict(plain=True)` turns every setting off. What each gains is
+measured in docs/speed.md; its table "Measured constants" holds the figures behind the constants here.
 """
+import contextvars
 import ctypes
-import functools
 import math
 import platform
-import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import sampler
 import speed
@@ -20,11 +26,9 @@ from unet import FeedForward, ResnetBlock2D
 
 # segment()'s option `speed`, with these defaults: how the work is laid out, none of it changing a result
 # beyond float rounding. batch_size: "auto", UNet runs per call (and decodes per call) or a pair of them;
-# compile: torch.compile the models; plain: the plain models, without speed.py's paths.
+# compile: torch.compile the models; plain: the models as unet.py, vae.py and sampler.py read, no setting.
 SPEED = dict(batch_size="auto", compile=False, plain=False)
-CPU_BATCH_SIZES = (16, 2)  # batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16
-                          # in `python tools/bench.py profile`), decodes per call: one +- pair (at 512x512 faster
-                          # per image than 4 or 8, and a tenth of 8's memory: docs/speed.md)
+CPU_BATCH_SIZES = (16, 2)  # batch_size "auto" off CUDA: UNet images per call, decodes per call (one +- pair)
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
 
@@ -82,92 +86,94 @@ def check_finite(values: torch.Tensor, what: str):
                             "try float32 (--dtype float32)")
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU (CUDA or mps), which runs behind the Python code: before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+# ---- The speed settings, set and put back together ----
+
+@dataclass(frozen=True)
+class Layout:
+    """What the method's steps are told by the speed settings."""
+    batch_size: int  # UNet runs (feature draws, inversion steps, modulated runs) per call
+    decode_batch_size: int  # VAE decodes per call
+    replay_cross_attention: bool  # the inversion records cross-attention outputs whole, for the runs to replay
 
 
-class Stopwatch:
-    """Seconds per stage (`lap(stage)` ends one), the device synchronised at each lap."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
-        synchronize(device)
-        self.clock = time.perf_counter()
-
-    def lap(self, stage: str):
-        synchronize(self.device)
-        self.seconds[stage], self.clock = time.perf_counter() - self.clock, time.perf_counter()
-
-
-# ---- Preparing the models for a run ----
-
-def prepare(sd, height: int, width: int, o: dict) -> tuple[int, int]:
-    """Ready `sd` for segmenting a height x width image with options `o`; returns the batch sizes
-    (UNet runs per call, decodes per call). The memory layout and the speed paths first (speed.py;
-    torch.compile takes the plain model), then the batch sizes (on CUDA probed in that layout), then
-    compilation (after the probes: they would compile shapes of their own)."""
-    set_memory_layout(sd)
-    set_speed_paths(sd, o["speed"])
-    sizes = batch_sizes(sd, height, width, o)
-    if o["speed"]["compile"]:
-        compile_models(sd)
-    return sizes
+@contextmanager
+def speed_settings(sd, height: int, width: int, o: dict):
+    """Lay `sd` out for a height x width image with options `o` (`o["speed"]`: SPEED's keys) for the block
+    inside, which gets the Layout. Unless `plain`: on CUDA the UNet and decoder in channels_last; on the
+    CPU the C library keeps the memory it frees (freed_memory_kept); speed.py's layers, or torch.compile
+    of the plain ones. Then the batch sizes (on CUDA probed in that layout). On leaving, the layers'
+    classes, the memory layout and the allocator are as they were, and the freed memory is handed back;
+    only compilation stays with the model (a compiled model is reused by later calls)."""
+    options, device = o["speed"], model_device_dtype(sd)[0]
+    with ExitStack() as settings:
+        if not options["plain"]:
+            settings.enter_context(channels_last(sd) if device.type == "cuda" else freed_memory_kept())
+            settings.enter_context(compiled(sd) if options["compile"] else speed.applied(sd))
+        else:
+            settings.enter_context(speed.applied(sd, fast=False))
+        yield Layout(*batch_sizes(sd, height, width, o), replay_cross_attention=not options["plain"])
 
 
-def set_speed_paths(sd, options: dict) -> None:
-    """speed.py's paths on, unless the `speed` options ask for the plain models or for torch.compile
-    (which takes the plain model). In place; idempotent."""
-    speed.apply(sd, fast=not (options["plain"] or options["compile"]))
+@contextmanager
+def channels_last(sd):
+    """The UNet and the VAE decoder in channels_last, in which CUDA's convolutions run faster; the
+    encoder, run once, keeps the layout the UNet expects. Afterwards the layout they had."""
+    modules = (sd.unet, sd.vae.post_quant_conv, sd.vae.decoder)
+    weight = sd.unet.conv_in.weight  # (320, 4, 3, 3): its strides tell the two layouts apart
+    before = torch.channels_last if weight.stride(1) == 1 else torch.contiguous_format
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to(memory_format=before)
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-TRIM_THRESHOLD = 2 ** 31 - 1  # bytes free at the heap's top before glibc gives them back: the most it takes
+KEPT = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2 ** 31 - 1}  # every block from the heap; the heap never trimmed
+GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_TRIM_THRESHOLD: 128 * 1024}  # malloc.h's DEFAULT_MMAP_MAX, _TRIM_THRESHOLD
+kept_depth = 0  # how many freed_memory_kept blocks are open: the outermost sets and restores
 
 
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Have the C library keep the memory that PyTorch frees for the next tensors, instead of giving
-    it back to the system. By default glibc maps every block over 32 MB afresh (most activations at
-    512x512 are 100 to 500 MB) and unmaps it when freed, so each new tensor first page-faults through
-    pages the kernel zeroes: a quarter of a modulated step's time on the CPU measured (docs/speed.md,
-    Freed memory kept). Set once per process, by mallopt: all blocks from the heap, which is not
-    trimmed; the process's memory then stays near its peak until it ends. glibc only (Linux);
-    elsewhere nothing is set. Returns whether it is set."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)  # the C library the process runs on
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-def set_memory_layout(sd) -> None:
-    """channels_last on CUDA, where convolutions run faster in it: the UNet and the VAE decoder; the
-    encoder, run once, keeps the layout the UNet expects. The CPU keeps the usual layout, in which
-    speed.FastConv2d may run Winograd's convolutions, faster there than oneDNN's in channels_last on
-    the CPUs measured (docs/speed.md), and the process keeps the memory it frees (keep_freed_memory).
-    In place; idempotent."""
-    device, _ = model_device_dtype(sd)
-    if device.type == "cuda":
-        for module in (sd.unet, sd.vae.post_quant_conv, sd.vae.decoder):
-            module.to(memory_format=torch.channels_last)
-    elif device.type == "cpu":
-        keep_freed_memory()
-
-
-def compile_models(sd) -> None:
-    """torch.compile the UNet's blocks without hooks (resnets and feed-forwards) and the VAE decoder,
-    once per model. Shapes are static, so each batch size compiles on its first call (minutes;
-    whether that pays is measured in docs/speed.md). In place; idempotent."""
-    if getattr(sd.unet, "compiled", False):
+@contextmanager
+def freed_memory_kept():
+    """Have glibc keep the memory that PyTorch frees for the next tensors, inside the block. By default it
+    maps every block over 32 MB afresh (most activations at 512x512 are 100 to 500 MB) and unmaps it when
+    freed, so each new tensor first page-faults through pages the kernel zeroes: a quarter of a modulated
+    step's time on the CPU measured (docs/speed.md, Freed memory kept). Afterwards glibc's defaults again,
+    and the freed memory handed back to the system (malloc_trim). Elsewhere than glibc nothing is set."""
+    global kept_depth
+    libc = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # the C library the process runs on
+    if libc is None or kept_depth:
+        yield
         return
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
-    for module in [*sd.unet.modules(), sd.vae.decoder]:
-        if isinstance(module, (ResnetBlock2D, FeedForward)) or module is sd.vae.decoder:
-            module.compile(dynamic=False)
-    sd.unet.compiled = True
+    for parameter, value in KEPT.items():
+        libc.mallopt(parameter, value)
+    kept_depth += 1
+    try:
+        yield
+    finally:
+        kept_depth -= 1
+        for parameter, value in GLIBC_DEFAULTS.items():
+            libc.mallopt(parameter, value)
+        libc.malloc_trim(0)
+
+
+@contextmanager
+def compiled(sd):
+    """torch.compile the UNet's blocks without hooks (resnets and feed-forwards) and the VAE decoder, once
+    per model: the compiled blocks stay with it, for later calls. Shapes are static, so each batch size
+    compiles on its first call (minutes; whether that pays is measured in docs/speed.md). Inside the
+    block torch may specialise for COMPILED_SHAPES shapes."""
+    if not getattr(sd.unet, "compiled", False):
+        for module in [*sd.unet.modules(), sd.vae.decoder]:
+            if isinstance(module, (ResnetBlock2D, FeedForward)) or module is sd.vae.decoder:
+                module.compile(dynamic=False)
+        sd.unet.compiled = True
+    limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        yield
 
 
 # ---- Batch sizes ----
@@ -175,6 +181,13 @@ def compile_models(sd) -> None:
 def latent_shape(sd, height: int, width: int) -> tuple[int, int, int, int]:
     """The shape of the latent of one height x width image: (1, 4, H/8, W/8)."""
     return 1, sd.vae.config.latent_channels, height // LATENT_FACTOR, width // LATENT_FACTOR
+
+
+def blank_context(sd) -> torch.Tensor:
+    """A prompt embedding's shape (1, 77, 768) filled with zeros: what probes and timings feed the UNet
+    (its memory and time do not depend on the values)."""
+    device, dtype = model_device_dtype(sd)
+    return torch.zeros(1, sd.tokenizer.max_length, sd.unet.config.cross_attention_dim, device=device, dtype=dtype)
 
 
 def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
@@ -226,10 +239,7 @@ def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
     decode at 1 and 2 images each (their peaks give the memory per image). The probes reset
     CUDA's peak-memory count: its reading afterwards covers what follows them."""
     device, dtype = model_device_dtype(sd)
-    x0 = torch.zeros(shape, device=device)
-    from emerdiff import embed_prompt  # here: emerdiff imports this module
-    context = embed_prompt(sd)
-    t = torch.tensor([1], device=device)
+    x0, context, t = torch.zeros(shape, device=device), blank_context(sd), torch.tensor([1], device=device)
     record = sampler.AttentionRecord()
     sampler.predict_noise(sd.unet, x0, t, context, record, step=0)
     record_bytes = steps * sum(a.numel() * a.element_size()
@@ -246,3 +256,100 @@ def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
         lambda n: sd.vae.decode(x0.expand(n, -1, -1, -1).to(dtype)), device)
     return tuple(int(min(runs, max(2, (budget - fixed) // per_image)))
                  for fixed, per_image in ((unet_fixed, per_run), (decode_fixed, per_decode)))
+
+
+# ---- How long an image will take ----
+
+FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
+MODULATED_STEP = {"cpu": 0.8}  # of a UNet image's own work, a modulated run's step in a batch of runs; 1 elsewhere
+TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
+FIXED_COST_LATENT = 8  # latent side of the UNet call whose time is taken as any call's fixed cost
+
+
+@dataclass
+class Estimate:
+    """How long one image takes, and what the figure rests on."""
+    seconds: float
+    unet_calls: float  # feature passes counted at FEATURE_PASS of a call
+    unet_images: float  # likewise, and the modulated runs' steps at MODULATED_STEP of an image
+    unet_s: float  # one UNet call of one image at the working size
+    fixed_s: float  # its fixed cost: a call of one image at the smallest latent
+    decodes: int
+    spread: float  # how much slower than the fastest the slowest timed call was, relative
+
+
+def fastest_and_spread(call, device) -> tuple[float, float]:
+    """The fastest of TIMED_CALLS timed calls after an untimed one (the first call of a size allocates;
+    a machine that slows down now and then does not inflate it), and how much slower the slowest was."""
+    call()
+    timed = []
+    for _ in range(TIMED_CALLS):
+        start = speed.clock(device)
+        call()
+        timed.append(speed.clock(device) - start)
+    return min(timed), max(timed) / min(timed) - 1
+
+
+@torch.no_grad()
+def estimate(sd, size: tuple[int, int], o: dict) -> Estimate:
+    """Seconds per image at the working size (W, H) with options `o`, by the cost model of docs/speed.md:
+    calls x fixed cost + images x (a call of one - fixed cost) + decodes x a decode, the UNet's calls
+    and images counted stage by stage at the run's batch size (a call of many images costs its fixed
+    cost once). The UNet of one image at this size and at the smallest latent, and a decode, timed
+    under the speed settings the run will have. With upsample="bilinear" only the feature passes run."""
+    device, dtype = model_device_dtype(sd)
+    with speed_settings(sd, size[1], size[0], o) as layout:
+        latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
+        smallest = torch.zeros(1, latent.shape[1], FIXED_COST_LATENT, FIXED_COST_LATENT, device=device, dtype=dtype)
+        context, t = blank_context(sd), torch.tensor([1], device=device)
+        (unet_s, unet_spread), (fixed_s, _), (decode_s, decode_spread) = (
+            fastest_and_spread(call, device) for call in (lambda: sd.unet(latent, t, context),
+                                                          lambda: sd.unet(smallest, t, context),
+                                                          lambda: sd.vae.decode(latent)))
+    fixed_s, batch = min(fixed_s, unet_s), layout.batch_size
+    modulated = o["upsample"] == "modulation"
+    steps = len(sampler.timesteps_until(o["t_m"], o["steps"])) if modulated else 0
+    runs, samples = 2 * o["masks"] if modulated else 0, o["feature_samples"]
+    calls = FEATURE_PASS * math.ceil(samples / batch) + math.ceil(steps / batch) + steps * math.ceil(runs / batch)
+    images = FEATURE_PASS * samples + steps + MODULATED_STEP.get(device.type, 1.0) * runs * steps
+    seconds = calls * fixed_s + images * (unet_s - fixed_s) + runs * decode_s
+    return Estimate(seconds, calls, images, unet_s, fixed_s, runs, max(unet_spread, decode_spread))
+
+
+# ---- Watching the work: progress bars and seconds per stage ----
+
+SHOW_PROGRESS = contextvars.ContextVar("SHOW_PROGRESS", default=False)  # set by showing_progress
+
+
+@contextmanager
+def showing_progress(show: bool = True):
+    """Progress bars for the steps run inside (segment(progress=True) runs its steps in one)."""
+    token = SHOW_PROGRESS.set(show)
+    try:
+        yield
+    finally:
+        SHOW_PROGRESS.reset(token)
+
+
+def progress_bar(items=None, **bar):
+    """tqdm's bar over `items` (or a bar of `total`) inside showing_progress(), silent elsewhere."""
+    return tqdm(items, disable=not SHOW_PROGRESS.get(), leave=False, **bar)
+
+
+def ticking(items, bar):
+    """`items`, advancing the progress bar by one as each is taken."""
+    for item in items:
+        yield item
+        bar.update()
+
+
+class Stopwatch:
+    """Seconds per stage (`lap(stage)` ends one), the device synchronised at each lap."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+        self.start = speed.clock(device)
+
+    def lap(self, stage: str):
+        now = speed.clock(self.device)
+        self.seconds[stage], self.start = now - self.start, now

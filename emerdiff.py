@@ -4,7 +4,8 @@ Namekata, Sabour, Fidler, Kim, "EmerDiff: Emerging Pixel-level Semantic Knowledg
 Models", ICLR 2024 (arXiv 2401.11739). Read top to bottom, this file is the method, one function
 per step of the paper's Sec. 3, in its order:
 
-  Step 0  load_image, encode              the image into SD's latent space
+  Step 0  load_image, encode,             the image into SD's latent space, and the prompt's
+          embed_prompt                    CLIP embedding (the empty prompt) that conditions the UNet
   Step 1  extract_features, kmeans,       low-resolution masks: k-means on the query features of
           low_resolution_masks,           the first cross-attention of the 16x16 up block (Sec. 3.2),
           mask_embeddings                 and each mask's mean feature, its embedding (Table 2)
@@ -22,22 +23,21 @@ Every random draw comes from a CPU torch.Generator, so a seed gives the same dra
 What is not the method lives beside it: sampler.py (the DDPM schedule, the inversion and the
 hooks that record, replay and modulate the attention), unet.py / vae.py / clip_text.py (the
 networks), weights.py (loading them), inputs.py (what segment() accepts, checked), devices.py
-(device, precision, batch sizes) and runner.py, the command line that `python emerdiff.py` runs.
+(device, precision, the speed settings, progress bars, the stopwatch) and runner.py, the command line
+that `python emerdiff.py` runs.
 """
-import contextvars
 import math
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import devices
 import sampler
+from devices import progress_bar, ticking
 from inputs import EmerDiffError  # noqa: F401 (re-exported: emerdiff.EmerDiffError, the API's error type)
 from inputs import as_image, check_masks_fit, checked_options, feature_grid, working_size
 from unet import FEATURE_LAYER, AttentionHooks
@@ -270,13 +270,6 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     return torch.cat(latents)
 
 
-def ticking(items, bar):
-    """`items`, advancing the progress bar by one as each is taken."""
-    for item in items:
-        yield item
-        bar.update()
-
-
 # ---- Step 4: difference maps and labels (Sec. 3.3) ----
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8) -> torch.Tensor:
@@ -331,26 +324,6 @@ def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return resized[0, 0].to(torch.uint8).cpu().numpy()
 
 
-# ---- Progress bars, for all steps at once ----
-
-SHOW_PROGRESS = contextvars.ContextVar("SHOW_PROGRESS", default=False)  # set by showing_progress
-
-
-@contextmanager
-def showing_progress(show: bool = True):
-    """Progress bars for the steps run inside (segment(progress=True) runs its steps in one)."""
-    token = SHOW_PROGRESS.set(show)
-    try:
-        yield
-    finally:
-        SHOW_PROGRESS.reset(token)
-
-
-def progress_bar(items=None, **bar):
-    """tqdm's bar over `items` (or a bar of `total`) inside showing_progress(), silent elsewhere."""
-    return tqdm(items, disable=not SHOW_PROGRESS.get(), leave=False, **bar)
-
-
 # ---- The whole method ----
 
 @dataclass
@@ -374,23 +347,23 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
     `sd` is a loaded model (weights.load_stable_diffusion); without one the default weights are
     loaded on the best device. Options and their defaults: DEFAULTS (`speed` a dict of some of
     devices.SPEED's keys); each is checked before any work is done. `progress`: a progress bar for
-    each step (showing_progress)."""
+    each step (devices.showing_progress). The call runs under devices.speed_settings, which puts the
+    model and the process back as they were when it returns (a compiled model stays compiled)."""
     o = checked_options(options, DEFAULTS)
     pixels, (width, height) = load_image(image, o["size"])
     grid = feature_grid(*pixels.shape[-2:])
     check_masks_fit(o["masks"], grid)
     sd = default_model() if sd is None else sd
-    device, _ = devices.model_device_dtype(sd)
-    watch = devices.Stopwatch(device)  # seconds per stage
+    watch = devices.Stopwatch(devices.model_device_dtype(sd)[0])  # seconds per stage
 
     def generator():  # every stage draws from its own generator seeded alike, as the notebook does
         return torch.Generator().manual_seed(o["seed"])
 
-    with showing_progress(progress):
-        batch, decode_batch = devices.prepare(sd, *pixels.shape[-2:], o)  # first: its CUDA probes reset the peak memory
+    # The settings first: on CUDA their memory probes reset the peak-memory count.
+    with devices.showing_progress(progress), devices.speed_settings(sd, *pixels.shape[-2:], o) as layout:
         x0 = encode(sd, pixels)
         features = extract_features(sd, x0, t_f=o["t_f"], samples=o["feature_samples"], generator=generator(),
-                                    batch_size=batch, prompt=o["prompt"])
+                                    batch_size=layout.batch_size, prompt=o["prompt"])
         devices.check_finite(features, "features")
         watch.lap("features")
         low_res, centers = kmeans(features, o["masks"], n_init=o["kmeans_restarts"], generator=generator())
@@ -401,16 +374,18 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
             maps = upsampled_masks(masks, pixels.shape[-2:])
         else:
             inversion = invert(sd, x0, t_m=o["t_m"], steps=o["steps"], generator=generator(), prompt=o["prompt"],
-                               record_attention=o["injection"], batch_size=batch)
+                               record_attention=o["injection"], batch_size=layout.batch_size,
+                               replay_cross_attention=layout.replay_cross_attention)
             watch.lap("inversion")
             maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
-                                   batch_size=batch, decode_batch_size=decode_batch, blur=o["blur"])
+                                   batch_size=layout.batch_size, decode_batch_size=layout.decode_batch_size,
+                                   blur=o["blur"])
             devices.check_finite(maps, "difference maps")
             watch.lap("modulation")
-        return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),
-                            low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
-                            difference_maps=maps.cpu(), embeddings=embeddings.cpu().numpy(), options=o,
-                            seconds=watch.seconds)
+    return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),
+                        low_res_labels=low_res.reshape(grid).to(torch.uint8).cpu().numpy(),
+                        difference_maps=maps.cpu(), embeddings=embeddings.cpu().numpy(), options=o,
+                        seconds=watch.seconds)
 
 
 def default_model():

@@ -275,6 +275,8 @@ def check_options(o: dict):
               (1 <= kernel <= MAX_BLUR_KERNEL and kernel % 2 == 1,
                f"the blur kernel size must be odd, from 1 to {MAX_BLUR_KERNEL}"),
               (sigma > 0, "the blur sigma must be above 0"),
+              (not (o["speed"]["plain"] and o["speed"]["compile"]),
+               "speed options plain and compile exclude each other: plain runs the models as written, uncompiled"),
               (is_text(o["prompt"]), "the prompt holds a character that is no text (an undecodable byte of the "
                "command line?): give it in UTF-8")]
     for ok, message in checks:

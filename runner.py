@@ -34,16 +34,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from devices import (batch_sizes, latent_shape, model_device_dtype, pick_device, pick_dtype, set_memory_layout,
-                     set_speed_paths, synchronize)
-from emerdiff import DEFAULTS, Segmentation, embed_prompt, segment
+from devices import CPU_BATCH_SIZES, TIMED_CALLS, estimate, model_device_dtype, pick_device, pick_dtype
+from emerdiff import DEFAULTS, Segmentation, segment
 from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
 from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
                    checked_file, folder_name, listed_folder, remove_dead_temporaries, shown, temporary_path,
                    write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
 import report as webpage
-from sampler import timesteps_until
 
 # ---- Options ----
 
@@ -114,7 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
     p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["speed"]["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
-                   "memory free at the start; elsewhere 16 runs and 2 decodes); lower it when memory runs out")
+                   f"memory free at the start; elsewhere {CPU_BATCH_SIZES[0]} runs and {CPU_BATCH_SIZES[1]} decodes); "
+                   "lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder (the plain path): minutes at the start; slower "
                    "on the CPU and the GPU measured (docs/speed.md)")
@@ -258,70 +257,7 @@ def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
 
 # ---- How long it will take ----
 
-FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
-# Of a UNet image's own work (a call of one, less its fixed cost), a modulated run's step in a batch of runs
-# (replayed attention, speed paths): 0.80 on an AVX-512 CPU and 0.68 on an AVX2 one at 512x512 in batches of
-# 16 (docs/speed.md), the higher taken; 1 elsewhere.
-MODULATED_STEP = {"cpu": 0.8}
 LONG_RUN_S = 60  # per image: a run expected to take longer says so before it starts
-TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
-FIXED_COST_LATENT = 8  # latent side of the UNet call whose time is taken as any call's fixed cost
-
-
-@dataclass
-class Estimate:
-    """How long one image takes, and what the figure rests on."""
-    seconds: float
-    unet_calls: float  # feature passes counted at FEATURE_PASS of a call
-    unet_images: float  # likewise, and the modulated runs' steps at MODULATED_STEP of an image
-    unet_s: float  # one UNet call of one image at the working size
-    fixed_s: float  # its fixed cost: a call of one image at the smallest latent
-    decodes: int
-    spread: float  # how much slower than the fastest the slowest timed call was, relative
-
-
-def fastest_and_spread(call, device) -> tuple[float, float]:
-    """The fastest of TIMED_CALLS timed calls after an untimed one (the first call of a size allocates;
-    a machine that slows down now and then does not inflate it), and how much slower the slowest was."""
-    call()
-    timed = []
-    for _ in range(TIMED_CALLS):
-        synchronize(device)
-        clock = time.perf_counter()
-        call()
-        synchronize(device)
-        timed.append(time.perf_counter() - clock)
-    return min(timed), max(timed) / min(timed) - 1
-
-
-@torch.no_grad()
-def estimate(sd, size: tuple[int, int], options: dict) -> Estimate:
-    """Seconds per image at the working size (W, H), by the cost model of docs/speed.md:
-    calls x fixed cost + images x (a call of one - fixed cost) + decodes x a decode, the UNet's calls
-    and images counted stage by stage at the run's batch size (a call of many images costs its fixed
-    cost once). The UNet of one image at this size and at the smallest latent, and a decode, timed
-    with the speed paths as the run will have them. With upsample="bilinear" only the feature passes run."""
-    device, dtype = model_device_dtype(sd)
-    set_memory_layout(sd)
-    set_speed_paths(sd, options["speed"])
-    latent = torch.zeros(latent_shape(sd, size[1], size[0]), device=device, dtype=dtype)
-    smallest = torch.zeros(1, latent.shape[1], FIXED_COST_LATENT, FIXED_COST_LATENT, device=device, dtype=dtype)
-    context = embed_prompt(sd, options["prompt"]).to(dtype)
-    t = torch.tensor([1], device=device)
-    (unet_s, unet_spread), (fixed_s, _), (decode_s, decode_spread) = (
-        fastest_and_spread(call, device) for call in (lambda: sd.unet(latent, t, context),
-                                                      lambda: sd.unet(smallest, t, context),
-                                                      lambda: sd.vae.decode(latent)))
-    fixed_s = min(fixed_s, unet_s)
-    batch, _ = batch_sizes(sd, size[1], size[0], options)
-    modulated = options["upsample"] == "modulation"
-    steps = len(timesteps_until(options["t_m"], options["steps"])) if modulated else 0
-    runs = 2 * options["masks"] if modulated else 0
-    samples = options["feature_samples"]
-    calls = FEATURE_PASS * math.ceil(samples / batch) + math.ceil(steps / batch) + steps * math.ceil(runs / batch)
-    images = FEATURE_PASS * samples + steps + MODULATED_STEP.get(device.type, 1.0) * runs * steps
-    seconds = calls * fixed_s + images * (unet_s - fixed_s) + runs * decode_s
-    return Estimate(seconds, calls, images, unet_s, fixed_s, runs, max(unet_spread, decode_spread))
 
 
 def announce_long_run(sd, size: tuple[int, int], options: dict):

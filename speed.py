@@ -15,13 +15,15 @@ first time a layer shape comes on a machine, the fast path and the plain one are
 (`fastest`), and the faster is remembered: in the process, and in a file of the user's cache (keyed by
 the CPU, its instruction set as PyTorch sees it, the PyTorch version and the thread count), so that
 later runs on the machine measure nothing. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
-docs/speed.md has the measurements behind every choice).
+docs/speed.md has the measurements behind every choice). The clock all of the project's timings read
+(`clock`) is here too: these measurements, the estimate and the stopwatch (devices.py).
 """
 import functools
 import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +35,21 @@ from files import atomic_save
 from unet import Attention
 
 # ---- Choosing by measurement ----
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU (CUDA or mps), which runs behind the Python code: before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def clock(device: torch.device = torch.device("cpu")) -> float:
+    """Seconds on a monotonic clock once `device` has done the work queued so far: every timing of the
+    project reads this (the choices here, devices.Stopwatch, devices.estimate)."""
+    synchronize(device)
+    return time.perf_counter()
+
 
 CHOICES_VARIABLE = "EMERDIFF_SPEED_CHOICES"  # the choices file's path, if not the default (choices_path)
 
@@ -58,9 +75,9 @@ def measured_fastest(candidates: list, args) -> int:
         candidate(*args)
     seconds = []
     for candidate in candidates:
-        clock = time.perf_counter()
+        start = clock()
         candidate(*args)
-        seconds.append(time.perf_counter() - clock)
+        seconds.append(clock() - start)
     return seconds.index(min(seconds))
 
 
@@ -230,13 +247,18 @@ class FastAttention(Attention):
 
 # ---- The seam ----
 
+def layers(models) -> list[nn.Module]:
+    """Every module of `models`: a module, or a StableDiffusion's UNet and decoder (the encoder runs once)."""
+    parts = [models] if isinstance(models, nn.Module) else [models.unet, models.vae.decoder]
+    return [module for part in parts for module in part.modules()]
+
+
 def apply(models, fast: bool = True) -> None:
     """Swap the layers of `models` (a module, or a StableDiffusion: its UNet and decoder) that have a speed
     path for their fast subclasses (fast=True), or back to the plain classes: the same parameters,
     state_dict and names; only the forward changes. In place; idempotent. The VAE's pixel attention
     (one image, never shared runs) and every other convolution keep the plain class."""
-    parts = [models] if isinstance(models, nn.Module) else [models.unet, models.vae.decoder]  # (the encoder runs once)
-    for module in (m for part in parts for m in part.modules()):
+    for module in layers(models):
         if fast and is_winograd_shaped(module):
             module.__class__ = FastConv2d
         elif fast and type(module) is Attention:
@@ -245,3 +267,15 @@ def apply(models, fast: bool = True) -> None:
             module.__class__ = nn.Conv2d
         elif not fast and type(module) is FastAttention:
             module.__class__ = Attention
+
+
+@contextmanager
+def applied(models, fast: bool = True):
+    """`apply(models, fast)` for the block inside; afterwards every layer has the class it had before."""
+    before = [(module, type(module)) for module in layers(models)]
+    apply(models, fast)
+    try:
+        yield
+    finally:
+        for module, cls in before:
+            module.__class__ = cls

@@ -52,17 +52,16 @@ def test_compiled_models_match_diffusers(tiny_sd_dir, tiny_reference):
     compiled = load_stable_diffusion(tiny_sd_dir)
     for module in (compiled.vae.post_quant_conv, compiled.vae.decoder):
         module.to(memory_format=torch.channels_last)
-    devices.compile_models(compiled)
     ref_unet, ref_vae = tiny_reference[:2]
     g = torch.Generator().manual_seed(4)
     x, context = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, TINY_UNET["cross_attention_dim"], generator=g)
     t = torch.tensor([281, 1])
-    with torch.no_grad():
+    with torch.no_grad(), devices.compiled(compiled):
         assert_close(compiled.unet(x, t, context, AttentionRecord()), ref_unet(x, t, context).sample)
         assert_close(compiled.vae.decode(x), ref_vae.decode(x / ref_vae.config.scaling_factor).sample)
 
 def test_the_cuda_layout_computes_what_diffusers_computes(tiny_sd_dir, tiny_reference):
-    """On CUDA the UNet runs in the channels_last layout (devices.set_memory_layout): in it, the
+    """On CUDA the UNet runs in the channels_last layout (devices.channels_last): in it, the
     attention record's pass and a modulated step (zero offsets: 3 runs made from one sample by the
     hooks, every layer replayed) compute what diffusers computes on the default layout."""
     from sampler import AttentionRecord, Modulation, predict_noise

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import devices
 import emerdiff
 import evaluate
 import files
@@ -280,7 +281,7 @@ def test_the_estimate_takes_the_fastest_call_and_says_how_steady(monkeypatch):
 
     def call():
         clock[0] += next(costs)
-    fastest, spread = runner.fastest_and_spread(call, torch.device("cpu"))
+    fastest, spread = devices.fastest_and_spread(call, torch.device("cpu"))
     assert (fastest, spread) == pytest.approx((0.3, 2.0 / 0.3 - 1))  # the slowest over 6 times the fastest
 
 
@@ -301,8 +302,8 @@ def test_the_estimate_counts_calls_and_images_stage_by_stage(sd, monkeypatch):
     monkeypatch.setattr(sd.unet, "forward", costing(lambda x, *_: 1.0 if x.shape[-1] > 8 else 0.25, unet_forward))
     monkeypatch.setattr(sd.vae, "decode", costing(lambda *_: 2.0, decode))
     o = emerdiff.DEFAULTS | dict(masks=3, feature_samples=10, speed=dict(batch_size=4, compile=False, plain=True))
-    e = runner.estimate(sd, (128, 128), o)
-    steps, m = (281 - 1) // 20 + 1, runner.MODULATED_STEP["cpu"]  # t_m = 281 on the 50-step grid: 281, ..., 1
+    e = devices.estimate(sd, (128, 128), o)
+    steps, m = (281 - 1) // 20 + 1, devices.MODULATED_STEP["cpu"]  # t_m = 281 on the 50-step grid: 281, ..., 1
     calls = 0.4 * 3 + 4 + steps * 2
     images = 0.4 * 10 + steps + m * 6 * steps
     assert (e.unet_s, e.fixed_s, e.decodes, e.spread) == (1.0, 0.25, 6, 0)

@@ -1,7 +1,8 @@
 """speed.py's paths against the plain ones: each fast computation against float64 or a plain loop, the
 swap itself (what it takes, what it leaves, and back), the choice by measurement, and whole models
 with every fast path forced on against diffusers and against the plain path; and the memory freed
-kept for the next tensors (devices.keep_freed_memory)."""
+kept for the next tensors inside a call, and handed back after it (devices.freed_memory_kept)."""
+import contextlib
 import json
 import math
 import platform
@@ -16,7 +17,6 @@ from torch import nn
 
 import devices
 import emerdiff
-import runner
 import speed
 from conftest import ROOT
 from sampler import Modulation, regenerate
@@ -208,64 +208,136 @@ def test_modulated_runs_with_shared_probabilities_equal_the_plain_path(sd, monke
 
 
 def test_segment_with_and_without_the_speed_paths(sd, monkeypatch):
-    """segment() applies the speed paths unless speed=dict(plain=True), which leaves the models plain; the
-    maps agree within float rounding."""
-    monkeypatch.setattr(speed, "fastest", always_fast)
+    """segment() runs speed.py's layers unless speed=dict(plain=True), which runs the plain models and the
+    inversion's plain record (queries and keys of every layer); either way the model's layers come back
+    plain. The maps agree within float rounding."""
+    chosen, plain_record = [], []
+    monkeypatch.setattr(speed, "fastest", lambda key, candidates, *args: chosen.append(key) or candidates[-1])
+    monkeypatch.setattr(emerdiff, "invert", lambda *args, f=emerdiff.invert, **kw: plain_record.append(
+        not kw["replay_cross_attention"]) or f(*args, **kw))
     options = dict(size=128, masks=3, feature_samples=2, kmeans_restarts=2)
     image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(4))
+    fast = emerdiff.segment(image, sd, **options)
+    assert chosen and plain_record == [False]
+    assert not any(type(m) in (speed.FastConv2d, speed.FastAttention) for m in sd.unet.modules())
+    chosen.clear()
+    plain = emerdiff.segment(image, sd, speed=dict(plain=True), **options)
+    assert chosen == [] and plain_record == [False, True]
+    assert not any(type(m) in (speed.FastConv2d, speed.FastAttention) for m in sd.unet.modules())
+    assert relative_error(fast.difference_maps, plain.difference_maps) <= 1e-4
+
+
+def test_a_speed_setting_is_put_back_as_it_was(sd):
+    """speed_settings leaves each layer the class it had: a model the caller made fast stays fast."""
+    speed.apply(sd.unet)
     try:
-        fast = emerdiff.segment(image, sd, **options)
+        with devices.speed_settings(sd, 64, 64, emerdiff.DEFAULTS | dict(speed=dict(devices.SPEED, plain=True))):
+            assert not any(type(m) is speed.FastConv2d for m in sd.unet.modules())
         assert any(type(m) is speed.FastConv2d for m in sd.unet.modules())
-        plain = emerdiff.segment(image, sd, speed=dict(plain=True), **options)
-        assert not any(type(m) in (speed.FastConv2d, speed.FastAttention) for m in sd.unet.modules())
     finally:
         speed.apply(sd, fast=False)
-    assert relative_error(fast.difference_maps, plain.difference_maps) <= 1e-4
+
+
+def test_an_unwritable_choices_file_changes_nothing_but_speed(sd, tmp_path, monkeypatch):
+    """Where the choices cannot be written (their folder is a file), segment() measures in the process and
+    gives what it gives with a writable file, bit for bit, with nothing written and no error."""
+    options = dict(size=64, masks=2, feature_samples=2, kmeans_restarts=2, steps=10, t_m=101)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(6))
+    results = {}
+    for how, path in (("writable", tmp_path / "cache" / "choices.json"), ("unwritable", tmp_path / "file" / "c.json")):
+        (tmp_path / "file").write_bytes(b"")
+        monkeypatch.setenv(speed.CHOICES_VARIABLE, str(path))
+        monkeypatch.setattr(speed, "measured_fastest", lambda candidates, args: len(candidates) - 1)  # the same choice
+        speed.remembered.cache_clear()
+        results[how] = emerdiff.segment(image, sd, **options)
+        assert path.is_file() == (how == "writable")
+    speed.remembered.cache_clear()
+    assert torch.equal(results["writable"].difference_maps, results["unwritable"].difference_maps)
 
 
 # ---- Freed memory kept for the next tensors ----
 
-PAGE_FAULTS_OF_A_NEW_BLOCK = """
-import ctypes, resource, sys, devices
-kept = sys.argv[1] == "kept" and devices.keep_freed_memory()
+HEAP = """
+import ctypes, resource, sys
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-def touched_and_freed(size):
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def touched_and_freed(size):  # -> the resident bytes that freeing it gave back to the system
     block = libc.malloc(size)
     ctypes.memset(block, 1, size)
+    touched = resident()
     libc.free(ctypes.c_void_p(block))
-touched_and_freed(2 ** 28)  # 256 MB
-before = faults()
-touched_and_freed(2 ** 27)  # 128 MB
-print(kept, faults() - before)
+    return touched - resident()
+def faults_of_a_new_block():  # a 128 MB block written after a 256 MB one was freed
+    touched_and_freed(2 ** 28)
+    before = faults()
+    touched_and_freed(2 ** 27)
+    return faults() - before
+"""
+
+PAGE_FAULTS_OF_A_NEW_BLOCK = HEAP + """
+import devices
+if sys.argv[1] == "kept":
+    with devices.freed_memory_kept():
+        print(faults_of_a_new_block())
+else:
+    print(faults_of_a_new_block())
 """
 
 
 def test_freed_memory_is_kept_for_the_next_block():
     """A 128 MB block of the C heap (where PyTorch's CPU tensors come from) written after a 256 MB one was
     freed, in a new process each: by default the system maps the process fresh pages, touched with a page
-    fault each (or each 2 MB under transparent huge pages); with devices.keep_freed_memory, the freed
-    memory serves it, neither unmapped nor trimmed from the heap's top: hardly a fault. Elsewhere than
-    glibc it sets nothing."""
-    faults = {}
-    for how in ("default", "kept"):
-        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_A_NEW_BLOCK, how], cwd=ROOT, check=True,
-                             capture_output=True, text=True).stdout.split()
-        faults[how] = (out[0] == "True", int(out[1]))
+    fault each (or each 2 MB under transparent huge pages); inside devices.freed_memory_kept, the freed
+    memory serves it, neither unmapped nor trimmed from the heap's top: hardly a fault."""
+    faults = {how: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_A_NEW_BLOCK, how], cwd=ROOT, check=True,
+                                      capture_output=True, text=True).stdout) for how in ("default", "kept")}
     if platform.libc_ver()[0] != "glibc":
-        assert faults["kept"][0] is False
-        return
+        return  # nothing is set elsewhere
     pages = 2 ** 27 // resource.getpagesize()
-    assert faults["kept"][0] and faults["kept"][1] < min(pages / 100, faults["default"][1]), faults
+    assert faults["kept"] < min(pages / 100, faults["default"]) and faults["default"] > pages / 100, faults
 
 
-def test_segment_and_the_estimate_keep_freed_memory_on_the_cpu(sd, monkeypatch):
-    """Both prepare the process as the run has it: devices.prepare (segment's) and runner.estimate (timed
-    before the first image) set the allocator through devices.set_memory_layout."""
+MEMORY_GIVEN_BACK_AFTER_SEGMENT = HEAP + """
+import torch, devices, emerdiff, weights
+torch.set_num_threads(1)
+before = touched_and_freed(2 ** 28)
+with devices.freed_memory_kept():
+    inside = touched_and_freed(2 ** 28)
+sd = weights.random_stable_diffusion("tiny")
+emerdiff.segment(torch.rand(3, 64, 64), sd, size=64, masks=2, feature_samples=2, kmeans_restarts=2, steps=10, t_m=101)
+after = touched_and_freed(2 ** 28)
+print(before, inside, after)
+"""
+
+
+def test_segment_hands_freed_memory_back_when_it_returns():
+    """In a new process that imports emerdiff: freeing a 256 MB block that was written gives its memory
+    back to the system before segment(), and again after it returns; inside freed_memory_kept (segment's
+    setting on the CPU) the process keeps it, which shows that the measure would see a setting left behind."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_GIVEN_BACK_AFTER_SEGMENT], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    before, inside, after = map(int, out.split())
+    if platform.libc_ver()[0] == "glibc":
+        assert inside < 2 ** 24, inside
+    assert before > 0.9 * 2 ** 28 and after > 0.9 * 2 ** 28, (before, after)
+
+
+def test_segment_and_the_estimate_keep_freed_memory_on_the_cpu_unless_plain(sd, monkeypatch):
+    """segment() and devices.estimate (timed before the first image) run under the same speed settings:
+    on the CPU the allocator keeps freed memory for the call; speed=dict(plain=True) sets nothing."""
     calls = []
-    monkeypatch.setattr(devices, "keep_freed_memory", lambda: calls.append("set") or True)
-    devices.prepare(sd, 64, 64, emerdiff.DEFAULTS)
-    assert calls == ["set"]
-    runner.estimate(sd, (64, 64), emerdiff.DEFAULTS | dict(size=64))
+
+    @contextlib.contextmanager
+    def recorded():
+        calls.append("set")
+        yield
+    monkeypatch.setattr(devices, "freed_memory_kept", recorded)
+    options = dict(size=64, masks=2, feature_samples=2, kmeans_restarts=2, steps=10, t_m=101)
+    emerdiff.segment(torch.rand(3, 64, 64), sd, **options)
+    devices.estimate(sd, (64, 64), emerdiff.DEFAULTS | options)
+    assert calls == ["set", "set"]
+    emerdiff.segment(torch.rand(3, 64, 64), sd, speed=dict(plain=True), **options)
+    devices.estimate(sd, (64, 64), emerdiff.DEFAULTS | options | dict(speed=dict(devices.SPEED, plain=True)))
     assert calls == ["set", "set"]

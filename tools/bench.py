@@ -18,6 +18,7 @@ after a warm-up run of each contender; the warm-up also counts the FLOPs (torch.
 Ratios are reference / ours: above 1, ours is faster.
 """
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -40,14 +41,14 @@ sys.path.insert(0, str(ROOT))
 
 import devices  # noqa: E402 (after the path is set)
 import emerdiff  # noqa: E402
-import runner  # noqa: E402
 import sampler  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
-from devices import Stopwatch, synchronize  # noqa: E402
+from devices import Stopwatch  # noqa: E402
 from files import atomic_save  # noqa: E402
 from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
 from notebook import NotebookPipeline, reference_models  # noqa: E402
 import speed  # noqa: E402
+from speed import clock  # noqa: E402
 from unet import UNet, UNetConfig  # noqa: E402
 from vae import VAE, VAEConfig  # noqa: E402
 from weights import StableDiffusion, random_stable_diffusion  # noqa: E402
@@ -75,12 +76,10 @@ def timed(fns, device, repeats: int) -> list[float]:
     times = [[] for _ in fns]
     for rep in range(repeats + 1):
         for fn, spent in zip(fns, times):
-            synchronize(device)
-            start = time.perf_counter()
+            start = clock(device)
             fn()
-            synchronize(device)
             if rep:  # the first round is the warm-up
-                spent.append(time.perf_counter() - start)
+                spent.append(clock(device) - start)
     return [statistics.median(spent) for spent in times]
 
 
@@ -198,20 +197,27 @@ def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
     """Our UNet call and decode against diffusers' on the same weights (freed on return)."""
     unet, vae = sd.unet, sd.vae
     ref_unet, ref_vae = reference_models(unet, vae, device, dtype)
-    devices.set_memory_layout(StableDiffusion(ref_unet, ref_vae, None, None))  # the memory layout ours has
-    h, w = x.shape[-2:]
-    contexts, size = context.expand(len(x), -1, -1), 8 * w
-    rows = []
-    ours_s, ref_s = timed([lambda: unet(x, t, context), lambda: ref_unet(x, t, contexts)], device, args.repeats)
-    rows.append(dict(row=f"UNet, {h}x{w} latents", ours_s=ours_s, reference_s=ref_s,
-                     max_difference=relative_difference(unet(x, t, context), ref_unet(x, t, contexts).sample)))
-    if not args.skip_vae:
-        latent = x * 0.5
-        ours_s, ref_s = timed([lambda: vae.decode(latent), lambda: ref_vae.decode(latent / vae.config.scaling_factor)],
-                              device, args.repeats)
-        difference = relative_difference(vae.decode(latent), ref_vae.decode(latent / vae.config.scaling_factor).sample)
-        rows.append(dict(row=f"VAE decode, {size}x{size}", ours_s=ours_s, reference_s=ref_s, max_difference=difference))
+    ref = StableDiffusion(ref_unet, ref_vae, None, None)
+    with devices.channels_last(ref) if device.type == "cuda" else contextlib.nullcontext():  # the layout ours has
+        h, w = x.shape[-2:]
+        contexts, size = context.expand(len(x), -1, -1), 8 * w
+        rows = []
+        ours_s, ref_s = timed([lambda: unet(x, t, context), lambda: ref_unet(x, t, contexts)], device, args.repeats)
+        rows.append(dict(row=f"UNet, {h}x{w} latents", ours_s=ours_s, reference_s=ref_s,
+                         max_difference=relative_difference(unet(x, t, context), ref_unet(x, t, contexts).sample)))
+        if not args.skip_vae:
+            latent = x * 0.5
+            ours_s, ref_s = timed([lambda: vae.decode(latent), lambda: ref_vae.decode(latent / vae.config.scaling_factor)],
+                                  device, args.repeats)
+            difference = relative_difference(vae.decode(latent), ref_vae.decode(latent / vae.config.scaling_factor).sample)
+            rows.append(dict(row=f"VAE decode, {size}x{size}", ours_s=ours_s, reference_s=ref_s, max_difference=difference))
     return rows
+
+
+def as_segment_runs(sd, side: int):
+    """The speed settings segment() gives `sd` for a side x side image (devices.speed_settings), one run
+    per call (no memory probes)."""
+    return devices.speed_settings(sd, side, side, emerdiff.DEFAULTS | dict(speed=dict(devices.SPEED, batch_size=1)))
 
 
 def modulated_step(unet, x, context, t, runs: int):
@@ -260,10 +266,9 @@ def print_rows(title, rows):
 
 def bench_models(args, device, dtype):
     sd = load_models(args, device, dtype)
-    devices.set_memory_layout(sd)
-    speed.apply(sd)  # ours as segment() runs it
     load = load_average()
-    rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
+    with as_segment_runs(sd, max(args.size)):
+        rows = [row for size in args.size for row in compare_models(sd, size, args, device, dtype)]
     print_rows(f"batch {args.batch}, reference: diffusers", rows)
     return dict(command="models", batch=args.batch, rows=rows, load_average=[load, load_average()])
 
@@ -357,25 +362,25 @@ def bench_profile(args, device, dtype):
     from torch.profiler import ProfilerActivity, profile
     sd = load_models(args, device, dtype)
     ref_unet, _ = reference_models(sd.unet, sd.vae, device, dtype)
-    speed.apply(sd)  # ours as segment() runs it
     g = torch.Generator().manual_seed(0)
     rows, attention = [], []
     for side in args.size:
-        x = torch.randn(1, 4, side // LATENT_FACTOR, side // LATENT_FACTOR, generator=g).to(device, dtype)
-        context = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g).to(device, dtype)
-        t = torch.tensor([281], device=device)
-        for batch in args.batches:
-            calls = dict(diffusers=lambda: ref_unet(x.expand(batch, -1, -1, -1), t, context.expand(batch, -1, -1)),
-                         ours=modulated_step(sd.unet, x, context, t, batch))
-            seconds = timed(list(calls.values()), device, args.repeats)
-            row = dict(size=side, batch=batch, **{f"{name}_s": s / batch for name, s in zip(calls, seconds)})
-            for name, call in calls.items():
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    call()
-                row[f"{name}_by_operator"] = seconds_by_operator(prof, batch)
-            rows.append(row)
-            print_profile(row, args.top)
-        attention += shared_attention_rows(sd.unet, side, device, dtype, args.repeats)
+        with as_segment_runs(sd, side):  # ours as segment() runs it
+            x = torch.randn(1, 4, side // LATENT_FACTOR, side // LATENT_FACTOR, generator=g).to(device, dtype)
+            context = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g).to(device, dtype)
+            t = torch.tensor([281], device=device)
+            for batch in args.batches:
+                calls = dict(diffusers=lambda: ref_unet(x.expand(batch, -1, -1, -1), t, context.expand(batch, -1, -1)),
+                             ours=modulated_step(sd.unet, x, context, t, batch))
+                seconds = timed(list(calls.values()), device, args.repeats)
+                row = dict(size=side, batch=batch, **{f"{name}_s": s / batch for name, s in zip(calls, seconds)})
+                for name, call in calls.items():
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        call()
+                    row[f"{name}_by_operator"] = seconds_by_operator(prof, batch)
+                rows.append(row)
+                print_profile(row, args.top)
+            attention += shared_attention_rows(sd.unet, side, device, dtype, args.repeats)
     return dict(command="profile", device=str(device), dtype=str(dtype), torch=torch.__version__, rows=rows,
                 shared_attention=attention, load_average=load_average())
 
@@ -397,14 +402,14 @@ class OurPipeline:
 
     def __init__(self, sd, dtype, meter):
         self.plain = sd if next(sd.unet.parameters()).dtype == dtype else converted(sd, dtype)
-        devices.set_memory_layout(self.plain)
         self.sd = StableDiffusion(MeteredUNet(self.plain.unet, meter), MeteredVAE(self.plain.vae, meter),
                                   self.plain.text_encoder, self.plain.tokenizer)
 
     def __call__(self, image, o):
         watch = Stopwatch(next(self.plain.unet.parameters()).device)
         pixels, _ = emerdiff.load_image(image, o["size"])
-        sizes = devices.batch_sizes(self.plain, *pixels.shape[-2:], o)
+        with devices.speed_settings(self.plain, *pixels.shape[-2:], o) as layout:  # as segment() lays it out
+            sizes = layout.batch_size, layout.decode_batch_size
         watch.lap("batch sizes")
         seg = emerdiff.segment(image, self.sd, **o | dict(speed=o["speed"] | dict(batch_size=sizes)))
         return seg.difference_maps, watch.seconds | seg.seconds
@@ -412,8 +417,9 @@ class OurPipeline:
 
 def bench_method(args, device, _dtype):
     """Each contender in a new process of its own, one after the other, as a user runs each: the warm-up
-    round, then --repeats timed rounds. Ours sets the process's allocator (devices.keep_freed_memory); the
-    notebook's process keeps glibc's defaults unless --notebook-allocator kept."""
+    round, then --repeats timed rounds. Ours keeps freed memory for each segment() call
+    (devices.freed_memory_kept); the notebook's process keeps glibc's defaults unless --notebook-allocator
+    kept, which keeps freed memory for the whole process."""
     preset = PRESETS[args.preset]
     o = emerdiff.DEFAULTS | preset["options"]
     load = load_average()
@@ -435,7 +441,7 @@ def contender_rounds(name: str, args, o, device) -> dict:
     (round 0 the warm-up, which also counts calls, images and FLOPs), its counts and its maps."""
     pipeline, dtype = name.split(", ")
     if pipeline == "notebook" and args.notebook_allocator == "kept":
-        devices.keep_freed_memory()
+        devices.freed_memory_kept().__enter__()  # for the rest of this process
     meter = Meter()
     sd = load_models(args, device, torch.float32)
     run = (OurPipeline if pipeline == "ours" else NotebookPipeline)(sd, getattr(torch, dtype), meter)
@@ -610,21 +616,20 @@ def bench_time(args, device, dtype):
     """segment() timed stage by stage at each --size with --masks and --feature-samples (fewer than
     the defaults, to take minutes), then scaled to the defaults stage by stage: the features by the
     draws, the modulated runs and decodes by the masks; beside it, what the CLI's estimate line says
-    for both settings (runner.estimate, made before the image as the command line makes it)."""
+    for both settings (devices.estimate, made before the image as the command line makes it)."""
     sd = tiny_stable_diffusion() if args.tiny else load_models(args, device, dtype)
-    devices.set_memory_layout(sd)
     measured_options = dict(masks=args.masks, feature_samples=args.feature_samples)
     defaults = emerdiff.DEFAULTS
     rows = []
     for size in args.size:
         height, width = emerdiff.load_image(args.image, size)[0].shape[-2:]
         working = (width, height)
-        estimate = runner.estimate(sd, working, defaults | measured_options | dict(size=size)).seconds
+        estimate = devices.estimate(sd, working, defaults | measured_options | dict(size=size)).seconds
         seg = emerdiff.segment(args.image, sd, size=size, **measured_options)
         extrapolated = scaled_to_defaults(seg.seconds, measured_options)
         rows.append(dict(size=size, options=measured_options, measured=seg.seconds,
                          defaults_extrapolated=extrapolated, estimate=estimate,
-                         defaults_estimate=runner.estimate(sd, working, defaults | dict(size=size)).seconds))
+                         defaults_estimate=devices.estimate(sd, working, defaults | dict(size=size)).seconds))
         r = rows[-1]
         print(f"{size}x{size}, K = {args.masks}, {args.feature_samples} draws: {sum(seg.seconds.values()):.0f} s ("
               + ", ".join(f"{stage} {v:.1f}" for stage, v in seg.seconds.items())
@@ -648,12 +653,12 @@ def bench_cuda(args, device, dtype):
     if device.type != "cuda":
         raise SystemExit("bench.py cuda needs CUDA")
     sd = load_models(args, device, dtype)
-    devices.set_memory_layout(sd)
     index = device.index if device.index is not None else torch.cuda.current_device()  # set_...fraction needs one
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total), index)
     torch.cuda.empty_cache()
-    batch = devices.batch_sizes(sd, 512, 512, emerdiff.DEFAULTS)
+    with devices.speed_settings(sd, 512, 512, emerdiff.DEFAULTS) as layout:
+        batch = layout.batch_size, layout.decode_batch_size
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     seg = emerdiff.segment(args.image, sd, size=512, speed=dict(batch_size=batch))
@@ -667,7 +672,7 @@ def bench_cuda(args, device, dtype):
     offsets = torch.zeros(8, (512 // GRID_FACTOR) ** 2, device=device, dtype=dtype)  # the 16x16 grid
 
     def syncs(steps):
-        with warnings.catch_warnings(record=True) as caught:
+        with devices.speed_settings(sd, 512, 512, emerdiff.DEFAULTS), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
@@ -694,11 +699,9 @@ def bench_compile(args, device, dtype):
         sd = load_models(args, device, dtype)
         runs = []
         for _ in range(2):
-            synchronize(device)
-            start = time.perf_counter()
+            start = clock(device)
             emerdiff.segment(args.image, sd, speed=dict(compile=compiled), **o)
-            synchronize(device)
-            runs.append(time.perf_counter() - start)
+            runs.append(clock(device) - start)
         times["compiled" if compiled else "eager"] = runs
         print(f"{'compiled' if compiled else 'eager':<9} first image {runs[0]:.1f} s, next {runs[1]:.2f} s")
     (eager_first, eager_next), (compiled_first, compiled_next) = times["eager"], times["compiled"]
