@@ -8,7 +8,7 @@ emerdiff.py is the method; this file is what a command line needs around it, kep
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
 - the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, view.js,
-  diffmaps.png and diffmaps/), and the run's page, index.html (report.py), after each image and at the end;
+  diffmaps.png and diffmaps/), and the run's page, index.html (page.py), after each image and at the end;
 - dataset runs: a benchmark's images (datasets.py's readers and DiffSeg's centre crop), resumable,
   and shared out over torchrun's processes, each taking every N-th image;
 - safe writing (files.py): each image's folder is written under a temporary name and swapped in
@@ -42,7 +42,7 @@ from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileEr
                    checked_file, folder_name, listed_folder, remove_dead_temporaries, shown, temporary_path,
                    write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
-import report as webpage
+import page
 from sampler import timesteps_until
 
 # ---- Options ----
@@ -340,7 +340,7 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
 
 # ---- The pictures ----
 
-COLOURS = webpage.golden_ratio_palette(MAX_MASKS)  # segment i is drawn in COLOURS[i] in every picture
+COLOURS = page.golden_ratio_palette(MAX_MASKS)  # segment i is drawn in COLOURS[i] in every picture
 
 
 def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
@@ -388,17 +388,17 @@ def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
     files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
     files["labels.npy"] = lambda path: np.save(path, seg.labels)
     files[EMBEDDINGS_FILE] = lambda path: np.save(path, seg.embeddings)
-    view = webpage.view_script(seg.labels, seg.low_res_labels, COLOURS[:len(seg.embeddings)])
-    files[webpage.VIEW_SCRIPT] = lambda path: path.write_text(view)
+    view = page.view_script(seg.labels, seg.low_res_labels, COLOURS[:len(seg.embeddings)])
+    files[page.VIEW_SCRIPT] = lambda path: path.write_text(view)
     if diffmaps:
-        files |= webpage.diffmap_files(seg.difference_maps.float().cpu().numpy())
+        files |= page.diffmap_files(seg.difference_maps.float().cpu().numpy())
     return files
 
 
 # ---- Writing safely ----
 
 OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD,
-                webpage.VIEW_SCRIPT, webpage.DIFFMAPS, webpage.GROUND_TRUTH}  # gt.png: evaluate.py's
+                page.VIEW_SCRIPT, page.DIFFMAPS, page.GROUND_TRUTH}  # gt.png: evaluate.py's
 
 
 def prepare_out(out: Path):
@@ -505,17 +505,17 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
-    page = webpage.RunPage(out, names, say)
+    run_page = page.RunPage(out, names, say)
     try:
         segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0,
-                     after_each=lambda: page.write(summary.as_dict(options), running=True))
+                     after_each=lambda: run_page.write(summary.as_dict(options), running=True))
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
         whole = write_summary(out, summary.as_dict(options), rank, world)
         if whole is not None:  # index.html: the whole run's, by the process that wrote summary.json
-            page.write(whole)
+            run_page.write(whole)
     return whole
 
 
