@@ -11,6 +11,10 @@ offline: no network request, no framework, relative links to the pictures the ru
   segment, in any view or the legend, highlights it in every view and shows its difference map
   (with --save-diffmaps); a click pins it; the arrow keys go to the next image, Escape back.
 
+The page's text lives beside this file, each in its own language: page.html, which names page.css and
+page.js (a <link> and a <script src>) and holds an empty run-data script. write_page reads the three and
+writes index.html with the CSS, the JavaScript and the run's data (JSON) inline.
+
 A page from file:// cannot read an <img>'s pixels (the canvas would be tainted), so each image folder
 holds a small view.js with its label maps run-length encoded, loaded by a <script> tag only when that
 image is opened: the gallery of a 5,000-image run stays one file of its tiles' data.
@@ -23,6 +27,7 @@ Pillow are used: evaluate.py imports this without torch.
 import colorsys
 import json
 import os
+import re
 import time
 import urllib.parse
 from pathlib import Path
@@ -42,6 +47,10 @@ BROWSER_IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}  # inputs a 
 VIEW_SIDE = 512  # the label maps of view.js are cut to this many pixels a side at most (nearest)
 DIFFMAP_SIDE = 256  # likewise the difference maps (area)
 IGNORED_COLOUR = (0, 0, 0)  # ground-truth pixels that count nowhere
+TEMPLATE = Path(__file__).with_name("page.html")  # the page, which names the two below: inlined when written
+STYLE = Path(__file__).with_name("page.css")
+SCRIPT = Path(__file__).with_name("page.js")
+RUN_DATA = '<script type="application/json" id="run-data">{}</script>'  # page.html's is empty: the run's JSON goes in
 
 
 # ---- Per image folder: the files the page reads ----
@@ -235,8 +244,22 @@ def write_page(out: Path, names: list[str], summary: dict | None = None, running
     """(Re)write <out>/index.html whole: the images of `names` that are done, and the run's `summary`
     (runner.py's summary.json as a dict; None: the one in `out`, if any)."""
     summary = summary if summary is not None else read_json(out / SUMMARY)
-    text = PAGE_HTML.replace("/*DATA*/", script_json(page_data(out, names, summary, running)))
+    text = page_text(script_json(page_data(out, names, summary, running)))
     atomic_save(out / PAGE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def page_text(data: str) -> str:
+    """index.html's text: page.html with page.css and page.js inline, in a <style> and a <script>, and `data`
+    (the run's JSON) in its run-data script. One pass over page.html, so that nothing inserted is searched
+    for a tag; page.html without each tag exactly once is an error."""
+    fills = {f'<link rel="stylesheet" href="{STYLE.name}">': f"<style>{STYLE.read_text(encoding='utf-8')}</style>",
+             f'<script src="{SCRIPT.name}"></script>': f"<script>{SCRIPT.read_text(encoding='utf-8')}</script>",
+             RUN_DATA.format(""): RUN_DATA.format(data)}
+    html = TEMPLATE.read_text(encoding="utf-8")
+    for tag in fills:
+        if html.count(tag) != 1:
+            raise ValueError(f"{TEMPLATE}: {tag} must be there once, not {html.count(tag)} times")
+    return re.sub("|".join(map(re.escape, fills)), lambda match: fills[match[0]], html)
 
 
 def refresh_page(out: Path, names: list[str], summary: dict | None, say, running: bool = False) -> bool:
@@ -246,7 +269,7 @@ def refresh_page(out: Path, names: list[str], summary: dict | None, say, running
         return True
     except OSError as e:
         say(f"cannot write {shown(out / PAGE)}: {e.strerror or e}")
-    except ValueError as e:  # a value JSON cannot hold (nan): the run's outputs stand without their page
+    except ValueError as e:  # a value JSON cannot hold (nan), or a page.html without its tags
         say(f"cannot write {shown(out / PAGE)}: {e}")
     return False
 
@@ -262,301 +285,3 @@ class RunPage:
         if not self.failed:
             self.failed = not refresh_page(self.out, self.names, summary, self.say, running)
 
-
-PAGE_CSS = """
-:root { color-scheme: light dark; --line: #8884; --dim: #888; }
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0 1.2em 2em; }
-h1 { font-size: 1.4em; margin: .6em 0 .2em; } h2 { font-size: 1.1em; margin: 1em 0 .3em; }
-table { border-collapse: collapse; } td, th { padding: 1px 8px; border-bottom: 1px solid var(--line); text-align: left; }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
-.note { color: var(--dim); } .warn { color: #c60; }
-#controls { position: sticky; top: 0; padding: .4em 0; background: Canvas; z-index: 1; }
-#gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
-.tile { display: block; color: inherit; text-decoration: none; border: 1px solid var(--line); border-radius: 6px;
-  padding: 4px; content-visibility: auto; contain-intrinsic-size: 170px 240px; }
-.tile:hover, .tile:focus { outline: 2px solid #48f; }
-.tile img, .tile .blank { display: block; width: 100%; aspect-ratio: 1; object-fit: contain; background: #8882; }
-.tile .name { font-weight: 600; overflow-wrap: anywhere; } .tile .meta, .tile .score { font-size: 12px; }
-.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px; vertical-align: -1px; margin-right: 4px; }
-#viewer { position: fixed; inset: 0; background: Canvas; overflow: auto; padding: 0 1.2em 1em; z-index: 2; }
-#viewer .bar { display: flex; gap: .6em; align-items: center; padding: .5em 0; position: sticky; top: 0; background: Canvas; }
-#viewer .bar b { font-size: 1.15em; overflow-wrap: anywhere; } #viewer .bar .grow { flex: 1; }
-#views { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 10px; }
-#views figure, #side figure { margin: 0; }
-.frame { position: relative; cursor: crosshair; }
-.frame img { display: block; width: 100%; height: auto; aspect-ratio: var(--ar, auto); object-fit: cover; }
-.frame canvas { position: absolute; inset: 0; width: 100%; height: 100%; pointer-events: none; image-rendering: pixelated; }
-#side { display: grid; grid-template-columns: minmax(220px, 1fr) minmax(200px, 340px); gap: 16px; margin-top: 12px; }
-#legend { list-style: none; padding: 0; margin: 0; columns: 2 200px; }
-#legend li { padding: 1px 4px; cursor: pointer; border-radius: 3px; break-inside: avoid; }
-#legend li.on { background: #48f4; } #legend li.pinned { outline: 2px solid #48f; }
-#diffmap { display: block; width: 100%; aspect-ratio: var(--ar, auto); image-rendering: pixelated; background: #000; }
-#diffmap[hidden] { display: none; }
-"""
-
-PAGE_BODY = """
-<header>
-<h1 id="title"></h1>
-<p id="totals"></p>
-<p id="state" class="warn" hidden></p>
-<details open><summary>Options</summary><table id="options"></table></details>
-<section id="evaluation" hidden>
-<h2>Scores (evaluate.py)</h2>
-<p id="eval-note" class="note"></p>
-<table id="protocols"></table>
-<details><summary>IoU per class (%)</summary><table id="classes"></table></details>
-</section>
-</header>
-<nav id="controls">Sort by <select id="sort">
-<option value="name">name</option><option value="score">score (mIoU), worst first</option>
-<option value="seconds">seconds, slowest first</option></select>
-<span id="count" class="note"></span></nav>
-<main id="gallery"></main>
-<section id="failed" hidden><h2>Failed</h2><ul id="failed-list"></ul></section>
-<div id="viewer" hidden>
-<div class="bar"><button id="prev" title="previous image (left arrow)">&larr;</button>
-<button id="next" title="next image (right arrow)">&rarr;</button><b id="v-name"></b>
-<span id="v-info" class="note"></span><span class="grow"></span><button id="close" title="back (Escape)">&times;</button></div>
-<div id="views">
-<figure><div class="frame" data-map="labels"><img id="v-input" alt="input"><canvas></canvas></div><figcaption>input</figcaption></figure>
-<figure><div class="frame" data-map="labels"><img id="v-overlay" alt="overlay"><canvas></canvas></div><figcaption>overlay.png</figcaption></figure>
-<figure><div class="frame" data-map="labels"><img id="v-labels" alt="labels"><canvas></canvas></div><figcaption>labels.png</figcaption></figure>
-<figure><div class="frame" data-map="low"><img id="v-lowres" alt="low-resolution masks"><canvas></canvas></div><figcaption>lowres.png: the low-resolution masks</figcaption></figure>
-<figure id="gt-box" hidden><div class="frame" data-map="labels"><img id="v-gt" alt="ground truth"><canvas></canvas></div><figcaption>ground truth: <span id="gt-legend"></span></figcaption></figure>
-</div>
-<div id="side">
-<div><h2>Segments</h2><p class="note">Hover a segment (here or in a picture) to highlight it; click to pin it.</p><ol id="legend"></ol></div>
-<figure><h2 id="diff-title">Difference map</h2><img id="diffmap" alt="difference map" hidden><figcaption id="diff-note" class="note"></figcaption></figure>
-</div>
-</div>
-"""
-
-PAGE_JS = r"""
-"use strict";
-const RUN = JSON.parse(document.getElementById("run-data").textContent);
-const $ = id => document.getElementById(id);
-const el = (tag, props = {}, ...kids) => { const e = Object.assign(document.createElement(tag), props); e.append(...kids); return e; };
-const pct = x => x === null || x === undefined ? "n/a" : (100 * x).toFixed(2);
-const folder = name => { try { return encodeURIComponent(name) + "/"; } catch (e) { return "_/"; } };
-const has = (entry, file) => entry.files.includes(file);
-const entries = RUN.entries;
-const scores = RUN.scores;
-let order = entries.map((e, i) => i), current = -1, view = null, hovered = -1, pinned = -1;
-
-function header() {
-  const s = RUN.summary || {};
-  $("title").textContent = "emerdiff: " + RUN.title;
-  document.title = "emerdiff: " + RUN.title;
-  const secs = entries.filter(e => e.seconds !== undefined).map(e => e.seconds);
-  const mean = secs.length ? (secs.reduce((a, b) => a + b, 0) / secs.length).toFixed(1) + " s per image" : "";
-  const failed = (s.failed || []).length;
-  $("totals").textContent = [`${entries.length} of ${RUN.images} images segmented`, failed ? `${failed} failed` : "",
-    s.done !== undefined ? `${s.done} by the last run, ${s.skipped} done before` : "", mean].filter(Boolean).join("; ");
-  if (RUN.running || s.error) {
-    $("state").hidden = false;
-    $("state").textContent = s.error ? "The run stopped: " + s.error : "The run is in progress: this page is rewritten after each image.";
-  }
-  const options = Object.entries(s.options || {});  // in rows of four
-  for (let at = 0; at < options.length; at += 4)
-    $("options").append(el("tr", {}, ...options.slice(at, at + 4).flatMap(([k, v]) =>
-      [el("th", {textContent: k}), el("td", {textContent: JSON.stringify(v)})])));
-  if (failed) {
-    $("failed").hidden = false;
-    for (const f of s.failed) $("failed-list").append(el("li", {textContent: f.reason}));
-  }
-}
-
-function evaluation() {
-  $("sort").querySelector("[value=score]").disabled = !entries.some(e => e.score);
-  if (!scores) return;
-  $("evaluation").hidden = false;
-  const scored = entries.filter(e => e.score).length;
-  $("eval-note").textContent = `${scores.dataset}: ${scores.images} images scored at ${scores.resolution}, ` +
-    `${scores.missing} missing; ${scores.evaluated}. Per image: DiffSeg's hungarian matching.` +
-    (scores.changed ? ` ${scores.changed} images were segmented again since: their scores are not shown.` : "");
-  $("protocols").append(el("tr", {}, el("th", {textContent: "protocol"}), el("th", {className: "n", textContent: "mIoU %"}),
-    el("th", {className: "n", textContent: "pixel accuracy %"})));
-  for (const p of scores.protocols)
-    $("protocols").append(el("tr", {}, el("td", {textContent: p}), el("td", {className: "n", textContent: pct(scores[p].miou)}),
-      el("td", {className: "n", textContent: pct(scores[p].accuracy)})));
-  $("classes").append(el("tr", {}, el("th", {textContent: "class"}), ...scores.protocols.map(p => el("th", {className: "n", textContent: p}))));
-  scores.class_names.forEach((name, c) => $("classes").append(el("tr", {},
-    el("td", {}, el("span", {className: "swatch", style: "background:" + scores.class_colours[c]}), name),
-    ...scores.protocols.map(p => el("td", {className: "n", textContent: pct(scores[p].iou[c])})))));
-}
-
-function tile(entry, i) {
-  const base = folder(entry.name);
-  const picture = has(entry, "overlay.png") ? el("img", {loading: "lazy", src: base + "overlay.png", alt: ""}) : el("div", {className: "blank"});
-  const meta = entry.segments !== undefined ? `${entry.segments} segments · ${entry.seconds.toFixed(1)} s` : "";
-  const score = entry.score ? `mIoU ${pct(entry.score.miou)} % · acc ${pct(entry.score.accuracy)} %` : "";
-  const a = el("a", {className: "tile", href: "#"}, picture, el("div", {className: "name", textContent: entry.name}),
-    el("div", {className: "meta", textContent: meta}), el("div", {className: "score", textContent: score}));
-  a.dataset.index = i;
-  a.addEventListener("click", ev => { ev.preventDefault(); openImage(i); });
-  return a;
-}
-
-function gallery() {
-  const tiles = document.createDocumentFragment();
-  entries.forEach((e, i) => tiles.append(tile(e, i)));
-  $("gallery").append(tiles);
-  $("count").textContent = entries.length === 1 ? "1 image" : `${entries.length} images`;
-}
-
-const SORTS = {
-  name: (a, b) => entries[a].name < entries[b].name ? -1 : entries[a].name > entries[b].name ? 1 : 0,
-  score: (a, b) => key(a, e => e.score && e.score.miou) - key(b, e => e.score && e.score.miou) || SORTS.name(a, b),
-  seconds: (a, b) => key(b, e => e.seconds, -Infinity) - key(a, e => e.seconds, -Infinity) || SORTS.name(a, b),
-};
-function key(i, get, none = Infinity) { const v = get(entries[i]); return typeof v === "number" ? v : none; }
-
-function sortTiles() {
-  order = entries.map((e, i) => i).sort(SORTS[$("sort").value]);
-  const tiles = [];
-  for (const t of $("gallery").children) tiles[+t.dataset.index] = t;
-  $("gallery").append(...order.map(i => tiles[i]));
-}
-
-function openImage(i) {
-  current = i; view = null; hovered = pinned = -1;
-  const entry = entries[i], base = folder(entry.name);
-  $("viewer").hidden = false;
-  $("v-name").textContent = entry.name;
-  $("v-info").textContent = [entry.segments !== undefined ? `${entry.segments} segments of ${entry.masks} masks, ${entry.seconds.toFixed(1)} s` : "",
-    entry.score ? `mIoU ${pct(entry.score.miou)} %, accuracy ${pct(entry.score.accuracy)} %` : ""].filter(Boolean).join(" · ");
-  const pictures = {"v-input": entry.input, "v-overlay": has(entry, "overlay.png") && base + "overlay.png",
-    "v-labels": has(entry, "labels.png") && base + "labels.png", "v-lowres": has(entry, "lowres.png") && base + "lowres.png",
-    "v-gt": entry.score && entry.score.gt && base + "gt.png"};
-  for (const [id, src] of Object.entries(pictures)) {
-    $(id).closest("figure").hidden = !src;
-    if (src) $(id).src = src; else $(id).removeAttribute("src");
-  }
-  $("viewer").style.removeProperty("--ar");
-  $("legend").replaceChildren();
-  $("gt-legend").replaceChildren();
-  if (entry.score) entry.score.classes.forEach(c => $("gt-legend").append(el("span", {},
-    el("span", {className: "swatch", style: "background:" + scores.class_colours[c]}), scores.class_names[c] + " ")));
-  document.querySelectorAll(".frame canvas").forEach(c => c.getContext("2d").clearRect(0, 0, c.width, c.height));
-  showDiffmap(-1);
-  history.replaceState(null, "", "#" + encodeURIComponent(entry.name));
-  document.querySelectorAll("script.view").forEach(s => s.remove());
-  if (has(entry, "view.js")) {
-    const s = el("script", {className: "view", src: base + "view.js"});
-    s.dataset.index = i;
-    document.body.append(s);
-  } else $("legend").append(el("li", {className: "note", textContent:
-    "no view.js in this folder (made by an earlier version, or not by emerdiff.py): segment it again with --overwrite for the legend and the highlighting"}));
-}
-
-function closeImage() {
-  $("viewer").hidden = true; current = -1;
-  history.replaceState(null, "", location.pathname + location.search);
-}
-
-function decode(runs, size) {
-  const ids = new Uint8Array(size);
-  for (let k = 0, at = 0; k < runs.length; k += 2) { ids.fill(runs[k], at, at + runs[k + 1]); at += runs[k + 1]; }
-  return ids;
-}
-
-// Called by an image folder's view.js: its label maps, colours and areas.
-window.emerdiffView = function (data) {
-  const i = +document.currentScript.dataset.index;
-  if (i !== current) return;
-  const entry = entries[i];
-  view = {maps: {labels: {w: data.w, h: data.h, ids: decode(data.labels, data.w * data.h)},
-                 low: {w: data.lw, h: data.lh, ids: decode(data.low, data.lw * data.lh)}}, masks: {}};
-  $("viewer").style.setProperty("--ar", `${data.w} / ${data.h}`);
-  document.querySelectorAll(".frame").forEach(f => { const m = view.maps[f.dataset.map], c = f.querySelector("canvas"); c.width = m.w; c.height = m.h; });
-  data.colours.forEach((colour, s) => {
-    const matched = entry.score && s < entry.score.matched.length ? entry.score.matched[s] : null;
-    const name = matched === null ? "" : matched < 0 ? " → unmatched" : " → " + scores.class_names[matched];
-    const li = el("li", {}, el("span", {className: "swatch", style: "background:" + colour}),
-      `segment ${s}: ${(100 * data.areas[s]).toFixed(1)} %${name}`);
-    li.dataset.segment = s;
-    li.addEventListener("mouseenter", () => hover(s));
-    li.addEventListener("mouseleave", () => hover(-1));
-    li.addEventListener("click", () => pin(s));
-    $("legend").append(li);
-  });
-};
-
-function segmentAt(frame, ev) {
-  if (!view) return -1;
-  const m = view.maps[frame.dataset.map], r = frame.getBoundingClientRect();
-  const x = Math.floor((ev.clientX - r.left) / r.width * m.w), y = Math.floor((ev.clientY - r.top) / r.height * m.h);
-  return x < 0 || y < 0 || x >= m.w || y >= m.h ? -1 : m.ids[y * m.w + x];
-}
-
-function mask(map, s) {
-  const key = map + ":" + s;
-  if (!view.masks[key]) {
-    const m = view.maps[map], image = new ImageData(m.w, m.h);
-    for (let p = 0; p < m.ids.length; p++) if (m.ids[p] !== s) image.data[4 * p + 3] = 165;
-    view.masks[key] = image;
-  }
-  return view.masks[key];
-}
-
-function highlight(s) {
-  if (!view) return;
-  document.querySelectorAll(".frame").forEach(f => {
-    const c = f.querySelector("canvas"), g = c.getContext("2d");
-    if (s < 0) g.clearRect(0, 0, c.width, c.height); else g.putImageData(mask(f.dataset.map, s), 0, 0);
-  });
-  document.querySelectorAll("#legend li").forEach(li => {
-    li.classList.toggle("on", +li.dataset.segment === s);
-    li.classList.toggle("pinned", +li.dataset.segment === pinned);
-  });
-  showDiffmap(s);
-}
-
-function showDiffmap(s) {
-  const entry = entries[current], img = $("diffmap"), name = "diffmaps/" + String(s).padStart(3, "0") + ".png";
-  $("diff-title").textContent = s < 0 ? "Difference map" : `Difference map of mask ${s}`;
-  if (s >= 0 && entry && has(entry, name)) {
-    img.src = folder(entry.name) + name; img.hidden = false;
-    $("diff-note").textContent = "the pixels the modulation of this mask moved (white: most), scaled to its maximum";
-  } else {
-    img.hidden = true; img.removeAttribute("src");
-    $("diff-note").textContent = entry && !entry.files.some(f => f.startsWith("diffmaps/"))
-      ? "no difference maps: segment with --save-diffmaps to see them" : "hover a segment to see its difference map";
-  }
-}
-
-function hover(s) { hovered = s; highlight(s >= 0 ? s : pinned); }
-function pin(s) { pinned = pinned === s ? -1 : s; highlight(pinned >= 0 ? pinned : hovered); }
-
-function step(by) {
-  const at = order.indexOf(current);
-  if (at >= 0 && order.length) openImage(order[(at + by + order.length) % order.length]);
-}
-
-function wire() {
-  $("sort").addEventListener("change", sortTiles);
-  $("prev").addEventListener("click", () => step(-1));
-  $("next").addEventListener("click", () => step(1));
-  $("close").addEventListener("click", closeImage);
-  document.querySelectorAll(".frame").forEach(f => {
-    f.addEventListener("mousemove", ev => { const s = segmentAt(f, ev); if (s !== hovered) hover(s); });
-    f.addEventListener("mouseleave", () => hover(-1));
-    f.addEventListener("click", ev => { const s = segmentAt(f, ev); if (s >= 0) pin(s); });
-  });
-  document.addEventListener("keydown", ev => {
-    if ($("viewer").hidden) return;
-    if (ev.key === "ArrowRight") step(1); else if (ev.key === "ArrowLeft") step(-1); else if (ev.key === "Escape") closeImage();
-  });
-}
-
-header(); evaluation(); gallery(); sortTiles(); wire();
-const start = entries.findIndex(e => "#" + encodeURIComponent(e.name) === location.hash);
-if (start >= 0) openImage(start);
-document.body.dataset.ready = "1";
-"""
-
-PAGE_HTML = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>emerdiff</title>\n"
-             f"<style>{PAGE_CSS}</style>\n</head>\n<body>{PAGE_BODY}"
-             "<script type=\"application/json\" id=\"run-data\">/*DATA*/</script>\n"
-             f"<script>{PAGE_JS}</script>\n</body>\n</html>\n")

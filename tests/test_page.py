@@ -44,6 +44,22 @@ def test_data_in_the_page_cannot_end_its_script():
     assert json.loads(text) == {"name": "</script><b>&'\"\u2028é"}
 
 
+def test_the_page_is_page_html_with_its_css_script_and_data_inline(tmp_path, monkeypatch):
+    text = page.page_text(page.script_json({"x": 1}))
+    assert f"<style>{page.STYLE.read_text()}</style>" in text and f"<script>{page.SCRIPT.read_text()}</script>" in text
+    assert '<script type="application/json" id="run-data">{"x":1}</script>' in text
+    assert "page.css" not in text and "page.js" not in text
+    script = tmp_path / "page.js"  # inserted text is not searched for the tags
+    script.write_text('// <link rel="stylesheet" href="page.css">')
+    monkeypatch.setattr(page, "SCRIPT", script)
+    assert '<script>// <link rel="stylesheet" href="page.css"></script>' in page.page_text("{}")
+    template = tmp_path / "page.html"
+    template.write_text(page.TEMPLATE.read_text().replace('<script src="page.js"></script>', ""))
+    monkeypatch.setattr(page, "TEMPLATE", template)
+    with pytest.raises(ValueError, match='<script src="page.js"></script> must be there once, not 0 times'):
+        page.page_text("{}")
+
+
 def test_no_image_folder_takes_the_page_s_name():
     assert folder_name("index.html") == "_index.html" and folder_name("INDEX.HTML") == "_INDEX.HTML"
 
