@@ -82,7 +82,7 @@ def saved_png(picture: Image.Image, path: Path):
     picture.save(path, format="PNG")
 
 
-def runs(ids: np.ndarray) -> list[int]:
+def run_length_encoded(ids: np.ndarray) -> list[int]:
     """A label map run-length encoded, row after row: [value, length, value, length, ...]."""
     flat = np.asarray(ids).ravel()
     if not flat.size:
@@ -109,8 +109,8 @@ def view_script(labels: np.ndarray, low_res_labels: np.ndarray, colours: np.ndar
     emerdiffView."""
     shown_labels = cut(labels, VIEW_SIDE)
     areas = np.bincount(labels.ravel(), minlength=len(colours)) / max(labels.size, 1)
-    data = {"w": shown_labels.shape[1], "h": shown_labels.shape[0], "labels": runs(shown_labels),
-            "lw": low_res_labels.shape[1], "lh": low_res_labels.shape[0], "low": runs(low_res_labels),
+    data = {"w": shown_labels.shape[1], "h": shown_labels.shape[0], "labels": run_length_encoded(shown_labels),
+            "lw": low_res_labels.shape[1], "lh": low_res_labels.shape[0], "low": run_length_encoded(low_res_labels),
             "areas": [round(float(a), 5) for a in areas], "colours": [hex_colour(c) for c in colours]}
     return f"emerdiffView({script_json(data)});\n"
 

@@ -32,10 +32,10 @@ TINY = ["--random-weights", "--size", "64", "--masks", "4", "--feature-samples",
 
 def test_run_length_encoding_round_trip():
     ids = np.random.default_rng(0).integers(0, 3, (7, 9)).repeat(2, 1)
-    encoded = page.runs(ids)
+    encoded = page.run_length_encoded(ids)
     decoded = np.concatenate([[v] * n for v, n in zip(encoded[::2], encoded[1::2])])
     assert np.array_equal(decoded, ids.ravel()) and sum(encoded[1::2]) == ids.size
-    assert page.runs(np.zeros((0, 3))) == []
+    assert page.run_length_encoded(np.zeros((0, 3))) == []
 
 
 def test_data_in_the_page_cannot_end_its_script():
