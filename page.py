@@ -19,13 +19,16 @@ A page from file:// cannot read an <img>'s pixels (the canvas would be tainted),
 holds a small view.js with its label maps run-length encoded, loaded by a <script> tag only when that
 image is opened: the gallery of a 5,000-image run stays one file of its tiles' data.
 
-The runner (runner.py) writes view.js and the difference maps with each image folder, and rewrites the
-page after each image and at the end; evaluate.py writes gt.png per image and summary.scores.json, then
+The pictures of an image folder are made here too, in the segments' colours (COLOURS): labels.png,
+overlay.png, lowres.png and, with --save-diffmaps, diffmaps.png and diffmaps/, with its view.js
+(picture_files). The runner (runner.py) writes them with each image folder, and rewrites the page after
+each image and at the end; evaluate.py writes gt.png per image and summary.scores.json, then
 rewrites the page. Every file is written whole (files.atomic_save). Only the standard library, numpy and
 Pillow are used: evaluate.py imports this without torch.
 """
 import colorsys
 import json
+import math
 import os
 import re
 import time
@@ -33,19 +36,23 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from files import PREDICTION_FILE, RUN_RECORD, SUMMARY, atomic_save, checked_file, shown
+from files import MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, atomic_save, checked_file, shown
 
 PAGE = "index.html"
+OVERLAY = "overlay.png"  # per image folder: the image half-tinted by segment colour, borders white
+LOW_RES = "lowres.png"  # per image folder: the low-resolution masks in segment colours, at the image's size
 VIEW_SCRIPT = "view.js"  # per image folder: its label maps for the page
+DIFFMAP_GRID = "diffmaps.png"  # per image folder, with --save-diffmaps: every difference map, captioned
 DIFFMAPS = "diffmaps"  # per image folder, with --save-diffmaps: one greyscale PNG per mask
 GROUND_TRUTH = "gt.png"  # per image folder, written by evaluate.py: the ground truth in class colours
 SCORES = "summary.scores.json"  # in the folder evaluate.py scored: what the page shows of it
-PICTURES = (PREDICTION_FILE, "overlay.png", "lowres.png", VIEW_SCRIPT)  # what the page shows of a folder
+PICTURES = (PREDICTION_FILE, OVERLAY, LOW_RES, VIEW_SCRIPT)  # what the page shows of a folder
 BROWSER_IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}  # inputs a browser shows (not TIFF)
 VIEW_SIDE = 512  # the label maps of view.js are cut to this many pixels a side at most (nearest)
-DIFFMAP_SIDE = 256  # likewise the difference maps (area)
+DIFFMAP_SIDE = 256  # likewise the difference maps (area), alone and in diffmaps.png
+CAPTION = 16  # px above each difference map of diffmaps.png: a swatch of the segment's colour and its index
 IGNORED_COLOUR = (0, 0, 0)  # ground-truth pixels that count nowhere
 TEMPLATE = Path(__file__).with_name("page.html")  # the page, which names the two below: inlined when written
 STYLE = Path(__file__).with_name("page.css")
@@ -53,7 +60,80 @@ SCRIPT = Path(__file__).with_name("page.js")
 RUN_DATA = '<script type="application/json" id="run-data">{}</script>'  # page.html's is empty: the run's JSON goes in
 
 
-# ---- Per image folder: the files the page reads ----
+# ---- Per image folder: the pictures, and the files the page reads ----
+
+def golden_ratio_palette(k: int, start: float = 0.0, saturation: float = 0.75, value: float = 0.95) -> np.ndarray:
+    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio from `start`."""
+    hues = (start + np.arange(k) * 0.618033988749895) % 1
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, saturation, value)] for h in hues], dtype=np.uint8)
+
+
+# Segment i is drawn in COLOURS[i] in every picture; a colour per mask, of at most inputs.MAX_MASKS (which is
+# MAX_SEGMENTS, what labels.png holds; inputs.py itself imports torch).
+COLOURS = golden_ratio_palette(MAX_SEGMENTS)
+
+
+def picture_files(labels: np.ndarray, low_res_labels: np.ndarray, difference_maps: np.ndarray, image: Image.Image,
+                  diffmaps: bool) -> dict:
+    """An image folder's pictures, each name -> a function writing it to a given path: labels.png (`labels`,
+    (H, W) uint8, COLOURS its palette), overlay.png (on `image`), lowres.png (`low_res_labels`, (h, w), at
+    the image's size), view.js and, with `diffmaps`, diffmaps.png and diffmaps/ (`difference_maps`, (K, H',
+    W') floats, one per mask: view.js takes its K colours from them)."""
+    labels_png = Image.fromarray(labels, mode="P")
+    labels_png.putpalette(COLOURS.flatten().tolist())
+    pictures = {PREDICTION_FILE: labels_png, OVERLAY: overlay(image, labels),
+                LOW_RES: Image.fromarray(COLOURS[low_res_labels]).resize(image.size, Image.NEAREST)}
+    if diffmaps:
+        pictures[DIFFMAP_GRID] = diffmap_grid(difference_maps)
+    files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
+    view = view_script(labels, low_res_labels, COLOURS[:len(difference_maps)])
+    files[VIEW_SCRIPT] = lambda path: path.write_text(view)
+    if diffmaps:
+        files |= diffmap_files(difference_maps)
+    return files
+
+
+def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
+    """The image half-tinted by segment colour, with segment borders drawn in white."""
+    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * COLOURS[labels]).astype(np.uint8)
+    border = np.zeros(labels.shape, dtype=bool)
+    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    border[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    blend[border] = 255
+    return Image.fromarray(blend)
+
+
+def diffmap_pictures(maps: np.ndarray) -> list[Image.Image]:
+    """(K, H, W) difference maps as greyscale pictures, each scaled down to at most DIFFMAP_SIDE a side
+    (area) and to its own maximum (white: most change)."""
+    pictures = []
+    for m in np.asarray(maps, dtype=np.float32):
+        picture = Image.fromarray(m, mode="F")
+        scale = min(1.0, DIFFMAP_SIDE / max(picture.size))
+        if scale < 1:
+            picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                     Image.BOX)
+        m = np.asarray(picture)
+        grey = (255 * m / max(float(m.max()), 1e-12)).clip(0, 255).astype(np.uint8)
+        pictures.append(Image.fromarray(grey, mode="L"))
+    return pictures
+
+
+def diffmap_grid(maps: np.ndarray) -> Image.Image:
+    """diffmaps.png: the K difference maps (diffmap_pictures) in a grid, each captioned with its segment
+    index beside a swatch of that segment's colour in labels.png and overlay.png."""
+    pictures = diffmap_pictures(maps)
+    columns = math.ceil(math.sqrt(len(pictures)))
+    cell_h, cell_w = pictures[0].height + CAPTION + 2, pictures[0].width + 2
+    grid = Image.new("RGB", (columns * cell_w, math.ceil(len(pictures) / columns) * cell_h))
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for i, picture in enumerate(pictures):
+        top, left = i // columns * cell_h, i % columns * cell_w
+        grid.paste(picture, (left, top + CAPTION))
+        draw.rectangle((left + 2, top + 3, left + 12, top + 13), fill=tuple(COLOURS[i].tolist()))
+        draw.text((left + 16, top + 2), str(i), fill="white", font=font)
+    return grid
+
 
 def diffmap_name(i: int) -> str:
     """The file of mask i's difference map, relative to its image folder."""
@@ -61,19 +141,9 @@ def diffmap_name(i: int) -> str:
 
 
 def diffmap_files(maps: np.ndarray) -> dict:
-    """(K, H, W) difference maps -> {name: writer of a path}: each map scaled down to DIFFMAP_SIDE (area)
-    and to its own maximum (white: most change), a greyscale PNG."""
-    files = {}
-    for i, m in enumerate(np.asarray(maps, dtype=np.float32)):
-        picture = Image.fromarray(m, mode="F")
-        scale = min(1.0, DIFFMAP_SIDE / max(picture.size))
-        if scale < 1:
-            picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
-                                     Image.BOX)
-        m = np.asarray(picture)
-        grey = Image.fromarray((255 * m / max(float(m.max()), 1e-12)).clip(0, 255).astype(np.uint8), mode="L")
-        files[diffmap_name(i)] = lambda path, grey=grey: saved_png(grey, path)
-    return files
+    """(K, H, W) difference maps -> {name: writer of a path}: diffmaps/, each map alone (diffmap_pictures)."""
+    return {diffmap_name(i): lambda path, grey=grey: saved_png(grey, path)
+            for i, grey in enumerate(diffmap_pictures(maps))}
 
 
 def saved_png(picture: Image.Image, path: Path):
@@ -126,12 +196,6 @@ def script_json(data) -> str:
 
 
 # ---- Ground truth and scores (evaluate.py) ----
-
-def golden_ratio_palette(k: int, start: float = 0.0, saturation: float = 0.75, value: float = 0.95) -> np.ndarray:
-    """k well-separated colours (k, 3) uint8: hues stepped by the golden ratio from `start`."""
-    hues = (start + np.arange(k) * 0.618033988749895) % 1
-    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, saturation, value)] for h in hues], dtype=np.uint8)
-
 
 def class_colours(n: int, own=None) -> np.ndarray:
     """(n, 3) uint8 colours of a dataset's n classes: its `own` where it has them (Cityscapes), else a
