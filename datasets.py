@@ -67,7 +67,7 @@ CITYSCAPES_CLASSES = (
     "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle")
 CITYSCAPES_FIRST_ID = 7
 # Each class's colour in Cityscapes' own pictures (cityscapesScripts, helpers/labels.py); the page of a run
-# (report.py) draws the ground truth in them. The other datasets define none: a fixed palette there.
+# (page.py) draws the ground truth in them. The other datasets define none: a fixed palette there.
 CITYSCAPES_COLOURS = {
     "road": (128, 64, 128), "sidewalk": (244, 35, 232), "parking": (250, 170, 160), "rail track": (230, 150, 140),
     "building": (70, 70, 70), "wall": (102, 102, 156), "fence": (190, 153, 153), "guard rail": (180, 165, 180),

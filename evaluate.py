@@ -27,7 +27,7 @@ Scoring resolution: DiffSeg scores every image at 512x512, the centre-cropped la
 prediction each resized there by nearest neighbour (half-pixel centres), so every image weighs the
 same: `--resolution 512`, the default of its two presets (coco-stuff-27, cityscapes). `--resolution
 native` (the default of the others) scores at the label map's own size, the prediction resized to it.
-Each run also refreshes PRED/index.html, the page of the run (report.py): the scores per image,
+Each run also refreshes PRED/index.html, the page of the run (page.py): the scores per image,
 protocol and class, and per image the ground truth (PRED/<name>/gt.png) with each segment's matched class.
 The datasets are read by datasets.py. Only the standard library, numpy, scipy, Pillow and tqdm are
 used: no model, no GPU.
@@ -50,7 +50,7 @@ from tqdm import tqdm
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
 from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, FileError, OneLineParser, atomic_save,
                    checked_file, folder_name, listed_folder, shown)
-import report as webpage
+import page
 
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
 RESOLUTIONS = ("512", "native")
@@ -560,21 +560,21 @@ def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resol
 
 
 def class_colours(dataset: str, n_class: int) -> np.ndarray:
-    """(n_class, 3) uint8: the dataset's own class colours (Cityscapes), else report.py's fixed palette."""
-    return webpage.class_colours(n_class, PRESETS[dataset].colours if dataset in PRESETS else None)
+    """(n_class, 3) uint8: the dataset's own class colours (Cityscapes), else page.py's fixed palette."""
+    return page.class_colours(n_class, PRESETS[dataset].colours if dataset in PRESETS else None)
 
 
 def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> bool:
-    """gt.png in the prediction folder, for its page (report.py); False where it cannot be written."""
+    """gt.png in the prediction folder, for its page (page.py); False where it cannot be written."""
     try:
-        webpage.save_ground_truth(folder, gt, colours, IGNORE)
+        page.save_ground_truth(folder, gt, colours, IGNORE)
         return True
     except OSError:
         return False
 
 
 def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
-    """The prediction folder's summary.scores.json and index.html (report.py): the scores per image (and
+    """The prediction folder's summary.scores.json and index.html (page.py): the scores per image (and
     the class each segment was matched to by hungarian), per protocol and per class; the page shows the
     folder's other images too. A page that cannot be written is said in one line; the scores stand."""
     images = {}
@@ -585,15 +585,15 @@ def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
         images[folder_name(r.stem)] = {"miou": entry["miou"], "accuracy": entry["accuracy"],
                                        "matched": matched.tolist(), "classes": np.flatnonzero(r.hist.sum(1)).tolist(),
                                        "gt": r.ground_truth_saved,
-                                       "labels_written": webpage.labels_written(pred / folder_name(r.stem))}
+                                       "labels_written": page.labels_written(pred / folder_name(r.stem))}
     try:
-        webpage.write_scores(pred, json_ready(result), json_ready(images),
+        page.write_scores(pred, json_ready(result), json_ready(images),
                              class_colours(result["dataset"], len(result["class_names"])))
     except OSError as e:
-        print(f"evaluate: cannot write {shown(pred / webpage.SCORES)}: {e.strerror or e}", file=sys.stderr)
+        print(f"evaluate: cannot write {shown(pred / page.SCORES)}: {e.strerror or e}", file=sys.stderr)
         return
     others = {p.name for p in listed_folder(pred) if (p / RUN_RECORD).is_file()}  # the run's, not scored
-    webpage.refresh_page(pred, sorted(set(images) | others), None,
+    page.refresh_page(pred, sorted(set(images) | others), None,
                          lambda line: print(f"evaluate: {line}", file=sys.stderr))
 
 

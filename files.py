@@ -26,7 +26,7 @@ import socket
 import stat
 from pathlib import Path
 
-# What the command line writes, and evaluate.py and the run's page (report.py) read:
+# What the command line writes, and evaluate.py and the run's page (page.py) read:
 PREDICTION_FILE = "labels.png"  # per image: the labels, an 8-bit palette image
 EMBEDDINGS_FILE = "embeddings.npy"  # per image: (K, C) float32, row i segment i's mask embedding
 RUN_RECORD = "run.json"  # per image: how its folder was made; written last, with the rest

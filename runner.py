@@ -7,8 +7,9 @@
 emerdiff.py is the method; this file is what a command line needs around it, kept apart so that
 emerdiff.py stays the paper's steps in order:
 - options, all checked before the weights load, and the images to segment (files, folders, lists);
-- the files written per image (labels.png, labels.npy, embeddings.npy, overlay.png, lowres.png, view.js,
-  diffmaps.png and diffmaps/), and the run's page, index.html (report.py), after each image and at the end;
+- the files written per image (labels.npy, embeddings.npy, and page.py's pictures, labels.png, overlay.png,
+  lowres.png, diffmaps.png and diffmaps/, with view.js), and the run's page, index.html (page.py), after
+  each image and at the end;
 - dataset runs: a benchmark's images (datasets.py's readers and DiffSeg's centre crop), resumable,
   and shared out over torchrun's processes, each taking every N-th image;
 - safe writing (files.py): each image's folder is written under a temporary name and swapped in
@@ -19,7 +20,6 @@ emerdiff.py stays the paper's steps in order:
 """
 import argparse
 import json
-import math
 import os
 import re
 import signal
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 from devices import CPU_BATCH_SIZES, TIMED_CALLS, estimate, model_device_dtype, pick_device, pick_dtype
@@ -41,7 +40,7 @@ from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileEr
                    checked_file, folder_name, listed_folder, remove_dead_temporaries, shown, temporary_path,
                    write_folder)
 from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
-import report as webpage
+import page
 
 # ---- Options ----
 
@@ -274,67 +273,21 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
              "--steps cut it (README, Time and cost)")
 
 
-# ---- The pictures ----
-
-COLOURS = webpage.golden_ratio_palette(MAX_MASKS)  # segment i is drawn in COLOURS[i] in every picture
-
-
-def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
-    """The image half-tinted by segment colour, with segment borders drawn in white."""
-    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * COLOURS[labels]).astype(np.uint8)
-    border = np.zeros(labels.shape, dtype=bool)
-    border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    border[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    blend[border] = 255
-    return Image.fromarray(blend)
-
-
-CAPTION = 16  # px above each difference map: a swatch of the segment's colour and its index
-
-
-def diffmap_grid(maps: torch.Tensor, tile: int = 256) -> Image.Image:
-    """The K difference maps in a grid, each scaled to its own maximum (white = most change) and
-    captioned with its segment index beside a swatch of that segment's colour in labels.png and
-    overlay.png."""
-    k, h, w = maps.shape
-    scale = min(1.0, tile / max(h, w))
-    maps = F.interpolate(maps[:, None], scale_factor=scale, mode="area")[:, 0] if scale < 1 else maps
-    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    columns = math.ceil(math.sqrt(k))
-    th, tw = maps.shape[1:]
-    cell_h, cell_w = th + CAPTION + 2, tw + 2
-    grid = Image.new("RGB", (columns * cell_w, math.ceil(k / columns) * cell_h))
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for i, m in enumerate(maps):
-        top, left = i // columns * cell_h, i % columns * cell_w
-        grid.paste(Image.fromarray((m.numpy() * 255).astype(np.uint8)), (left, top + CAPTION))
-        draw.rectangle((left + 2, top + 3, left + 12, top + 13), fill=tuple(COLOURS[i].tolist()))
-        draw.text((left + 16, top + 2), str(i), fill="white", font=font)
-    return grid
-
+# ---- The files of an image ----
 
 def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
-    """Each output picture's name -> a function writing it to a given path."""
-    labels_png = Image.fromarray(seg.labels, mode="P")
-    labels_png.putpalette(COLOURS.flatten().tolist())
-    pictures = {PREDICTION_FILE: labels_png, "overlay.png": overlay(image, seg.labels),
-                "lowres.png": Image.fromarray(COLOURS[seg.low_res_labels]).resize(image.size, Image.NEAREST)}
-    if diffmaps:
-        pictures["diffmaps.png"] = diffmap_grid(seg.difference_maps)
-    files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
-    files["labels.npy"] = lambda path: np.save(path, seg.labels)
-    files[EMBEDDINGS_FILE] = lambda path: np.save(path, seg.embeddings)
-    view = webpage.view_script(seg.labels, seg.low_res_labels, COLOURS[:len(seg.embeddings)])
-    files[webpage.VIEW_SCRIPT] = lambda path: path.write_text(view)
-    if diffmaps:
-        files |= webpage.diffmap_files(seg.difference_maps.float().cpu().numpy())
-    return files
+    """Each output file's name -> a function writing it to a given path: the labels and the embeddings as
+    arrays, and the pictures (page.picture_files)."""
+    files = {"labels.npy": lambda path: np.save(path, seg.labels),
+             EMBEDDINGS_FILE: lambda path: np.save(path, seg.embeddings)}
+    maps = seg.difference_maps.float().cpu().numpy()
+    return files | page.picture_files(seg.labels, seg.low_res_labels, maps, image, diffmaps)
 
 
 # ---- Writing safely ----
 
-OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, "overlay.png", "lowres.png", "diffmaps.png", RUN_RECORD,
-                webpage.VIEW_SCRIPT, webpage.DIFFMAPS, webpage.GROUND_TRUTH}  # gt.png: evaluate.py's
+OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, page.OVERLAY, page.LOW_RES, page.DIFFMAP_GRID,
+                RUN_RECORD, page.VIEW_SCRIPT, page.DIFFMAPS, page.GROUND_TRUTH}  # gt.png: evaluate.py's
 
 
 def prepare_out(out: Path):
@@ -441,17 +394,17 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     dtype = pick_dtype(args.dtype, device)
     out = Path(args.out)
     prepare_out(out)
-    page = webpage.RunPage(out, names, say)
+    run_page = page.RunPage(out, names, say)
     try:
         segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0,
-                     after_each=lambda: page.write(summary.as_dict(options), running=True))
+                     after_each=lambda: run_page.write(summary.as_dict(options), running=True))
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
         raise
     finally:
         whole = write_summary(out, summary.as_dict(options), rank, world)
         if whole is not None:  # index.html: the whole run's, by the process that wrote summary.json
-            page.write(whole)
+            run_page.write(whole)
     return whole
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import emerdiff
+import page
 import runner
 from command_line import FAST as CHEAPEST
 from command_line import FAST_OPTIONS as CHEAPEST_OPTIONS
@@ -360,7 +361,7 @@ def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, tmp_path):
 
 def test_the_difference_map_grid_has_one_captioned_tile_per_segment():
     maps = torch.rand(5, 40, 60, generator=torch.Generator().manual_seed(0))
-    grid = np.asarray(runner.diffmap_grid(maps)).astype(int)
+    grid = np.asarray(page.diffmap_grid(maps.numpy())).astype(int)
     caption, cell_h, cell_w = 16, 40 + 16 + 2, 60 + 2  # caption strip above each map, 2 px apart
     assert grid.shape == (2 * cell_h, 3 * cell_w, 3)  # 5 tiles: 3 columns, 2 rows
     for i, m in enumerate(maps):
@@ -369,7 +370,7 @@ def test_the_difference_map_grid_has_one_captioned_tile_per_segment():
         expected = (m / m.max() * 255).numpy().astype(int)[..., None]  # grey: scaled to its own maximum
         assert np.abs(tile - expected).max() <= 1
         strip = grid[top:top + caption, left:left + cell_w]
-        swatch = (strip == runner.COLOURS[i]).all(-1)  # the segment's colour in labels.png / overlay.png
+        swatch = (strip == page.COLOURS[i]).all(-1)  # the segment's colour in labels.png / overlay.png
         assert swatch.sum() >= 100 and (strip.max(-1) - strip.min(-1) > 0).any()
         text = strip[:, 14:]  # the index beside the swatch, in white (antialiased: light grey)
         assert ((text.min(-1) > 100) & (text.max(-1) == text.min(-1))).sum() > 5

@@ -1,12 +1,12 @@
-"""How long a large run's page (report.py's index.html) takes to open in a browser.
+"""How long a large run's page (page.py's index.html) takes to open in a browser.
 
     python tools/page_speed.py [--images 5000] [--repeats 3] [--keep DIR]
 
 Makes a fake run of N images, each folder holding what the page reads of it (run.json, a small
-overlay.png, view.js), writes its index.html with report.write_page, opens it from file:// in headless
+overlay.png, view.js), writes its index.html with page.write_page, opens it from file:// in headless
 chromium (Debian's, driven by playwright: pip install playwright==1.65.2), and times each load from
 the navigation until every tile is in the page and two frames were drawn. Prints the load times and
-the time report.write_page took, first and again (as after each image of a run).
+the time page.write_page took, first and again (as after each image of a run).
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import report  # noqa: E402 (after the repository is on the path)
+import page  # noqa: E402 (after the repository is on the path)
 
 RENDERED = "new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
 
@@ -36,20 +36,20 @@ def fake_run(out: Path, count: int, masks: int = 25) -> list[str]:
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(overlay)
     low = rng.integers(0, masks, (16, 16))
     labels = low.repeat(8, 0).repeat(8, 1)
-    view = report.view_script(labels, low, rng.integers(0, 256, (masks, 3)))
+    view = page.view_script(labels, low, rng.integers(0, 256, (masks, 3)))
     for i, name in enumerate(names):
         folder = out / name
         folder.mkdir(exist_ok=True)
         shutil.copyfile(overlay, folder / "overlay.png")
         shutil.copyfile(overlay, out / "images" / f"{name}.png")  # the input the page links to
-        (folder / report.VIEW_SCRIPT).write_text(view)
+        (folder / page.VIEW_SCRIPT).write_text(view)
         record = {"run": {"image": {"path": str(out / "images" / f"{name}.png"), "centre_crop": True}, "options": {"masks": masks}},
                   "result": {"segments": masks, "seconds": {"features": 1.0 + i % 7}, "files": ["overlay.png", "view.js"]}}
-        (folder / report.RUN_RECORD).write_text(json.dumps(record))
+        (folder / page.RUN_RECORD).write_text(json.dumps(record))
     overlay.unlink()
     summary = {"images": count, "done": count, "skipped": 0, "failed": [], "seconds_per_image": 4.0, "seconds": [],
                "seconds_before": [], "error": None, "options": {"masks": masks}}
-    (out / report.SUMMARY).write_text(json.dumps(summary))
+    (out / page.SUMMARY).write_text(json.dumps(summary))
     return names
 
 
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
         written = []
         for _ in range(2):  # the first reads each run.json, the next (a rewrite after an image) only stats it
             clock = time.perf_counter()
-            report.write_page(out, names)
+            page.write_page(out, names)
             written.append(time.perf_counter() - clock)
-        size = (out / report.PAGE).stat().st_size
-        times = timed_loads(out / report.PAGE, args.images, args.repeats)
+        size = (out / page.PAGE).stat().st_size
+        times = timed_loads(out / page.PAGE, args.images, args.repeats)
     print(f"{args.images} images: index.html {size / 1e6:.2f} MB written in {written[0]:.2f} s (rewritten in "
           f"{written[1]:.2f} s); opened in "
           f"{', '.join(f'{t:.2f}' for t in times)} s (median {statistics.median(times):.2f} s)")

@@ -1,4 +1,4 @@
-"""The run's page, index.html (report.py): what it is made of, without a browser; then in a real one,
+"""The run's page, index.html (page.py): what it is made of, without a browser; then in a real one,
 Debian's chromium driven by playwright, a tiny model's run of 3 images scored by evaluate.py, opened
 from file://: its tiles, scores, sorting, hovering and difference maps, and the keys."""
 import json
@@ -14,7 +14,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.optimize import linear_sum_assignment
 
 import evaluate
-import report
+import page
 import runner
 from files import folder_name
 from page_speed import fake_run
@@ -32,16 +32,32 @@ TINY = ["--random-weights", "--size", "64", "--masks", "4", "--feature-samples",
 
 def test_run_length_encoding_round_trip():
     ids = np.random.default_rng(0).integers(0, 3, (7, 9)).repeat(2, 1)
-    encoded = report.runs(ids)
+    encoded = page.run_length_encoded(ids)
     decoded = np.concatenate([[v] * n for v, n in zip(encoded[::2], encoded[1::2])])
     assert np.array_equal(decoded, ids.ravel()) and sum(encoded[1::2]) == ids.size
-    assert report.runs(np.zeros((0, 3))) == []
+    assert page.run_length_encoded(np.zeros((0, 3))) == []
 
 
 def test_data_in_the_page_cannot_end_its_script():
-    text = report.script_json({"name": "</script><b>&'\"\u2028é"})
+    text = page.script_json({"name": "</script><b>&'\"\u2028é"})
     assert not re.search(r"[<>&]", text) and text.isascii()
     assert json.loads(text) == {"name": "</script><b>&'\"\u2028é"}
+
+
+def test_the_page_is_page_html_with_its_css_script_and_data_inline(tmp_path, monkeypatch):
+    text = page.page_text(page.script_json({"x": 1}))
+    assert f"<style>{page.STYLE.read_text()}</style>" in text and f"<script>{page.SCRIPT.read_text()}</script>" in text
+    assert '<script type="application/json" id="run-data">{"x":1}</script>' in text
+    assert "page.css" not in text and "page.js" not in text
+    script = tmp_path / "page.js"  # inserted text is not searched for the tags
+    script.write_text('// <link rel="stylesheet" href="page.css">')
+    monkeypatch.setattr(page, "SCRIPT", script)
+    assert '<script>// <link rel="stylesheet" href="page.css"></script>' in page.page_text("{}")
+    template = tmp_path / "page.html"
+    template.write_text(page.TEMPLATE.read_text().replace('<script src="page.js"></script>', ""))
+    monkeypatch.setattr(page, "TEMPLATE", template)
+    with pytest.raises(ValueError, match='<script src="page.js"></script> must be there once, not 0 times'):
+        page.page_text("{}")
 
 
 def test_no_image_folder_takes_the_page_s_name():
@@ -62,8 +78,8 @@ def test_the_page_is_rewritten_after_each_image_and_stays_true_when_interrupted(
     (images / "bad.png").write_bytes(b"not an image")
     out = tmp_path / "out"
     args = ["--image", str(images), "--out", str(out), "--save-diffmaps", *TINY]
-    written, write_page = [], report.write_page
-    monkeypatch.setattr(report, "write_page", lambda *a, **k: (write_page(*a, **k), written.append(page_data(out))))
+    written, write_page = [], page.write_page
+    monkeypatch.setattr(page, "write_page", lambda *a, **k: (write_page(*a, **k), written.append(page_data(out))))
     segment_file, calls = runner.segment_file, []
 
     def interrupted_at_c(job, *rest, **kw):
@@ -150,7 +166,7 @@ class Watched:
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     """The tiny model's run of a 3-image folder dataset with --save-diffmaps, scored by evaluate.py."""
-    tmp = tmp_path_factory.mktemp("report")
+    tmp = tmp_path_factory.mktemp("page")
     rng = np.random.default_rng(1)
     for seed, name in enumerate(NAMES):
         (tmp / "data" / "images").mkdir(parents=True, exist_ok=True)
@@ -169,7 +185,7 @@ def test_evaluate_writes_the_ground_truth_and_each_segment_s_class(scored_run):
     saved = json.loads((out / "summary.scores.json").read_text())
     assert saved["hungarian"]["miou"] == pytest.approx(scores["hungarian"]["miou"])
     assert saved["class_names"] == ["0", "1", "2"]
-    colours = report.class_colours(3)
+    colours = page.class_colours(3)
     for name in NAMES:
         gt = np.asarray(Image.open(out.parent / "data" / "labels" / f"{name}.png"))
         labels = np.load(out / folder_name(name) / "labels.npy")
@@ -196,35 +212,35 @@ def test_cityscapes_ground_truth_is_drawn_in_cityscapes_colours(tmp_path):
         assert (ids == label).any() and (gt[ids == label] == colour).all()
 
 
-def tile_names(page):
-    return page.locator(".tile .name").all_text_contents()
+def tile_names(browser_page):
+    return browser_page.locator(".tile .name").all_text_contents()
 
 
 def test_the_page_of_a_scored_run(chromium, scored_run):
     out, scores = scored_run
     tab = Watched(chromium)
-    page = tab.open(out / "index.html")
+    browser_page = tab.open(out / "index.html")
     folders = sorted(folder_name(name) for name in NAMES)
-    assert tile_names(page) == folders
+    assert tile_names(browser_page) == folders
     per_image = {folder_name(entry["stem"]): entry for entry in scores["per_image"]}
-    for name, text in zip(tile_names(page), page.locator(".tile .score").all_text_contents()):
+    for name, text in zip(tile_names(browser_page), browser_page.locator(".tile .score").all_text_contents()):
         entry = per_image[name]
         assert text == f"mIoU {100 * entry['miou']:.2f} % · acc {100 * entry['accuracy']:.2f} %"
-    page.select_option("#sort", "score")
-    assert tile_names(page) == sorted(folders, key=lambda name: per_image[name]["miou"])
-    shot = Image.open(page_screenshot(page, out / "gallery.png")).convert("L")
+    browser_page.select_option("#sort", "score")
+    assert tile_names(browser_page) == sorted(folders, key=lambda name: per_image[name]["miou"])
+    shot = Image.open(page_screenshot(browser_page, out / "gallery.png")).convert("L")
     assert np.asarray(shot).std() > 10  # not blank
     assert not tab.errors and not tab.requests
 
 
-def page_screenshot(page, path):
-    page.screenshot(path=str(path))
+def page_screenshot(browser_page, path):
+    browser_page.screenshot(path=str(path))
     return path
 
 
-def diffmap(page) -> str:
+def diffmap(browser_page) -> str:
     """The file the difference map's element shows, relative to the page."""
-    return urllib.parse.unquote(page.get_attribute("#diffmap", "src"))
+    return urllib.parse.unquote(browser_page.get_attribute("#diffmap", "src"))
 
 
 def inner_pixel(labels, segment):
@@ -237,41 +253,41 @@ def inner_pixel(labels, segment):
 def test_hovering_a_segment_shows_its_difference_map(chromium, scored_run):
     out, _ = scored_run
     tab = Watched(chromium)
-    page = tab.open(out / "index.html")
+    browser_page = tab.open(out / "index.html")
     name = folder_name(NAMES[1])
-    page.locator(".tile", has_text=name).click()
-    page.wait_for_selector("#legend li")
+    browser_page.locator(".tile", has_text=name).click()
+    browser_page.wait_for_selector("#legend li")
     labels = np.load(out / name / "labels.npy")
-    assert page.locator("#legend li").count() == 4
+    assert browser_page.locator("#legend li").count() == 4
     prefix = name + "/diffmaps/"
-    frame = page.locator(".frame:has(#v-labels)").bounding_box()
+    frame = browser_page.locator(".frame:has(#v-labels)").bounding_box()
     for segment in np.unique(labels):  # hovered in the picture: the pixel's segment, from labels.npy
         x, y = inner_pixel(labels, segment)
-        page.mouse.move(frame["x"] + (x + 0.5) * frame["width"] / labels.shape[1],
+        browser_page.mouse.move(frame["x"] + (x + 0.5) * frame["width"] / labels.shape[1],
                         frame["y"] + (y + 0.5) * frame["height"] / labels.shape[0])
-        assert diffmap(page) == f"{prefix}{segment:03d}.png"
-        assert page.locator("#legend li.on").get_attribute("data-segment") == str(segment)
+        assert diffmap(browser_page) == f"{prefix}{segment:03d}.png"
+        assert browser_page.locator("#legend li.on").get_attribute("data-segment") == str(segment)
     for segment in (3, 0):  # hovered in the legend
-        page.locator("#legend li").nth(segment).hover()
-        assert diffmap(page) == f"{prefix}{segment:03d}.png"
-    page.locator("#legend li").nth(2).click()  # pinned: it stays when the mouse leaves
-    page.mouse.move(1, 1)
-    assert diffmap(page) == f"{prefix}002.png"
+        browser_page.locator("#legend li").nth(segment).hover()
+        assert diffmap(browser_page) == f"{prefix}{segment:03d}.png"
+    browser_page.locator("#legend li").nth(2).click()  # pinned: it stays when the mouse leaves
+    browser_page.mouse.move(1, 1)
+    assert diffmap(browser_page) == f"{prefix}002.png"
     shot = os.environ.get("EMERDIFF_SCREENSHOT")  # where to keep the screenshot (README's)
-    page_screenshot(page, shot or out / "one-image.png")
+    page_screenshot(browser_page, shot or out / "one-image.png")
     assert np.asarray(Image.open(shot or out / "one-image.png").convert("L")).std() > 10
-    page.keyboard.press("ArrowRight")
-    assert page.locator("#v-name").text_content() == sorted(folder_name(n) for n in NAMES)[2]
-    page.keyboard.press("Escape")
-    assert page.locator("#viewer").is_hidden()
+    browser_page.keyboard.press("ArrowRight")
+    assert browser_page.locator("#v-name").text_content() == sorted(folder_name(n) for n in NAMES)[2]
+    browser_page.keyboard.press("Escape")
+    assert browser_page.locator("#viewer").is_hidden()
     assert not tab.errors and not tab.requests
 
 
 def test_a_page_of_5000_images_shows_every_tile(chromium, tmp_path):
     names = fake_run(tmp_path / "run", 5000)
-    report.write_page(tmp_path / "run", names)
+    page.write_page(tmp_path / "run", names)
     tab = Watched(chromium)
-    page = tab.open(tmp_path / "run" / "index.html")
-    assert page.locator(".tile").count() == 5000
-    assert page.locator(".tile .name").nth(4999).text_content() == names[-1]
+    browser_page = tab.open(tmp_path / "run" / "index.html")
+    assert browser_page.locator(".tile").count() == 5000
+    assert browser_page.locator(".tile .name").nth(4999).text_content() == names[-1]
     assert not tab.errors and not tab.requests
