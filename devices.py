@@ -28,8 +28,12 @@ from unet import FeedForward, ResnetBlock2D
 # beyond float rounding. batch_size: "auto", UNet runs per call (and decodes per call) or a pair of them;
 # compile: torch.compile the models; plain: the models as unet.py, vae.py and sampler.py read, no setting.
 SPEED = dict(batch_size="auto", compile=False, plain=False)
-CPU_BATCH_SIZES = (16, 2)  # batch_size "auto" off CUDA: UNet images per call, decodes per call (one +- pair)
-MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what the automatic batch sizes may fill
+# Measured constants (docs/speed.md, Measured constants, has each measurement whole):
+# batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16 on the AVX2 CPU,
+# `python tools/bench.py profile`), decodes per call (one +- pair: at 512x512 on the AVX-512 CPU faster per
+# image than 4 or 8, in a tenth of 8's memory)
+CPU_BATCH_SIZES = (16, 2)
+MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what "auto" may fill (H200, `python tools/bench.py cuda`)
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
 
 
@@ -260,8 +264,10 @@ def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
 
 # ---- How long an image will take ----
 
-FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP)
-MODULATED_STEP = {"cpu": 0.8}  # of a UNet image's own work, a modulated run's step in a batch of runs; 1 elsewhere
+FEATURE_PASS = 0.4  # of a UNet call: the feature passes stop at the feature layer (0.32 of 0.80 TFLOP counted)
+# Of a UNet image's own work, a modulated run's step in a batch of 16 runs: 2.84 s against 3.82 - 0.26 s on the
+# AVX-512 CPU at 512x512 (`python tools/bench.py profile`, before the freed memory was kept); 1 elsewhere.
+MODULATED_STEP = {"cpu": 0.8}
 TIMED_CALLS = 3  # the estimate takes the fastest of this many timed calls of each
 FIXED_COST_LATENT = 8  # latent side of the UNet call whose time is taken as any call's fixed cost
 

@@ -4,25 +4,30 @@ Kept apart from emerdiff.py so that the method reads without detours: everything
 caller gives into what the method needs (an RGB image, a working size that the networks can take,
 options of the right type and range), or refuses it with an `EmerDiffError` of one line that says
 what was wrong and what to do. Each check lives here once; the command line (runner.py) reuses them.
+Last, the command line's images: the files, folders and lists of --image, or a dataset's (datasets.py),
+each with the name of its output folder.
 """
 import math
 import numbers
 import os
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 import sampler
-from files import MAX_SEGMENTS, FileError, checked_file
+from datasets import IMAGE_SUFFIXES, dataset_samples
+from files import MAX_SEGMENTS, FileError, checked_file, folder_name, listed_folder
 
 # Sizes. The VAE halves the image three times (latent = image / 8) and the UNet the latent three
 # more: image sides are multiples of 64, and the 16x16 ("up16") block sees image / 32.
 LATENT_FACTOR = 8  # image side / latent side
 GRID_FACTOR = 32  # image side / side of the feature grid the method clusters and modulates
 SIZE_MULTIPLE = 64
-MAX_SIDE = 2048  # an explicit size beyond this does not fit a GPU
+MAX_SIDE = 2048  # the largest side --size takes: 16 times 512x512's latents (its memory not measured yet)
 AUTO_AREA = 512 * 512  # size "auto": about this many pixels, the area SD v1 was trained at
 
 
@@ -288,3 +293,85 @@ def check_options(o: dict):
         raise EmerDiffError(str(e)) from None
     if o["size"] != "auto":
         fixed_size(o["size"])
+
+
+# ---- The command line's images ----
+
+LIST_SUFFIX = ".txt"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to segment, the name of its output folder (files.folder_name), whether its centre
+    square is segmented (DiffSeg's presets), and whether its pixels are taken as stored, EXIF rotation
+    ignored: a dataset's images, whose label maps ignore it too."""
+    path: Path
+    name: str
+    crop: bool = False
+    as_stored: bool = False
+
+
+def all_jobs(args, skip) -> list[Job]:
+    """The command line's images, in a fixed order, with their output folder names; a file of a folder that
+    is no image is passed over, said through `skip` (one line)."""
+    if args.dataset is None:
+        if args.root or args.list:
+            raise EmerDiffError("--root and --list go with --dataset; for --image, list images in a .txt file")
+        paths = image_paths(args.image, skip)
+        return [Job(path, name) for path, name in zip(paths, output_names(paths))]
+    if args.root is None:
+        raise EmerDiffError(f"--dataset {args.dataset} needs --root, the dataset's folder")
+    return [Job(s.image, folder_name(s.stem), s.crop, as_stored=True)
+            for s in dataset_samples(args.dataset, args.root, args.list)]
+
+
+def image_paths(given: list[str], skip) -> list[Path]:
+    """The images named on the command line: files, the images of folders (regular files only;
+    anything else is skipped with a line) and the paths listed in .txt files."""
+    paths = []
+    for name in given:
+        path = Path(name)
+        if path.is_dir():
+            found = []
+            for p in (p for p in listed_folder(path) if p.suffix.lower() in IMAGE_SUFFIXES):
+                try:  # regular files (or links to them) only: a FIFO would block the run
+                    found.append(checked_file(p))
+                except FileError as e:
+                    skip(f"skipping {e}")
+            if not found:
+                raise EmerDiffError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            paths += found
+        elif path.suffix.lower() == LIST_SUFFIX and path.is_file():
+            paths += listed_paths(path)
+        elif path.exists():
+            paths.append(path)  # a FIFO or a device is refused by open_image with one line
+        else:
+            raise EmerDiffError(f"{path}: no such file or folder")
+    return paths
+
+
+def listed_paths(list_file: Path) -> list[Path]:
+    """The image paths of a list file: one per line, relative to the file's folder; blank lines
+    and lines starting with # are skipped."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmerDiffError(f"{list_file}: cannot read the list ({e})") from None
+    paths = [list_file.parent / line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not paths:
+        raise EmerDiffError(f"{list_file}: the list names no image")
+    return paths
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """One output folder name per image: its stem (made safe by files.folder_name), numbered where
+    names repeat (ignoring case)."""
+    names, taken = [], set()
+    for path in paths:
+        name, n = folder_name(path.stem), 1
+        while name.casefold() in taken:  # names alike but for case are one folder on macOS and Windows
+            n += 1
+            name = folder_name(f"{path.stem}-{n}")
+        names.append(name)
+        taken.add(name.casefold())
+    return names

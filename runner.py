@@ -19,6 +19,7 @@ emerdiff.py stays the paper's steps in order:
   status 130 / 143, leaving every finished image saved and nothing half-written.
 """
 import argparse
+import io
 import json
 import os
 import re
@@ -35,11 +36,11 @@ from tqdm import tqdm
 
 from devices import CPU_BATCH_SIZES, TIMED_CALLS, estimate, model_device_dtype, pick_device, pick_dtype
 from emerdiff import DEFAULTS, Segmentation, segment
-from datasets import DATASETS, IMAGE_SUFFIXES, EvaluationError, center_crop, dataset_samples
+from datasets import DATASETS, EvaluationError, center_crop
 from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
-                   checked_file, folder_name, listed_folder, remove_dead_temporaries, shown, temporary_path,
-                   write_folder)
-from inputs import MAX_MASKS, UPSAMPLING, EmerDiffError, check_options, fixed_size, open_image, to_rgb, working_size
+                   checked_file, remove_dead_temporaries, shown, temporary_path, write_folder)
+from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, fixed_size, open_image, to_rgb,
+                    working_size)
 import page
 
 # ---- Options ----
@@ -117,8 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile the UNet and VAE decoder (the plain path): minutes at the start; slower "
                    "on the CPU and the GPU measured (docs/speed.md)")
     p.add_argument("--plain", action="store_true",
-                   help="the plain PyTorch path: no speed paths (Winograd's convolutions, attention shared by "
-                   "runs; speed.py), for comparison and for reading")
+                   help="the plain PyTorch path: no speed setting (speed.py's Winograd convolutions and shared "
+                   "attention, the allocator setting, channels_last on CUDA); not with --compile; for comparison "
+                   "and for reading")
     p.add_argument("--save-diffmaps", action="store_true",
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour, and "
                    "each alone in diffmaps/ (index.html shows the one of the segment hovered)")
@@ -160,85 +162,6 @@ def method_options(args) -> dict:
 
 # ---- The images ----
 
-LIST_SUFFIX = ".txt"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to segment, the name of its output folder (files.folder_name), whether its centre
-    square is segmented (DiffSeg's presets), and whether its pixels are taken as stored, EXIF rotation
-    ignored: a dataset's images, whose label maps ignore it too."""
-    path: Path
-    name: str
-    crop: bool = False
-    as_stored: bool = False
-
-
-def all_jobs(args) -> list[Job]:
-    """The command line's images, in a fixed order, with their output folder names."""
-    if args.dataset is None:
-        if args.root or args.list:
-            raise EmerDiffError("--root and --list go with --dataset; for --image, list images in a .txt file")
-        paths = image_paths(args.image)
-        return [Job(path, name) for path, name in zip(paths, output_names(paths))]
-    if args.root is None:
-        raise EmerDiffError(f"--dataset {args.dataset} needs --root, the dataset's folder")
-    return [Job(s.image, folder_name(s.stem), s.crop, as_stored=True)
-            for s in dataset_samples(args.dataset, args.root, args.list)]
-
-
-def image_paths(given: list[str]) -> list[Path]:
-    """The images named on the command line: files, the images of folders (regular files only;
-    anything else is skipped with a line) and the paths listed in .txt files."""
-    paths = []
-    for name in given:
-        path = Path(name)
-        if path.is_dir():
-            found = []
-            for p in (p for p in listed_folder(path) if p.suffix.lower() in IMAGE_SUFFIXES):
-                try:  # regular files (or links to them) only: a FIFO would block the run
-                    found.append(checked_file(p))
-                except FileError as e:
-                    note(f"skipping {e}")
-            if not found:
-                raise EmerDiffError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-            paths += found
-        elif path.suffix.lower() == LIST_SUFFIX and path.is_file():
-            paths += listed_paths(path)
-        elif path.exists():
-            paths.append(path)  # a FIFO or a device is refused by open_image with one line
-        else:
-            raise EmerDiffError(f"{path}: no such file or folder")
-    return paths
-
-
-def listed_paths(list_file: Path) -> list[Path]:
-    """The image paths of a list file: one per line, relative to the file's folder; blank lines
-    and lines starting with # are skipped."""
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EmerDiffError(f"{list_file}: cannot read the list ({e})") from None
-    paths = [list_file.parent / line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    if not paths:
-        raise EmerDiffError(f"{list_file}: the list names no image")
-    return paths
-
-
-def output_names(paths: list[Path]) -> list[str]:
-    """One output folder name per image: its stem (made safe by files.folder_name), numbered where
-    names repeat (ignoring case)."""
-    names, taken = [], set()
-    for path in paths:
-        name, n = folder_name(path.stem), 1
-        while name.casefold() in taken:  # names alike but for case are one folder on macOS and Windows
-            n += 1
-            name = folder_name(f"{path.stem}-{n}")
-        names.append(name)
-        taken.add(name.casefold())
-    return names
-
-
 def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
     """The jobs whose image can be segmented with these options, read from its header only
     (Pillow's bomb check included); each other image is reported in one line and counted failed."""
@@ -278,10 +201,17 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
 def output_files(seg: Segmentation, image: Image.Image, diffmaps: bool) -> dict:
     """Each output file's name -> a function writing it to a given path: the labels and the embeddings as
     arrays, and the pictures (page.picture_files)."""
-    files = {"labels.npy": lambda path: np.save(path, seg.labels),
-             EMBEDDINGS_FILE: lambda path: np.save(path, seg.embeddings)}
+    files = {"labels.npy": array_file(seg.labels), EMBEDDINGS_FILE: array_file(seg.embeddings)}
     maps = seg.difference_maps.float().cpu().numpy()
     return files | page.picture_files(seg.labels, seg.low_res_labels, maps, image, diffmaps)
+
+
+def array_file(array: np.ndarray):
+    """A writer of `array` as a .npy file in one write, so that a full disk is said as the system says it
+    ("File too large"), not as numpy's count of the bytes it managed."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return lambda path: path.write_bytes(buffer.getvalue())
 
 
 # ---- Writing safely ----
@@ -385,7 +315,7 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     options = method_options(args)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
-    every = all_jobs(args)
+    every = all_jobs(args, note)
     jobs, names = every[rank::world], [job.name for job in every]
     summary.total = len(jobs)
     device = pick_device(args.device)

@@ -191,7 +191,9 @@ def is_winograd_shaped(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros" and conv.bias is not None)
 
 
-MEASURED_PIXELS = 4096  # a convolution's two paths are timed on the fewest images of the batch that hold as many
+# A convolution's two paths are timed on the fewest images of the batch holding this many pixels per channel:
+# timing whole batches made a first 512x512 image 18 % dearer on the AVX-512 CPU (docs/speed.md).
+MEASURED_PIXELS = 4096
 
 
 class FastConv2d(nn.Conv2d):
@@ -212,7 +214,7 @@ class FastConv2d(nn.Conv2d):
 
 # ---- Attention computed once for runs that share q and k ----
 
-QUERY_BLOCK = 1024  # queries per softmax in shared_probabilities_attention: (heads, 1024, M) at a time
+QUERY_BLOCK = 1024  # queries per softmax in shared_probabilities_attention: (heads, 1024, M) at a time (a memory bound)
 
 
 def shared_probabilities_attention(q, k, v, heads: int) -> torch.Tensor:

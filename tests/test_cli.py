@@ -10,6 +10,7 @@ from PIL import Image
 
 import emerdiff
 import page
+import inputs
 import runner
 from command_line import FAST as CHEAPEST
 from command_line import FAST_OPTIONS as CHEAPEST_OPTIONS
@@ -296,7 +297,7 @@ def test_an_elongated_image_gets_a_clear_error(capsys, tmp_path, tiny_sd_dir):
 
 def test_repeated_names_get_their_own_folders():
     from pathlib import Path
-    names = runner.output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x.png"), Path("y.jpg")])
+    names = inputs.output_names([Path("a/x.jpg"), Path("b/x.jpg"), Path("c/x.png"), Path("y.jpg")])
     assert names == ["x", "x-2", "x-3", "y"]
 
 

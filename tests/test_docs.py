@@ -102,3 +102,18 @@ def test_the_functions_docs_say_to_copy_out_run_alone():
     assert [len(set(labels[i:i + 30].tolist())) for i in (0, 30, 60)] == [1, 1, 1] and len(set(labels.tolist())) == 3
     images = torch.rand(2, 3, 9, 11)
     assert torch.equal(namespace["gaussian_blur"](images), emerdiff.gaussian_blur(images))
+
+
+def test_the_measured_constants_table_holds_the_codes_values():
+    """docs/speed.md's table "Measured constants" is where README and the docs take those numbers from:
+    each row's value is the value of the constant it names, and every constant it names exists."""
+    import devices
+    import inputs
+    import speed
+    modules = {"devices": devices, "inputs": inputs, "speed": speed}
+    text = (ROOT / "docs" / "speed.md").read_text()
+    section = text.split("## Measured constants", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)\.(\w+)` \| ([^|]+) \|", section, re.M)
+    assert len(rows) >= 7
+    for module, name, value in rows:
+        assert repr(getattr(modules[module], name)) == value.strip(), (module, name)

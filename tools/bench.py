@@ -137,7 +137,7 @@ class MeteredVAE(nn.Module):
     def __init__(self, vae, meter):
         super().__init__()
         self.vae, self.meter, self.config = vae, meter, vae.config
-        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv  # for devices.set_memory_layout
+        self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv  # for devices.channels_last
 
     def encode(self, image):
         return self.meter.run("features", lambda: self.vae.encode(image))
