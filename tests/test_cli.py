@@ -324,6 +324,15 @@ def test_images_are_checked_before_any_weights_load(capsys, tmp_path):
 
 # ---- what a newcomer reads and looks at ----
 
+@pytest.fixture
+def project_copy(tmp_path):
+    """A folder like the project's (links to its files and folders), where a snippet is saved and run."""
+    for path in ROOT.iterdir():
+        if not path.name.startswith("."):
+            (tmp_path / path.name).symlink_to(path)
+    return tmp_path
+
+
 def readme_python_snippets() -> list[str]:
     """The Python API section's code blocks: the random-weight model's, then SD v1.5's."""
     text = (ROOT / "README.md").read_text()
@@ -331,23 +340,25 @@ def readme_python_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
-def run_snippet(code: str, cwd) -> list[str]:
-    code = code.replace('"/path/to/emerdiff', f'"{ROOT}')  # where the reader put the files
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd)
+def run_snippet(code: str, folder) -> list[str]:
+    """The code saved as a file in `folder` and run there, as README says to."""
+    script = folder / "snippet.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=folder)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
 
-def test_the_readme_api_snippet_runs_as_written_and_agrees_step_by_step(tmp_path):
-    """The first snippet as written (only the folder filled in), from another folder: segment() and
-    the step-by-step calls give the same difference maps (the snippet prints allclose's answer) and
-    the same low-resolution masks (printed after it here)."""
+def test_the_readme_api_snippet_runs_as_written_and_agrees_step_by_step(project_copy):
+    """The first snippet as written, saved in the project's folder: segment() and the step-by-step calls
+    give the same difference maps (the snippet prints allclose's answer) and the same low-resolution
+    masks (printed after it here)."""
     random_weights, _ = readme_python_snippets()
     same_masks = "\nprint((seg.low_res_labels == labels.reshape(grid).numpy()).all())"  # and the k-means agrees
-    assert run_snippet(random_weights + same_masks, tmp_path) == ["(300, 451) (4, 4) (4, 128, 128)", "True", "True"]
+    assert run_snippet(random_weights + same_masks, project_copy) == ["(300, 451) (4, 4) (4, 128, 128)", "True", "True"]
 
 
-def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, tmp_path):
+def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, project_copy):
     """The second snippet after the first, its weights a diffusers-layout folder of the tiny model
     (the hub's layout) instead of the download, and options that take seconds."""
     random_weights, sd15 = readme_python_snippets()
@@ -357,7 +368,7 @@ def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, tmp_path):
         assert old in sd15, old
         sd15 = sd15.replace(old, new)
     shapes = "\nprint(seg.labels.shape, tuple(seg.difference_maps.shape), len(seg.embeddings))"
-    assert run_snippet(random_weights + sd15 + shapes, tmp_path)[-1] == "(300, 451) (3, 128, 128) 3"
+    assert run_snippet(random_weights + sd15 + shapes, project_copy)[-1] == "(300, 451) (3, 128, 128) 3"
 
 
 def test_the_difference_map_grid_has_one_captioned_tile_per_segment():
