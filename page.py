@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, atomic_save, checked_file, shown
+from files import (MAX_RECORD, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, atomic_save, read_text,
+                   shown)
 
 PAGE = "index.html"
 OVERLAY = "overlay.png"  # per image folder: the image half-tinted by segment colour, borders white
@@ -256,14 +257,14 @@ def image_entry(out: Path, name: str) -> dict | None:
     if cached and cached[:2] == (stat.st_mtime_ns, stat.st_size):
         return cached[2]
     try:
-        saved = json.loads(checked_file(path).read_text())
+        saved = json.loads(read_text(path, MAX_RECORD))
         record, result = saved["run"], saved["result"]
         image = Path(record["image"]["path"])
         entry = {"name": name, "segments": result["segments"], "masks": record["options"]["masks"],
                  "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
         if image.suffix.lower() in BROWSER_IMAGES and image.is_file():
             entry["input"] = relative_link(image, out)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
         entry = {"name": name, "files": []}
     _records[path] = (stat.st_mtime_ns, stat.st_size, entry)
     return entry
@@ -279,9 +280,10 @@ def relative_link(path: Path, base: Path) -> str:
 
 
 def read_json(path: Path):
-    """A JSON file's content, None where it is missing or unreadable."""
+    """A JSON file's content, None where it is missing or unreadable (files.read_text: a regular file of
+    at most MAX_RECORD bytes)."""
     try:
-        return json.loads(checked_file(path).read_text())
+        return json.loads(read_text(path, MAX_RECORD))
     except Exception:  # noqa: BLE001 (any unreadable file is simply not shown)
         return None
 
@@ -327,10 +329,13 @@ def page_text(data: str) -> str:
 
 
 def refresh_page(out: Path, names: list[str], summary: dict | None, say, running: bool = False) -> bool:
-    """write_page; a page that cannot be written is said through `say` (one line), not raised."""
+    """write_page; a page that cannot be written (something other than a file in its place included:
+    files.atomic_save) is said through `say` (one line), not raised."""
     try:
         write_page(out, names, summary, running)
         return True
+    except FileError as e:
+        say(f"cannot write {e}")
     except OSError as e:
         say(f"cannot write {shown(out / PAGE)}: {e.strerror or e}")
     except ValueError as e:  # a value JSON cannot hold (nan), or a page.html without its tags

@@ -116,7 +116,7 @@ def test_a_page_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path
     assert runner.main(["--image", str(images), "--out", str(out), *TINY]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert [line for line in lines if "error" in line] == [f"emerdiff: error: cannot write {out / 'index.html'}: "
-                                                           "Is a directory"]
+                                                           "a folder where a file belongs"]
     assert all((out / name / "view.js").is_file() for name in "ab")
     assert json.loads((out / "summary.json").read_text())["done"] == 2
 
