@@ -164,11 +164,14 @@ def npy_array(path: Path) -> np.ndarray:
 
 def embeddings_of(folder: Path, segments: int) -> np.ndarray:
     """(K, C) mask embeddings of a prediction folder whose labels.png holds ids below `segments`, as float64
-    (emerdiff.py writes float32; wider values are kept as they are, not cast to infinity)."""
+    (emerdiff.py writes float32; wider values are kept as they are, not cast to infinity). Embeddings of no
+    channel, (K, 0), are refused with the other malformed ones: no protocol can compare them."""
     path = folder / EMBEDDINGS_FILE
     embeddings = npy_array(path)
-    if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
-        raise EvaluationError(f"{shown(path)}: not (segments, channels) finite floats; write it as emerdiff.py does")
+    if (embeddings.ndim != 2 or not embeddings.shape[1] or embeddings.dtype.kind != "f"
+            or not np.isfinite(embeddings).all()):
+        raise EvaluationError(f"{shown(path)}: {embeddings.dtype} of shape {embeddings.shape}, not (segments, "
+                              "channels) finite floats of at least one channel; write it as emerdiff.py does")
     if len(embeddings) < segments:
         raise EvaluationError(f"{shown(path)}: {len(embeddings)} embeddings for segment ids up to "
                               f"{segments - 1} in {PREDICTION_FILE}; they come from different runs")
