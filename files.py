@@ -14,7 +14,8 @@ Writing: whole or not at all. Everything is first written under a hidden tempora
 final place, `.<name>.<host>.<pid>.tmp`, then renamed into place (a rename within a folder is
 atomic): a reader finds the previous complete file (or folder) or the new complete one, never a mix.
 Only a regular file is ever replaced (`replaceable`): a device, FIFO, socket or folder at the path is
-left as it is, and the write refused in one line (a run as root never replaces /dev/null).
+left as it is, and the write refused in one line (a run as root never replaces /dev/null). A folder
+is replaced only where every entry in it, at any depth, is one the caller writes (`swap_in`).
 The host and process id in the name tell which temporaries a killed run left behind: the next run
 on the same machine removes those whose process is gone. Output folders are named by `folder_name`,
 which no temporary, hidden or summary file can share.
@@ -203,23 +204,39 @@ def atomic_save(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
-def write_folder(folder: Path, files: dict, replaceable: set[str]):
+def write_folder(folder: Path, files: dict, ours):
     """Write `files` (name -> writer of a path) into a temporary folder, then swap it in as `folder`
-    whole. An earlier `folder` is replaced only if it holds nothing but `replaceable` names."""
+    whole. An earlier `folder` is replaced only if `ours` (a path relative to it, "/"-separated -> bool)
+    holds for every entry in it, at any depth (swap_in)."""
     tmp = temporary_path(folder)
     tmp.mkdir()
     try:
         for name, write in files.items():
             write(tmp / name)
-        swap_in(tmp, folder, replaceable)
+        swap_in(tmp, folder, ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there only when something failed
 
 
-def swap_in(tmp: Path, final: Path, replaceable: set[str], tries: int = 100):
+def stranger(folder: Path, ours) -> str | None:
+    """The first entry of `folder`, at any depth (folders included, links not followed), whose path
+    relative to it, "/"-separated, `ours` does not hold for; None where it holds for all. A subfolder that
+    cannot be listed is an OSError: what it holds is unknown."""
+    def unlistable(error):
+        raise error
+    for root, folders, names in os.walk(folder, onerror=unlistable):
+        for name in sorted(folders + names):
+            relative = Path(root, name).relative_to(folder).as_posix()
+            if not ours(relative):
+                return relative
+    return None
+
+
+def swap_in(tmp: Path, final: Path, ours, tries: int = 100):
     """Rename the complete folder `tmp` to `final`. An earlier folder there is renamed aside and
-    removed first (`final` is absent for that instant: never a mix of two runs' files); a file or a
-    folder holding other names than `replaceable` is an error. Concurrent runs: the last one wins."""
+    removed first (`final` is absent for that instant: never a mix of two runs' files); a file, or a
+    folder holding anything, at any depth, that `ours` does not name (stranger), is an error naming it,
+    and nothing is moved. Concurrent runs: the last one wins."""
     for _ in range(tries):
         try:
             os.rename(tmp, final)  # atomic; refused while `final` is a non-empty folder or a file
@@ -229,8 +246,10 @@ def swap_in(tmp: Path, final: Path, replaceable: set[str], tries: int = 100):
                 raise
         if not final.is_dir():
             raise OSError(errno.EEXIST, "a file of that name is in the way", str(final))
-        if not {entry.name for entry in final.iterdir()} <= replaceable:
-            raise OSError(errno.EEXIST, "that folder holds files emerdiff does not write; move it away", str(final))
+        other = stranger(final, ours)
+        if other is not None:
+            raise OSError(errno.EEXIST, f"that folder holds files emerdiff does not write ({shown(other)}, "
+                          "for one); move them away", str(final))
         aside = temporary_path(final.with_name(final.name + "-old"))
         try:
             os.rename(final, aside)

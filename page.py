@@ -141,6 +141,11 @@ def diffmap_name(i: int) -> str:
     return f"{DIFFMAPS}/{i:03d}.png"
 
 
+def is_diffmap_name(name: str) -> bool:
+    """Whether `name`, a path relative to an image folder, is of diffmap_name's form."""
+    return re.fullmatch(rf"{DIFFMAPS}/[0-9]{{3}}\.png", name) is not None
+
+
 def diffmap_files(maps: np.ndarray) -> dict:
     """(K, H, W) difference maps -> {name: writer of a path}: diffmaps/, each map alone (diffmap_pictures)."""
     return {diffmap_name(i): lambda path, grey=grey: saved_png(grey, path)

@@ -220,6 +220,12 @@ OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, page.OVERLAY, pa
                 RUN_RECORD, page.VIEW_SCRIPT, page.DIFFMAPS, page.GROUND_TRUTH}  # gt.png: evaluate.py's
 
 
+def is_output_file(name: str) -> bool:
+    """Whether `name`, a path relative to an image folder, is one emerdiff writes there (OUTPUT_FILES, and
+    the difference maps in diffmaps/): a folder is replaced only where every entry is (files.swap_in)."""
+    return name in OUTPUT_FILES or page.is_diffmap_name(name)
+
+
 def prepare_out(out: Path):
     """Create the output folder and prove it writable (before any weights load), then remove the
     temporaries that runs killed on this machine left in it (files.py)."""
@@ -425,7 +431,7 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     files = output_files(seg, image, args.save_diffmaps)
     result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files)}
     files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
-    write_folder(folder, files, OUTPUT_FILES)
+    write_folder(folder, files, is_output_file)
     seg.seconds["saving"] = time.perf_counter() - clock
     stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
