@@ -3,7 +3,7 @@ const RUN = JSON.parse(document.getElementById("run-data").textContent);
 const $ = id => document.getElementById(id);
 const el = (tag, props = {}, ...kids) => { const e = Object.assign(document.createElement(tag), props); e.append(...kids); return e; };
 const pct = x => x === null || x === undefined ? "n/a" : (100 * x).toFixed(2);
-const folder = name => { try { return encodeURIComponent(name) + "/"; } catch (e) { return "_/"; } };
+const folder = entry => entry.href + "/";  // page.py percent-encodes the folder's name, bytes that are no UTF-8 too
 const has = (entry, file) => entry.files.includes(file);
 const entries = RUN.entries;
 const scores = RUN.scores;
@@ -52,7 +52,7 @@ function evaluation() {
 }
 
 function tile(entry, i) {
-  const base = folder(entry.name);
+  const base = folder(entry);
   const picture = has(entry, "overlay.png") ? el("img", {loading: "lazy", src: base + "overlay.png", alt: ""}) : el("div", {className: "blank"});
   const meta = entry.segments !== undefined ? `${entry.segments} segments · ${entry.seconds.toFixed(1)} s` : "";
   const score = entry.score ? `mIoU ${pct(entry.score.miou)} % · acc ${pct(entry.score.accuracy)} %` : "";
@@ -86,7 +86,7 @@ function sortTiles() {
 
 function openImage(i) {
   current = i; view = null; hovered = pinned = -1;
-  const entry = entries[i], base = folder(entry.name);
+  const entry = entries[i], base = folder(entry);
   $("viewer").hidden = false;
   $("v-name").textContent = entry.name;
   $("v-info").textContent = [entry.segments !== undefined ? `${entry.segments} segments of ${entry.masks} masks, ${entry.seconds.toFixed(1)} s` : "",
@@ -105,7 +105,7 @@ function openImage(i) {
     el("span", {className: "swatch", style: "background:" + scores.class_colours[c]}), scores.class_names[c] + " ")));
   document.querySelectorAll(".frame canvas").forEach(c => c.getContext("2d").clearRect(0, 0, c.width, c.height));
   showDiffmap(-1);
-  history.replaceState(null, "", "#" + encodeURIComponent(entry.name));
+  history.replaceState(null, "", "#" + entry.href);
   document.querySelectorAll("script.view").forEach(s => s.remove());
   if (has(entry, "view.js")) {
     const s = el("script", {className: "view", src: base + "view.js"});
@@ -182,7 +182,7 @@ function showDiffmap(s) {
   const entry = entries[current], img = $("diffmap"), name = "diffmaps/" + String(s).padStart(3, "0") + ".png";
   $("diff-title").textContent = s < 0 ? "Difference map" : `Difference map of mask ${s}`;
   if (s >= 0 && entry && has(entry, name)) {
-    img.src = folder(entry.name) + name; img.hidden = false;
+    img.src = folder(entry) + name; img.hidden = false;
     $("diff-note").textContent = "the pixels the modulation of this mask moved (white: most), scaled to its maximum";
   } else {
     img.hidden = true; img.removeAttribute("src");
@@ -216,6 +216,6 @@ function wire() {
 }
 
 header(); evaluation(); gallery(); sortTiles(); wire();
-const start = entries.findIndex(e => "#" + encodeURIComponent(e.name) === location.hash);
+const start = entries.findIndex(e => "#" + e.href === location.hash);
 if (start >= 0) openImage(start);
 document.body.dataset.ready = "1";

@@ -257,7 +257,7 @@ def image_entry(out: Path, name: str) -> dict | None:
     except OSError:
         if not (folder / PREDICTION_FILE).is_file():
             return None
-        return {"name": name, "files": [f for f in PICTURES if (folder / f).is_file()]}
+        return named(name) | {"files": [f for f in PICTURES if (folder / f).is_file()]}
     cached = _records.get(path)
     if cached and cached[:2] == (stat.st_mtime_ns, stat.st_size):
         return cached[2]
@@ -265,23 +265,37 @@ def image_entry(out: Path, name: str) -> dict | None:
         saved = json.loads(read_text(path, MAX_RECORD))
         record, result = saved["run"], saved["result"]
         image = Path(record["image"]["path"])
-        entry = {"name": name, "segments": result["segments"], "masks": record["options"]["masks"],
-                 "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
+        entry = named(name) | {"segments": result["segments"], "masks": record["options"]["masks"],
+                               "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
         if image.suffix.lower() in BROWSER_IMAGES and image.is_file():
             entry["input"] = relative_link(image, out)
     except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
-        entry = {"name": name, "files": []}
+        entry = named(name) | {"files": []}
     _records[path] = (stat.st_mtime_ns, stat.st_size, entry)
     return entry
 
 
+def shown_name(name: str) -> str:
+    """A file name as the page shows it: as the file system holds it, its bytes that are no UTF-8 written
+    \\xNN (Python holds them as lone surrogates, which a browser cannot show)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def named(name: str) -> dict:
+    """A tile's name as shown (shown_name) and the link to its folder: the bytes of its name percent-encoded,
+    which the browser finds on disk whatever they are (the page's script never encodes a name itself:
+    JavaScript's encodeURIComponent throws on a name that is no UTF-8)."""
+    return {"name": shown_name(name), "href": urllib.parse.quote(os.fsencode(name), safe="")}
+
+
 def relative_link(path: Path, base: Path) -> str:
-    """A URL of `path` relative to the page's folder (a file: URL where no relative path exists)."""
+    """A URL of `path` relative to the page's folder, its bytes percent-encoded (a name that is no UTF-8
+    included); a file: URL where no relative path exists."""
     try:
         relative = Path(os.path.relpath(path, base.resolve()))
     except ValueError:  # another drive on Windows
         return path.as_uri()
-    return urllib.parse.quote(relative.as_posix())
+    return urllib.parse.quote(os.fsencode(relative.as_posix()))
 
 
 def read_json(path: Path):
@@ -295,19 +309,20 @@ def read_json(path: Path):
 
 def page_data(out: Path, names: list[str], summary: dict | None, running: bool) -> dict:
     """What the page shows: the images done of `names` (in order), the run's summary, the scores."""
-    entries = [entry for entry in (image_entry(out, name) for name in names) if entry is not None]
+    done = [(name, entry) for name, entry in ((name, image_entry(out, name)) for name in names) if entry is not None]
+    entries = [entry for _, entry in done]
     scores = read_json(out / SCORES)
     if scores:
         per_image = scores.pop("per_image", {})
         changed = 0
-        for i, entry in enumerate(entries):
-            scored = per_image.get(entry["name"])
-            if scored and scored.get("labels_written") == labels_written(out / entry["name"]):
+        for i, (name, entry) in enumerate(done):
+            scored = per_image.get(name)
+            if scored and scored.get("labels_written") == labels_written(out / name):
                 entries[i] = entry | {"score": scored}
             elif scored:
                 changed += 1
         scores["changed"] = changed
-    return {"title": out.resolve().name, "images": len(names), "entries": entries, "summary": summary,
+    return {"title": shown_name(out.resolve().name), "images": len(names), "entries": entries, "summary": summary,
             "running": running, "scores": scores}
 
 
