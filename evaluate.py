@@ -48,8 +48,8 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, FileError, OneLineParser, atomic_save,
-                   checked_file, folder_name, listed_folder, replaceable, shown)
+from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file,
+                   folder_name, listed_folder, replaceable, shown)
 import page
 
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
@@ -591,7 +591,8 @@ def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> boo
 def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     """The prediction folder's summary.scores.json and index.html (page.py): the scores per image (and
     the class each segment was matched to by hungarian), per protocol and per class; the page shows the
-    folder's other images too. A page that cannot be written is said in one line; the scores stand."""
+    folder's other complete image folders too (page.page_data). A page that cannot be written is said in
+    one line; the scores stand."""
     images = {}
     for r, entry in zip(results, result["per_image"]):
         classes, segments = hungarian_matching(r.hist)
@@ -610,9 +611,7 @@ def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     except FileError as e:
         print(f"evaluate: cannot write {e}", file=sys.stderr)
         return
-    others = {p.name for p in listed_folder(pred) if (p / RUN_RECORD).is_file()}  # the run's, not scored
-    page.refresh_page(pred, sorted(set(images) | others), None,
-                         lambda line: print(f"evaluate: {line}", file=sys.stderr))
+    page.refresh_page(pred, sorted(images), None, lambda line: print(f"evaluate: {line}", file=sys.stderr))
 
 
 def main(argv=None) -> int:

@@ -3,9 +3,11 @@
 One HTML file, its CSS and JavaScript inline, that opens from disk (file://) in any current browser,
 offline: no network request, no framework, relative links to the pictures the run wrote. It shows
 
-- the gallery: one tile per image (its overlay, loaded lazily; name, segments, seconds; its scores once
-  evaluate.py has scored the folder), sortable by name, score (worst first) or seconds; the failed
-  images with their reasons; the run's options and totals; the dataset's scores per protocol and class;
+- the gallery: one tile per complete image folder, the run's and those earlier runs made (its overlay,
+  loaded lazily; name, segments, seconds; the options it was made with where they differ from the run's;
+  its scores once evaluate.py has scored the folder), sortable by name, score (worst first) or seconds;
+  the failed images with their reasons; the run's options and totals (how many images this run made, how
+  many were made before); the dataset's scores per protocol and class;
 - one image: input, overlay, labels, the low-resolution masks (and the ground truth once scored) side by
   side, a legend of segment colours and areas (and the class each segment was matched to). Hovering a
   segment, in any view or the legend, highlights it in every view and shows its difference map
@@ -38,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import (MAX_RECORD, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, atomic_save, read_text,
-                   shown)
+from files import (MAX_RECORD, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, atomic_save,
+                   listed_folder, read_text, shown)
 
 PAGE = "index.html"
 OVERLAY = "overlay.png"  # per image folder: the image half-tinted by segment colour, borders white
@@ -243,13 +245,14 @@ def labels_written(folder: Path) -> int | None:
 
 # ---- The page ----
 
-_records: dict = {}  # run.json path -> (mtime, size, entry): a page rewritten after each image reads each once
+_records: dict = {}  # run.json path -> (mtime, size, entry, options): a page rewritten after each image reads each once
 
 
-def image_entry(out: Path, name: str) -> dict | None:
+def image_entry(out: Path, name: str, options: dict | None = None) -> dict | None:
     """A tile's data from an image folder's run.json (what the runner wrote), None where the folder has
     neither run.json nor labels.png (not done). A folder without run.json (predictions made elsewhere)
-    shows its name and the pictures it has."""
+    shows its name and the pictures it has. Where the options its run.json records differ from `options`
+    (the page's run's, as JSON holds them: run_options), the tile says which, with their values ("differs")."""
     folder = out / name
     path = folder / RUN_RECORD
     try:
@@ -259,20 +262,27 @@ def image_entry(out: Path, name: str) -> dict | None:
             return None
         return named(name) | {"files": [f for f in PICTURES if (folder / f).is_file()]}
     cached = _records.get(path)
-    if cached and cached[:2] == (stat.st_mtime_ns, stat.st_size):
-        return cached[2]
+    if not (cached and cached[:2] == (stat.st_mtime_ns, stat.st_size)):
+        cached = _records[path] = (stat.st_mtime_ns, stat.st_size, *recorded(out, name, path))
+    entry, made_with = cached[2:]
+    differs = {key: value for key, value in made_with.items() if options.get(key) != value} if options else {}
+    return entry | {"differs": differs} if differs else entry
+
+
+def recorded(out: Path, name: str, path: Path) -> tuple[dict, dict]:
+    """The tile's data of image folder `name` from its run.json at `path`, and the options the run.json
+    records ({} where it cannot be read: the tile then shows the name alone)."""
     try:
         saved = json.loads(read_text(path, MAX_RECORD))
         record, result = saved["run"], saved["result"]
-        image = Path(record["image"]["path"])
-        entry = named(name) | {"segments": result["segments"], "masks": record["options"]["masks"],
+        image, options = Path(record["image"]["path"]), dict(record["options"])
+        entry = named(name) | {"segments": result["segments"], "masks": options["masks"],
                                "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
         if image.suffix.lower() in BROWSER_IMAGES and image.is_file():
             entry["input"] = relative_link(image, out)
+        return entry, options
     except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
-        entry = named(name) | {"files": []}
-    _records[path] = (stat.st_mtime_ns, stat.st_size, entry)
-    return entry
+        return named(name) | {"files": []}, {}
 
 
 def shown_name(name: str) -> str:
@@ -307,9 +317,26 @@ def read_json(path: Path):
         return None
 
 
+def image_folders(out: Path) -> list[str]:
+    """The names of the image folders of `out` that runs completed, whichever made them: those holding
+    run.json, which a run writes last (hidden folders, a run's temporaries among them, left out)."""
+    return [p.name for p in listed_folder(out) if not p.name.startswith(".") and (p / RUN_RECORD).is_file()]
+
+
+def run_options(summary) -> dict | None:
+    """The options of the run a summary (summary.json's) tells of, as JSON holds them, which is how run.json
+    records them; None where it tells none."""
+    options = summary.get("options") if isinstance(summary, dict) else None
+    return json.loads(json.dumps(options)) if isinstance(options, dict) else None
+
+
 def page_data(out: Path, names: list[str], summary: dict | None, running: bool) -> dict:
-    """What the page shows: the images done of `names` (in order), the run's summary, the scores."""
-    done = [(name, entry) for name, entry in ((name, image_entry(out, name)) for name in names) if entry is not None]
+    """What the page shows: every image folder of `out` that is done, the run's `names` first (in order),
+    then those earlier runs made (image_folders; their count is "earlier"), each saying the options it was
+    made with where they differ from the run's (its summary's); the run's summary; the scores."""
+    ours, options = set(names), run_options(summary)
+    every = [*names, *(name for name in image_folders(out) if name not in ours)]
+    done = [(name, entry) for name in every if (entry := image_entry(out, name, options)) is not None]
     entries = [entry for _, entry in done]
     scores = read_json(out / SCORES)
     if scores:
@@ -322,13 +349,15 @@ def page_data(out: Path, names: list[str], summary: dict | None, running: bool) 
             elif scored:
                 changed += 1
         scores["changed"] = changed
-    return {"title": shown_name(out.resolve().name), "images": len(names), "entries": entries, "summary": summary,
-            "running": running, "scores": scores}
+    return {"title": shown_name(out.resolve().name), "images": len(names), "entries": entries,
+            "earlier": sum(name not in ours for name, _ in done), "summary": summary, "running": running,
+            "scores": scores}
 
 
 def write_page(out: Path, names: list[str], summary: dict | None = None, running: bool = False):
-    """(Re)write <out>/index.html whole: the images of `names` that are done, and the run's `summary`
-    (runner.py's summary.json as a dict; None: the one in `out`, if any)."""
+    """(Re)write <out>/index.html whole: the images of `names` (the run's) that are done and every other
+    complete image folder of `out` (page_data), and the run's `summary` (runner.py's summary.json as a dict;
+    None: the one in `out`, if any)."""
     summary = summary if summary is not None else read_json(out / SUMMARY)
     text = page_text(script_json(page_data(out, names, summary, running)))
     atomic_save(out / PAGE, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -147,6 +147,15 @@ def test_a_name_that_is_no_utf8_is_linked_by_its_bytes(two_runs):
     assert {"overlay.png", "labels.png", "view.js"} <= set(entry["files"])
 
 
+def test_the_page_holds_every_complete_folder_of_out_whichever_run_made_it(two_runs):
+    """The second run's page: its own image first, then the two the first run made, with 4 masks where
+    this run took 3 (their tiles say so), counted as made before."""
+    data = page_data(two_runs)
+    assert [(entry["name"], entry.get("differs")) for entry in data["entries"]] == [
+        ("caf\\xe9", None), ("a", {"masks": 4}), ("b", {"masks": 4})]
+    assert (data["images"], data["earlier"], data["summary"]["done"], data["summary"]["skipped"]) == (1, 2, 1, 0)
+
+
 # ---- In a browser ----
 
 def browser():
@@ -336,4 +345,16 @@ def test_a_name_that_is_no_utf8_shows_with_its_pictures(chromium, two_runs):
     assert browser_page.locator("#v-name").text_content() == "caf\\xe9"
     pictures = [browser_page.locator(f"#v-{picture}") for picture in ("input", "overlay", "labels")]
     assert [loaded_width(picture) for picture in pictures] == [64] * 3
+    assert not tab.errors and not tab.requests
+
+
+def test_the_totals_and_the_tiles_of_earlier_runs(chromium, two_runs):
+    """Every folder's tile, those of the earlier run saying the options they were made with; the totals
+    say how many the folder holds, how many this run made and how many were made before."""
+    tab = Watched(chromium)
+    browser_page = tab.open(two_runs / "index.html")
+    assert tile_names(browser_page) == ["a", "b", "caf\\xe9"]
+    assert browser_page.locator(".tile .differs").all_text_contents() == ["made with masks 4"] * 2 + [""]
+    assert browser_page.locator("#totals").text_content().startswith(
+        "3 images: 1 made by this run, 2 before; 1 of the run's 1 image done; ")
     assert not tab.errors and not tab.requests
