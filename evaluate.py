@@ -48,8 +48,8 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, FileError, OneLineParser, atomic_save,
-                   checked_file, folder_name, listed_folder, shown)
+from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file,
+                   folder_name, listed_folder, replaceable, shown)
 import page
 
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
@@ -164,11 +164,14 @@ def npy_array(path: Path) -> np.ndarray:
 
 def embeddings_of(folder: Path, segments: int) -> np.ndarray:
     """(K, C) mask embeddings of a prediction folder whose labels.png holds ids below `segments`, as float64
-    (emerdiff.py writes float32; wider values are kept as they are, not cast to infinity)."""
+    (emerdiff.py writes float32; wider values are kept as they are, not cast to infinity). Embeddings of no
+    channel, (K, 0), are refused with the other malformed ones: no protocol can compare them."""
     path = folder / EMBEDDINGS_FILE
     embeddings = npy_array(path)
-    if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or not np.isfinite(embeddings).all():
-        raise EvaluationError(f"{shown(path)}: not (segments, channels) finite floats; write it as emerdiff.py does")
+    if (embeddings.ndim != 2 or not embeddings.shape[1] or embeddings.dtype.kind != "f"
+            or not np.isfinite(embeddings).all()):
+        raise EvaluationError(f"{shown(path)}: {embeddings.dtype} of shape {embeddings.shape}, not (segments, "
+                              "channels) finite floats of at least one channel; write it as emerdiff.py does")
     if len(embeddings) < segments:
         raise EvaluationError(f"{shown(path)}: {len(embeddings)} embeddings for segment ids up to "
                               f"{segments - 1} in {PREDICTION_FILE}; they come from different runs")
@@ -449,10 +452,22 @@ def json_ready(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def checked_json_path(path: Path) -> Path:
+    """--json's file, checked before any scoring: its folder exists, and nothing but a regular file is at
+    its path (files.replaceable: a FIFO, a device or a folder there is never opened nor replaced)."""
+    if not path.resolve().parent.is_dir():
+        raise EvaluationError(f"--json {shown(path)}: its folder does not exist")
+    try:
+        return replaceable(path)
+    except FileError as e:
+        raise EvaluationError(f"--json {e}; give the name of a file to write") from None
+
+
 def write_json(path: Path, result: dict):
     """Through a temporary file in the same folder, then rename (files.atomic_save): no half-written file."""
     try:
-        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(json_ready(result), indent=1) + "\n"))
+        text = json.dumps(json_ready(result), indent=1) + "\n"
+        atomic_save(checked_json_path(path), lambda tmp: tmp.write_text(text))
     except OSError as e:
         raise EvaluationError(f"--json {shown(path)}: cannot write it ({e.strerror})") from None
 
@@ -496,8 +511,8 @@ def run(args) -> dict:
         listed_folder(pred)
     except FileError as e:
         raise EvaluationError(f"--pred {e}") from None
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise EvaluationError(f"--json {shown(args.json)}: its folder does not exist")
+    if args.json:
+        checked_json_path(Path(args.json))
     samples = dataset_samples(args.dataset, args.root, args.list)
     if args.dataset == "coco-stuff-27" and args.list is None:
         print(f"no --list: all {len(samples)} val2017 images (the benchmark: the 2,175 of {COCO_CURATED_LIST})")
@@ -569,14 +584,15 @@ def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> boo
     try:
         page.save_ground_truth(folder, gt, colours, IGNORE)
         return True
-    except OSError:
+    except (OSError, FileError):
         return False
 
 
 def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     """The prediction folder's summary.scores.json and index.html (page.py): the scores per image (and
     the class each segment was matched to by hungarian), per protocol and per class; the page shows the
-    folder's other images too. A page that cannot be written is said in one line; the scores stand."""
+    folder's other complete image folders too (page.page_data). A page that cannot be written is said in
+    one line; the scores stand."""
     images = {}
     for r, entry in zip(results, result["per_image"]):
         classes, segments = hungarian_matching(r.hist)
@@ -592,9 +608,10 @@ def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     except OSError as e:
         print(f"evaluate: cannot write {shown(pred / page.SCORES)}: {e.strerror or e}", file=sys.stderr)
         return
-    others = {p.name for p in listed_folder(pred) if (p / RUN_RECORD).is_file()}  # the run's, not scored
-    page.refresh_page(pred, sorted(set(images) | others), None,
-                         lambda line: print(f"evaluate: {line}", file=sys.stderr))
+    except FileError as e:
+        print(f"evaluate: cannot write {e}", file=sys.stderr)
+        return
+    page.refresh_page(pred, sorted(images), None, lambda line: print(f"evaluate: {line}", file=sys.stderr))
 
 
 def main(argv=None) -> int:
@@ -603,7 +620,7 @@ def main(argv=None) -> int:
         result = run(args)
         if args.json:
             write_json(Path(args.json), result)
-    except EvaluationError as e:
+    except (EvaluationError, FileError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(report(result))

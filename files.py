@@ -3,8 +3,9 @@ and evaluate.py use it, so it needs nothing beyond the standard library.
 
 Reading: `checked_file` lets only regular files be opened (a FIFO or a device would block or never
 end) and turns what the system refuses into one line (`path_kind` tells what is at a path);
-`listed_folder` does the same for folders. weights.py's loader and evaluate.py's readers check
-through them.
+`read_text` reads such a file with a bound on its size (a file of the project's own, say summary.json,
+that is huge is none of its: it is not read into memory); `listed_folder` does the same for folders.
+weights.py's loader and evaluate.py's readers check through them.
 
 Messages: `shown` makes a file name safe to print on one line, and `OneLineParser` gives the scripts'
 option errors as one such line, like every other error of theirs.
@@ -12,6 +13,9 @@ option errors as one such line, like every other error of theirs.
 Writing: whole or not at all. Everything is first written under a hidden temporary name beside its
 final place, `.<name>.<host>.<pid>.tmp`, then renamed into place (a rename within a folder is
 atomic): a reader finds the previous complete file (or folder) or the new complete one, never a mix.
+Only a regular file is ever replaced (`replaceable`): a device, FIFO, socket or folder at the path is
+left as it is, and the write refused in one line (a run as root never replaces /dev/null). A folder
+is replaced only where every entry in it, at any depth, is one the caller writes (`swap_in`).
 The host and process id in the name tell which temporaries a killed run left behind: the next run
 on the same machine removes those whose process is gone. Output folders are named by `folder_name`,
 which no temporary, hidden or summary file can share.
@@ -31,6 +35,7 @@ PREDICTION_FILE = "labels.png"  # per image: the labels, an 8-bit palette image
 EMBEDDINGS_FILE = "embeddings.npy"  # per image: (K, C) float32, row i segment i's mask embedding
 RUN_RECORD = "run.json"  # per image: how its folder was made; written last, with the rest
 SUMMARY = "summary.json"  # in --out: what the last run did
+MAX_RECORD = 64 * 2 ** 20  # bytes: the largest JSON file of a run read (the scores of 5,000 images take 3 MB)
 MAX_SEGMENTS = 256  # what an 8-bit labels.png can hold
 HOST = socket.gethostname().replace(".", "-")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d{1,10})\.tmp")
@@ -88,6 +93,31 @@ def checked_file(path, missing: str = "no such file") -> Path:
             return Path(path)
     except OSError as e:
         raise FileError(path, f"cannot be read ({e.strerror}): check its permissions") from None
+
+
+def read_text(path, limit: int) -> str:
+    """The UTF-8 text of the regular file at `path` (checked_file), of at most `limit` bytes; else a
+    FileError of one line. Never more than `limit` + 1 bytes are read: a file that large is not read."""
+    try:
+        with open(checked_file(path), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise FileError(path, f"cannot be read ({e.strerror})") from None
+    if len(data) > limit:
+        raise FileError(path, f"over {limit:,} bytes, larger than any file of emerdiff's: move it away")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileError(path, "not UTF-8 text, as emerdiff writes its files: move it away") from None
+
+
+def replaceable(path) -> Path:
+    """`path` where nothing or a regular file is there, what atomic_save may replace; else (a folder, a
+    FIFO, a socket, a device) a FileError of one line: such a thing is never opened nor replaced."""
+    kind = path_kind(path)
+    if kind not in (None, "file"):
+        raise FileError(path, KIND_PROBLEMS[kind])
+    return Path(path)
 
 
 def listed_folder(folder: Path) -> list[Path]:
@@ -164,8 +194,9 @@ def process_alive(pid: int) -> bool:
 
 
 def atomic_save(path: Path, write):
-    """write(temporary path), then rename it to `path`: never a half-written file."""
-    tmp = temporary_path(path)
+    """write(temporary path), then rename it to `path`: never a half-written file. Where something other
+    than a regular file is at `path`, a FileError of one line (replaceable), nothing written."""
+    tmp = temporary_path(replaceable(path))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -173,23 +204,39 @@ def atomic_save(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
-def write_folder(folder: Path, files: dict, replaceable: set[str]):
+def write_folder(folder: Path, files: dict, ours):
     """Write `files` (name -> writer of a path) into a temporary folder, then swap it in as `folder`
-    whole. An earlier `folder` is replaced only if it holds nothing but `replaceable` names."""
+    whole. An earlier `folder` is replaced only if `ours` (a path relative to it, "/"-separated -> bool)
+    holds for every entry in it, at any depth (swap_in)."""
     tmp = temporary_path(folder)
     tmp.mkdir()
     try:
         for name, write in files.items():
             write(tmp / name)
-        swap_in(tmp, folder, replaceable)
+        swap_in(tmp, folder, ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # still there only when something failed
 
 
-def swap_in(tmp: Path, final: Path, replaceable: set[str], tries: int = 100):
+def stranger(folder: Path, ours) -> str | None:
+    """The first entry of `folder`, at any depth (folders included, links not followed), whose path
+    relative to it, "/"-separated, `ours` does not hold for; None where it holds for all. A subfolder that
+    cannot be listed is an OSError: what it holds is unknown."""
+    def unlistable(error):
+        raise error
+    for root, folders, names in os.walk(folder, onerror=unlistable):
+        for name in sorted(folders + names):
+            relative = Path(root, name).relative_to(folder).as_posix()
+            if not ours(relative):
+                return relative
+    return None
+
+
+def swap_in(tmp: Path, final: Path, ours, tries: int = 100):
     """Rename the complete folder `tmp` to `final`. An earlier folder there is renamed aside and
-    removed first (`final` is absent for that instant: never a mix of two runs' files); a file or a
-    folder holding other names than `replaceable` is an error. Concurrent runs: the last one wins."""
+    removed first (`final` is absent for that instant: never a mix of two runs' files); a file, or a
+    folder holding anything, at any depth, that `ours` does not name (stranger), is an error naming it,
+    and nothing is moved. Concurrent runs: the last one wins."""
     for _ in range(tries):
         try:
             os.rename(tmp, final)  # atomic; refused while `final` is a non-empty folder or a file
@@ -199,8 +246,10 @@ def swap_in(tmp: Path, final: Path, replaceable: set[str], tries: int = 100):
                 raise
         if not final.is_dir():
             raise OSError(errno.EEXIST, "a file of that name is in the way", str(final))
-        if not {entry.name for entry in final.iterdir()} <= replaceable:
-            raise OSError(errno.EEXIST, "that folder holds files emerdiff does not write; move it away", str(final))
+        other = stranger(final, ours)
+        if other is not None:
+            raise OSError(errno.EEXIST, f"that folder holds files emerdiff does not write ({shown(other)}, "
+                          "for one); move them away", str(final))
         aside = temporary_path(final.with_name(final.name + "-old"))
         try:
             os.rename(final, aside)

@@ -3,8 +3,11 @@ const RUN = JSON.parse(document.getElementById("run-data").textContent);
 const $ = id => document.getElementById(id);
 const el = (tag, props = {}, ...kids) => { const e = Object.assign(document.createElement(tag), props); e.append(...kids); return e; };
 const pct = x => x === null || x === undefined ? "n/a" : (100 * x).toFixed(2);
-const folder = name => { try { return encodeURIComponent(name) + "/"; } catch (e) { return "_/"; } };
+const folder = entry => entry.href + "/";  // page.py percent-encodes the folder's name, bytes that are no UTF-8 too
 const has = (entry, file) => entry.files.includes(file);
+const count = n => n === 1 ? "1 image" : `${n} images`;
+// The options a tile's folder was made with where they differ from the run's (page.py's "differs").
+const madeWith = entry => entry.differs ? "made with " + Object.entries(entry.differs).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ") : "";
 const entries = RUN.entries;
 const scores = RUN.scores;
 let order = entries.map((e, i) => i), current = -1, view = null, hovered = -1, pinned = -1;
@@ -15,9 +18,10 @@ function header() {
   document.title = "emerdiff: " + RUN.title;
   const secs = entries.filter(e => e.seconds !== undefined).map(e => e.seconds);
   const mean = secs.length ? (secs.reduce((a, b) => a + b, 0) / secs.length).toFixed(1) + " s per image" : "";
-  const failed = (s.failed || []).length;
-  $("totals").textContent = [`${entries.length} of ${RUN.images} images segmented`, failed ? `${failed} failed` : "",
-    s.done !== undefined ? `${s.done} by the last run, ${s.skipped} done before` : "", mean].filter(Boolean).join("; ");
+  const failed = (s.failed || []).length, n = entries.length;  // every complete folder: the run's, and earlier runs'
+  const made = s.done === undefined ? "" : `: ${s.done} made by this run, ${n - s.done} before`;
+  $("totals").textContent = [count(n) + made, `${n - RUN.earlier} of the run's ${count(RUN.images)} done` +
+    (failed ? `, ${failed} failed` : ""), mean].filter(Boolean).join("; ");
   if (RUN.running || s.error) {
     $("state").hidden = false;
     $("state").textContent = s.error ? "The run stopped: " + s.error : "The run is in progress: this page is rewritten after each image.";
@@ -52,12 +56,13 @@ function evaluation() {
 }
 
 function tile(entry, i) {
-  const base = folder(entry.name);
+  const base = folder(entry);
   const picture = has(entry, "overlay.png") ? el("img", {loading: "lazy", src: base + "overlay.png", alt: ""}) : el("div", {className: "blank"});
   const meta = entry.segments !== undefined ? `${entry.segments} segments · ${entry.seconds.toFixed(1)} s` : "";
   const score = entry.score ? `mIoU ${pct(entry.score.miou)} % · acc ${pct(entry.score.accuracy)} %` : "";
   const a = el("a", {className: "tile", href: "#"}, picture, el("div", {className: "name", textContent: entry.name}),
-    el("div", {className: "meta", textContent: meta}), el("div", {className: "score", textContent: score}));
+    el("div", {className: "meta", textContent: meta}), el("div", {className: "differs", textContent: madeWith(entry)}),
+    el("div", {className: "score", textContent: score}));
   a.dataset.index = i;
   a.addEventListener("click", ev => { ev.preventDefault(); openImage(i); });
   return a;
@@ -67,7 +72,7 @@ function gallery() {
   const tiles = document.createDocumentFragment();
   entries.forEach((e, i) => tiles.append(tile(e, i)));
   $("gallery").append(tiles);
-  $("count").textContent = entries.length === 1 ? "1 image" : `${entries.length} images`;
+  $("count").textContent = count(entries.length);
 }
 
 const SORTS = {
@@ -86,11 +91,11 @@ function sortTiles() {
 
 function openImage(i) {
   current = i; view = null; hovered = pinned = -1;
-  const entry = entries[i], base = folder(entry.name);
+  const entry = entries[i], base = folder(entry);
   $("viewer").hidden = false;
   $("v-name").textContent = entry.name;
   $("v-info").textContent = [entry.segments !== undefined ? `${entry.segments} segments of ${entry.masks} masks, ${entry.seconds.toFixed(1)} s` : "",
-    entry.score ? `mIoU ${pct(entry.score.miou)} %, accuracy ${pct(entry.score.accuracy)} %` : ""].filter(Boolean).join(" · ");
+    madeWith(entry), entry.score ? `mIoU ${pct(entry.score.miou)} %, accuracy ${pct(entry.score.accuracy)} %` : ""].filter(Boolean).join(" · ");
   const pictures = {"v-input": entry.input, "v-overlay": has(entry, "overlay.png") && base + "overlay.png",
     "v-labels": has(entry, "labels.png") && base + "labels.png", "v-lowres": has(entry, "lowres.png") && base + "lowres.png",
     "v-gt": entry.score && entry.score.gt && base + "gt.png"};
@@ -105,7 +110,7 @@ function openImage(i) {
     el("span", {className: "swatch", style: "background:" + scores.class_colours[c]}), scores.class_names[c] + " ")));
   document.querySelectorAll(".frame canvas").forEach(c => c.getContext("2d").clearRect(0, 0, c.width, c.height));
   showDiffmap(-1);
-  history.replaceState(null, "", "#" + encodeURIComponent(entry.name));
+  history.replaceState(null, "", "#" + entry.href);
   document.querySelectorAll("script.view").forEach(s => s.remove());
   if (has(entry, "view.js")) {
     const s = el("script", {className: "view", src: base + "view.js"});
@@ -182,7 +187,7 @@ function showDiffmap(s) {
   const entry = entries[current], img = $("diffmap"), name = "diffmaps/" + String(s).padStart(3, "0") + ".png";
   $("diff-title").textContent = s < 0 ? "Difference map" : `Difference map of mask ${s}`;
   if (s >= 0 && entry && has(entry, name)) {
-    img.src = folder(entry.name) + name; img.hidden = false;
+    img.src = folder(entry) + name; img.hidden = false;
     $("diff-note").textContent = "the pixels the modulation of this mask moved (white: most), scaled to its maximum";
   } else {
     img.hidden = true; img.removeAttribute("src");
@@ -216,6 +221,6 @@ function wire() {
 }
 
 header(); evaluation(); gallery(); sortTiles(); wire();
-const start = entries.findIndex(e => "#" + encodeURIComponent(e.name) === location.hash);
+const start = entries.findIndex(e => "#" + e.href === location.hash);
 if (start >= 0) openImage(start);
 document.body.dataset.ready = "1";

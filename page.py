@@ -3,9 +3,11 @@
 One HTML file, its CSS and JavaScript inline, that opens from disk (file://) in any current browser,
 offline: no network request, no framework, relative links to the pictures the run wrote. It shows
 
-- the gallery: one tile per image (its overlay, loaded lazily; name, segments, seconds; its scores once
-  evaluate.py has scored the folder), sortable by name, score (worst first) or seconds; the failed
-  images with their reasons; the run's options and totals; the dataset's scores per protocol and class;
+- the gallery: one tile per complete image folder, the run's and those earlier runs made (its overlay,
+  loaded lazily; name, segments, seconds; the options it was made with where they differ from the run's;
+  its scores once evaluate.py has scored the folder), sortable by name, score (worst first) or seconds;
+  the failed images with their reasons; the run's options and totals (how many images this run made, how
+  many were made before); the dataset's scores per protocol and class;
 - one image: input, overlay, labels, the low-resolution masks (and the ground truth once scored) side by
   side, a legend of segment colours and areas (and the class each segment was matched to). Hovering a
   segment, in any view or the legend, highlights it in every view and shows its difference map
@@ -38,7 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, atomic_save, checked_file, shown
+from files import (MAX_RECORD, MAX_SEGMENTS, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, atomic_save,
+                   listed_folder, read_text, shown)
 
 PAGE = "index.html"
 OVERLAY = "overlay.png"  # per image folder: the image half-tinted by segment colour, borders white
@@ -140,6 +143,11 @@ def diffmap_name(i: int) -> str:
     return f"{DIFFMAPS}/{i:03d}.png"
 
 
+def is_diffmap_name(name: str) -> bool:
+    """Whether `name`, a path relative to an image folder, is of diffmap_name's form."""
+    return re.fullmatch(rf"{DIFFMAPS}/[0-9]{{3}}\.png", name) is not None
+
+
 def diffmap_files(maps: np.ndarray) -> dict:
     """(K, H, W) difference maps -> {name: writer of a path}: diffmaps/, each map alone (diffmap_pictures)."""
     return {diffmap_name(i): lambda path, grey=grey: saved_png(grey, path)
@@ -237,13 +245,14 @@ def labels_written(folder: Path) -> int | None:
 
 # ---- The page ----
 
-_records: dict = {}  # run.json path -> (mtime, size, entry): a page rewritten after each image reads each once
+_records: dict = {}  # run.json path -> (mtime, size, entry, options): a page rewritten after each image reads each once
 
 
-def image_entry(out: Path, name: str) -> dict | None:
+def image_entry(out: Path, name: str, options: dict | None = None) -> dict | None:
     """A tile's data from an image folder's run.json (what the runner wrote), None where the folder has
     neither run.json nor labels.png (not done). A folder without run.json (predictions made elsewhere)
-    shows its name and the pictures it has."""
+    shows its name and the pictures it has. Where the options its run.json records differ from `options`
+    (the page's run's, as JSON holds them: run_options), the tile says which, with their values ("differs")."""
     folder = out / name
     path = folder / RUN_RECORD
     try:
@@ -251,62 +260,104 @@ def image_entry(out: Path, name: str) -> dict | None:
     except OSError:
         if not (folder / PREDICTION_FILE).is_file():
             return None
-        return {"name": name, "files": [f for f in PICTURES if (folder / f).is_file()]}
+        return named(name) | {"files": [f for f in PICTURES if (folder / f).is_file()]}
     cached = _records.get(path)
-    if cached and cached[:2] == (stat.st_mtime_ns, stat.st_size):
-        return cached[2]
+    if not (cached and cached[:2] == (stat.st_mtime_ns, stat.st_size)):
+        cached = _records[path] = (stat.st_mtime_ns, stat.st_size, *recorded(out, name, path))
+    entry, made_with = cached[2:]
+    differs = {key: value for key, value in made_with.items() if options.get(key) != value} if options else {}
+    return entry | {"differs": differs} if differs else entry
+
+
+def recorded(out: Path, name: str, path: Path) -> tuple[dict, dict]:
+    """The tile's data of image folder `name` from its run.json at `path`, and the options the run.json
+    records ({} where it cannot be read: the tile then shows the name alone)."""
     try:
-        saved = json.loads(checked_file(path).read_text())
+        saved = json.loads(read_text(path, MAX_RECORD))
         record, result = saved["run"], saved["result"]
-        image = Path(record["image"]["path"])
-        entry = {"name": name, "segments": result["segments"], "masks": record["options"]["masks"],
-                 "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
+        image, options = Path(record["image"]["path"]), dict(record["options"])
+        entry = named(name) | {"segments": result["segments"], "masks": options["masks"],
+                               "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
         if image.suffix.lower() in BROWSER_IMAGES and image.is_file():
             entry["input"] = relative_link(image, out)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        entry = {"name": name, "files": []}
-    _records[path] = (stat.st_mtime_ns, stat.st_size, entry)
-    return entry
+        return entry, options
+    except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
+        return named(name) | {"files": []}, {}
+
+
+def shown_name(name: str) -> str:
+    """A file name as the page shows it: as the file system holds it, its bytes that are no UTF-8 written
+    \\xNN (Python holds them as lone surrogates, which a browser cannot show)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def named(name: str) -> dict:
+    """A tile's name as shown (shown_name) and the link to its folder: the bytes of its name percent-encoded,
+    which the browser finds on disk whatever they are (the page's script never encodes a name itself:
+    JavaScript's encodeURIComponent throws on a name that is no UTF-8)."""
+    return {"name": shown_name(name), "href": urllib.parse.quote(os.fsencode(name), safe="")}
 
 
 def relative_link(path: Path, base: Path) -> str:
-    """A URL of `path` relative to the page's folder (a file: URL where no relative path exists)."""
+    """A URL of `path` relative to the page's folder, its bytes percent-encoded (a name that is no UTF-8
+    included); a file: URL where no relative path exists."""
     try:
         relative = Path(os.path.relpath(path, base.resolve()))
     except ValueError:  # another drive on Windows
         return path.as_uri()
-    return urllib.parse.quote(relative.as_posix())
+    return urllib.parse.quote(os.fsencode(relative.as_posix()))
 
 
 def read_json(path: Path):
-    """A JSON file's content, None where it is missing or unreadable."""
+    """A JSON file's content, None where it is missing or unreadable (files.read_text: a regular file of
+    at most MAX_RECORD bytes)."""
     try:
-        return json.loads(checked_file(path).read_text())
+        return json.loads(read_text(path, MAX_RECORD))
     except Exception:  # noqa: BLE001 (any unreadable file is simply not shown)
         return None
 
 
+def image_folders(out: Path) -> list[str]:
+    """The names of the image folders of `out` that runs completed, whichever made them: those holding
+    run.json, which a run writes last (hidden folders, a run's temporaries among them, left out)."""
+    return [p.name for p in listed_folder(out) if not p.name.startswith(".") and (p / RUN_RECORD).is_file()]
+
+
+def run_options(summary) -> dict | None:
+    """The options of the run a summary (summary.json's) tells of, as JSON holds them, which is how run.json
+    records them; None where it tells none."""
+    options = summary.get("options") if isinstance(summary, dict) else None
+    return json.loads(json.dumps(options)) if isinstance(options, dict) else None
+
+
 def page_data(out: Path, names: list[str], summary: dict | None, running: bool) -> dict:
-    """What the page shows: the images done of `names` (in order), the run's summary, the scores."""
-    entries = [entry for entry in (image_entry(out, name) for name in names) if entry is not None]
+    """What the page shows: every image folder of `out` that is done, the run's `names` first (in order),
+    then those earlier runs made (image_folders; their count is "earlier"), each saying the options it was
+    made with where they differ from the run's (its summary's); the run's summary; the scores."""
+    ours, options = set(names), run_options(summary)
+    every = [*names, *(name for name in image_folders(out) if name not in ours)]
+    done = [(name, entry) for name in every if (entry := image_entry(out, name, options)) is not None]
+    entries = [entry for _, entry in done]
     scores = read_json(out / SCORES)
     if scores:
         per_image = scores.pop("per_image", {})
         changed = 0
-        for i, entry in enumerate(entries):
-            scored = per_image.get(entry["name"])
-            if scored and scored.get("labels_written") == labels_written(out / entry["name"]):
+        for i, (name, entry) in enumerate(done):
+            scored = per_image.get(name)
+            if scored and scored.get("labels_written") == labels_written(out / name):
                 entries[i] = entry | {"score": scored}
             elif scored:
                 changed += 1
         scores["changed"] = changed
-    return {"title": out.resolve().name, "images": len(names), "entries": entries, "summary": summary,
-            "running": running, "scores": scores}
+    return {"title": shown_name(out.resolve().name), "images": len(names), "entries": entries,
+            "earlier": sum(name not in ours for name, _ in done), "summary": summary, "running": running,
+            "scores": scores}
 
 
 def write_page(out: Path, names: list[str], summary: dict | None = None, running: bool = False):
-    """(Re)write <out>/index.html whole: the images of `names` that are done, and the run's `summary`
-    (runner.py's summary.json as a dict; None: the one in `out`, if any)."""
+    """(Re)write <out>/index.html whole: the images of `names` (the run's) that are done and every other
+    complete image folder of `out` (page_data), and the run's `summary` (runner.py's summary.json as a dict;
+    None: the one in `out`, if any)."""
     summary = summary if summary is not None else read_json(out / SUMMARY)
     text = page_text(script_json(page_data(out, names, summary, running)))
     atomic_save(out / PAGE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -327,10 +378,13 @@ def page_text(data: str) -> str:
 
 
 def refresh_page(out: Path, names: list[str], summary: dict | None, say, running: bool = False) -> bool:
-    """write_page; a page that cannot be written is said through `say` (one line), not raised."""
+    """write_page; a page that cannot be written (something other than a file in its place included:
+    files.atomic_save) is said through `say` (one line), not raised."""
     try:
         write_page(out, names, summary, running)
         return True
+    except FileError as e:
+        say(f"cannot write {e}")
     except OSError as e:
         say(f"cannot write {shown(out / PAGE)}: {e.strerror or e}")
     except ValueError as e:  # a value JSON cannot hold (nan), or a page.html without its tags

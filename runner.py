@@ -37,8 +37,8 @@ from tqdm import tqdm
 from devices import CPU_BATCH_SIZES, TIMED_CALLS, estimate, model_device_dtype, pick_device, pick_dtype
 from emerdiff import DEFAULTS, Segmentation, segment
 from datasets import DATASETS, EvaluationError, center_crop
-from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
-                   checked_file, remove_dead_temporaries, shown, temporary_path, write_folder)
+from files import (EMBEDDINGS_FILE, MAX_RECORD, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser,
+                   atomic_save, read_text, remove_dead_temporaries, shown, temporary_path, write_folder)
 from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, fixed_size, open_image, to_rgb,
                     working_size)
 import page
@@ -220,6 +220,12 @@ OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, page.OVERLAY, pa
                 RUN_RECORD, page.VIEW_SCRIPT, page.DIFFMAPS, page.GROUND_TRUTH}  # gt.png: evaluate.py's
 
 
+def is_output_file(name: str) -> bool:
+    """Whether `name`, a path relative to an image folder, is one emerdiff writes there (OUTPUT_FILES, and
+    the difference maps in diffmaps/): a folder is replaced only where every entry is (files.swap_in)."""
+    return name in OUTPUT_FILES or page.is_diffmap_name(name)
+
+
 def prepare_out(out: Path):
     """Create the output folder and prove it writable (before any weights load), then remove the
     temporaries that runs killed on this machine left in it (files.py)."""
@@ -297,10 +303,10 @@ def weights_source(args) -> str:
 
 def saved_result(folder: Path, record: dict) -> dict | None:
     """The result run.json recorded (segments, seconds per stage, files) where `folder` holds a
-    complete output made with `record`; else None (its run.json read through files.checked_file: a
-    FIFO there is no record)."""
+    complete output made with `record`; else None (its run.json read through files.read_text: a FIFO
+    there, or a huge file, is no record)."""
     try:
-        saved = json.loads(checked_file(folder / RUN_RECORD).read_text())
+        saved = json.loads(read_text(folder / RUN_RECORD, MAX_RECORD))
         complete = saved["run"] == record and all((folder / name).is_file() for name in saved["result"]["files"])
         return saved["result"] if complete else None
     except (FileError, OSError, ValueError, KeyError, TypeError, RecursionError):
@@ -377,7 +383,8 @@ def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | Non
     its part (tagged with the run it belongs to) and whoever finds every part of its run there merges
     them, so the last to finish does, however unequal the shares; a process never waits for another.
     That one returns the merged summary and says how many images of the whole run failed; the others
-    return None. A summary that cannot be written is said, and this process's own summary returned."""
+    return None. A summary that cannot be written (something other than a file in its place included:
+    files.atomic_save) is said, and this process's own summary returned."""
     try:
         if world == 1:
             atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
@@ -389,10 +396,10 @@ def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | Non
                     lambda tmp: tmp.write_text(json.dumps(summary | {"run": run_id}, indent=1)))
         parts = [out / f"summary.part{r}.json" for r in range(world)]
         try:
-            found = [json.loads(checked_file(p).read_text()) for p in parts]
+            found = [json.loads(read_text(p, MAX_RECORD)) for p in parts]
         except (FileError, ValueError, RecursionError):  # not all here yet (or another process merged them)
             return None
-        if not all(part.get("run") == run_id for part in found):
+        if not all(isinstance(part, dict) and part.get("run") == run_id for part in found):
             return None
         whole = merged(found)
         atomic_save(out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(whole, indent=1)))
@@ -404,7 +411,9 @@ def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | Non
         return whole
     except OSError as e:
         say(f"cannot write {out / SUMMARY}: {e.strerror or e}")
-        return summary
+    except FileError as e:
+        say(f"cannot write {e}")
+    return summary
 
 
 def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, announce: bool = False) -> float:
@@ -422,7 +431,7 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     files = output_files(seg, image, args.save_diffmaps)
     result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files)}
     files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
-    write_folder(folder, files, OUTPUT_FILES)
+    write_folder(folder, files, is_output_file)
     seg.seconds["saving"] = time.perf_counter() - clock
     stages = ", ".join(f"{stage} {s:.1f} s" for stage, s in seg.seconds.items())
     memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from tqdm import tqdm
 
-from files import atomic_save
+from files import FileError, atomic_save, path_kind, read_text
 from unet import Attention
 
 # ---- Choosing by measurement ----
@@ -94,37 +96,65 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def choices_path() -> Path:
-    """$EMERDIFF_SPEED_CHOICES, else speed-choices.json in emerdiff's folder of the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(os.environ.get(CHOICES_VARIABLE) or cache / "emerdiff" / "speed-choices.json")
+CHOICES_LIMIT = 2 ** 20  # bytes: a choices file holds some hundred keys, tens of kB; a larger one is none
+
+
+def choices_path() -> Path | None:
+    """$EMERDIFF_SPEED_CHOICES, else speed-choices.json in emerdiff's folder of the user's cache:
+    $XDG_CACHE_HOME, else $HOME/.cache (each only where it is an absolute path, as the XDG specification
+    asks). None where there is no such place (HOME empty or unset, as for some services): the choices then
+    stay in the process (no /.cache is made)."""
+    given = os.environ.get(CHOICES_VARIABLE)
+    if given:
+        return Path(given)
+    cache, home = os.environ.get("XDG_CACHE_HOME", ""), os.environ.get("HOME", "")
+    folder = Path(cache) if os.path.isabs(cache) else Path(home) / ".cache" if os.path.isabs(home) else None
+    return folder / "emerdiff" / "speed-choices.json" if folder else None
 
 
 @functools.cache
 def remembered() -> dict[str, int]:
-    """The choices made so far, key -> index of the faster candidate: the file's, then this process's."""
-    return saved_choices()
+    """The choices made so far, key -> index of the faster candidate: the file's, then this process's. A
+    choices file that is odd in any way (saved_choices) is said in one line, once per process, and
+    ignored: every shape is measured again, and the file is left as it is."""
+    try:
+        return saved_choices()
+    except FileError as e:
+        tqdm.write(f"emerdiff: the speed choices file {e}: ignored, so the speed paths are measured in this "
+                   f"process and nothing is written there (remove it, or set {CHOICES_VARIABLE} to another file)",
+                   file=sys.stderr)
+        return {}
 
 
 def saved_choices() -> dict[str, int]:
-    """The choices file's; none where it is missing or unreadable (those are then measured again)."""
+    """The choices file's, read through files.read_text (a regular file, at most CHOICES_LIMIT bytes); none
+    where there is no file (or no place for one). A file that is something else, too large, not JSON
+    (nested too deep for the parser included) or not of keys and indices is a FileError of one line."""
+    path = choices_path()
+    if path is None or path_kind(path) is None:
+        return {}
+    text = read_text(path, CHOICES_LIMIT)
     try:
-        saved = json.loads(choices_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(saved, dict):
-        return {}
-    return {key: index for key, index in saved.items() if type(index) is int and index >= 0}
+        saved = json.loads(text)
+    except (ValueError, RecursionError):
+        raise FileError(path, "not JSON") from None
+    if not (isinstance(saved, dict) and all(type(index) is int and index >= 0 for index in saved.values())):
+        raise FileError(path, "not speed choices (JSON of key: candidate index)")
+    return saved
 
 
 def save_choices(new: dict[str, int]) -> None:
     """Add `new` to the choices file, whole or not at all (other processes may add theirs meanwhile: the
-    file is read again first). A file that cannot be written leaves the choices to this process."""
+    file is read again first). Where there is no place for it, it cannot be written or the file there is
+    odd (saved_choices; said once by remembered), the choices stay with this process."""
     path = choices_path()
+    if path is None:
+        return
     try:
+        merged = saved_choices() | new
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(saved_choices() | new, indent=0, sort_keys=True)))
-    except OSError:
+        atomic_save(path, lambda tmp: tmp.write_text(json.dumps(merged, indent=0, sort_keys=True)))
+    except (OSError, FileError):
         pass
 
 

@@ -116,9 +116,44 @@ def test_a_page_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path
     assert runner.main(["--image", str(images), "--out", str(out), *TINY]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert [line for line in lines if "error" in line] == [f"emerdiff: error: cannot write {out / 'index.html'}: "
-                                                           "Is a directory"]
+                                                           "a folder where a file belongs"]
     assert all((out / name / "view.js").is_file() for name in "ab")
     assert json.loads((out / "summary.json").read_text())["done"] == 2
+
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # a file name of bytes that are no UTF-8 (Latin-1's é), as Linux holds it
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two runs into one --out: images a and b with 4 masks, then, with 3 masks, an image whose file name
+    is no UTF-8."""
+    tmp = tmp_path_factory.mktemp("two-runs")
+    for folder, names in (("first", ["a", "b"]), ("second", [NOT_UTF8])):
+        (tmp / folder).mkdir()
+        for seed, name in enumerate(names):
+            save_image(tmp / folder / f"{name}.png", (64, 64), seed)
+    out = tmp / "out"
+    assert runner.main(["--image", str(tmp / "first"), "--out", str(out), *TINY]) == 0
+    assert runner.main(["--image", str(tmp / "second"), "--out", str(out), *TINY, "--masks", "3"]) == 0
+    return out
+
+
+def test_a_name_that_is_no_utf8_is_linked_by_its_bytes(two_runs):
+    """The tile of a folder whose name is no UTF-8: its name as the file system holds it (\\xe9), its
+    folder and its input linked by their bytes percent-encoded, and its pictures."""
+    entry = next(entry for entry in page_data(two_runs)["entries"] if entry["href"] == "caf%E9")
+    assert entry["name"] == "caf\\xe9" and entry["input"] == "../second/caf%E9.png"
+    assert {"overlay.png", "labels.png", "view.js"} <= set(entry["files"])
+
+
+def test_the_page_holds_every_complete_folder_of_out_whichever_run_made_it(two_runs):
+    """The second run's page: its own image first, then the two the first run made, with 4 masks where
+    this run took 3 (their tiles say so), counted as made before."""
+    data = page_data(two_runs)
+    assert [(entry["name"], entry.get("differs")) for entry in data["entries"]] == [
+        ("caf\\xe9", None), ("a", {"masks": 4}), ("b", {"masks": 4})]
+    assert (data["images"], data["earlier"], data["summary"]["done"], data["summary"]["skipped"]) == (1, 2, 1, 0)
 
 
 # ---- In a browser ----
@@ -290,4 +325,36 @@ def test_a_page_of_5000_images_shows_every_tile(chromium, tmp_path):
     browser_page = tab.open(tmp_path / "run" / "index.html")
     assert browser_page.locator(".tile").count() == 5000
     assert browser_page.locator(".tile .name").nth(4999).text_content() == names[-1]
+    assert not tab.errors and not tab.requests
+
+
+def loaded_width(picture) -> int:
+    """The width of the picture an <img> (a playwright locator) shows, once loaded (an error if it cannot be)."""
+    return picture.evaluate("img => img.decode().then(() => img.naturalWidth)")
+
+
+def test_a_name_that_is_no_utf8_shows_with_its_pictures(chromium, two_runs):
+    """The page loads (JavaScript's encodeURIComponent throws on such a name), and the tile and the image
+    opened show their pictures, the input's too."""
+    tab = Watched(chromium)
+    browser_page = tab.open(two_runs / "index.html")
+    tile = browser_page.locator(".tile", has_text="caf\\xe9")
+    assert loaded_width(tile.locator("img")) == 64
+    tile.click()
+    browser_page.wait_for_selector("#legend li")
+    assert browser_page.locator("#v-name").text_content() == "caf\\xe9"
+    pictures = [browser_page.locator(f"#v-{picture}") for picture in ("input", "overlay", "labels")]
+    assert [loaded_width(picture) for picture in pictures] == [64] * 3
+    assert not tab.errors and not tab.requests
+
+
+def test_the_totals_and_the_tiles_of_earlier_runs(chromium, two_runs):
+    """Every folder's tile, those of the earlier run saying the options they were made with; the totals
+    say how many the folder holds, how many this run made and how many were made before."""
+    tab = Watched(chromium)
+    browser_page = tab.open(two_runs / "index.html")
+    assert tile_names(browser_page) == ["a", "b", "caf\\xe9"]
+    assert browser_page.locator(".tile .differs").all_text_contents() == ["made with masks 4"] * 2 + [""]
+    assert browser_page.locator("#totals").text_content().startswith(
+        "3 images: 1 made by this run, 2 before; 1 of the run's 1 image done; ")
     assert not tab.errors and not tab.requests

@@ -242,6 +242,23 @@ def test_embeddings_that_are_no_npy_array_are_one_line(tmp_path, capsys, broken)
     assert out.read_text() == "earlier"
 
 
+@pytest.mark.parametrize("shape", [(2, 0), (5, 0)])
+def test_embeddings_of_no_channel_are_one_line(tmp_path, capsys, shape):
+    """(K, 0) arrays in every folder, as many rows as segments or more (so the widths agree): refused like
+    the other malformed embeddings, the earlier --json kept (no protocol can compare embeddings of no
+    channel: they ended in a ValueError of the clusters protocol)."""
+    args, pred = hand_folder(tmp_path)
+    for name in "ab":
+        save_embeddings(pred / name, np.zeros(shape))
+    out = tmp_path / "scores.json"
+    out.write_text("earlier")
+    assert main([*args, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"evaluate: error: {pred / 'a' / 'embeddings.npy'}: float32 of shape {shape}, not (segments, "
+                   "channels) finite floats of at least one channel; write it as emerdiff.py does\n")
+    assert out.read_text() == "earlier"
+
+
 # ---- The paper's datasets, in their distributions' layouts ----
 
 def test_ade20k_reader_and_its_150_classes(tmp_path):

@@ -108,6 +108,29 @@ def test_a_folder_of_other_files_is_never_replaced(tmp_path, tiny_sd_dir):
     assert [p.name for p in (out / "chelsea").iterdir()] == ["notes.txt"] and not temporaries(out)
 
 
+@pytest.mark.parametrize("stranger", ["diffmaps/notes.txt", "diffmaps/000.png.bak", "diffmaps/mine/", "mine/"])
+def test_overwrite_keeps_a_folder_holding_a_file_of_yours_anywhere(tmp_path, capsys, stranger):
+    """--save-diffmaps --overwrite: a file (or folder) of the user's anywhere in an image folder, diffmaps/
+    included, keeps the folder whole, exit status 2, and the image's line names it; once it is gone the
+    folder is replaced."""
+    image, out = save_image(tmp_path / "small.png", (64, 64)), tmp_path / "out"
+    args = ["--image", str(image), "--random-weights", "--out", str(out), "--save-diffmaps", "--overwrite", *FAST]
+    assert runner.main(args) == 0
+    folder = out / "small"
+    record = (folder / "run.json").read_text()
+    (folder / stranger).mkdir() if stranger.endswith("/") else (folder / stranger).write_text("mine")
+    capsys.readouterr()
+    assert runner.main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"emerdiff: error: {image}: cannot write {folder}: that folder holds files emerdiff does not "
+                      f"write ({stranger.rstrip('/')}, for one); move them away"]
+    assert (folder / stranger).is_dir() if stranger.endswith("/") else (folder / stranger).read_text() == "mine"
+    assert (folder / "run.json").read_text() == record and (folder / "diffmaps" / "000.png").is_file()
+    assert not temporaries(out)
+    files.remove(folder / stranger)
+    assert runner.main(args) == 0 and (folder / "run.json").read_text() != record
+
+
 def limit_file_size(size):
     def limit():  # as a full disk: writes past `size` bytes fail (EFBIG) instead of killing the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -3,6 +3,7 @@ temporaries, torchrun's processes that never wait for each other, one guarded op
 a closed stdout, and exit status 2 whenever an error line was printed."""
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -131,6 +132,51 @@ def test_evaluate_refuses_a_fifo_where_an_image_or_a_label_map_should_be(tmp_pat
                              str(root), "--pred", str(tmp_path / "pred"), "--quiet"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr == f"evaluate: error: {fifo}: not a regular file (a FIFO, socket or device)\n"
+
+
+# ---- writing: nothing but a regular file is replaced ----
+
+def test_a_run_replaces_no_fifo_where_its_page_or_summary_goes(tmp_path, capsys):
+    """index.html and summary.json of --out each a FIFO (renamed over, it would be a file from then on):
+    each said in one line, exit status 2, the FIFOs left as they are, the image's folder written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("index.html", "summary.json"):
+        os.mkfifo(out / name)
+    image = save_image(tmp_path / "small.png", (64, 64))
+    assert runner.main(["--image", str(image), "--random-weights", "--out", str(out), *FAST]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"emerdiff: error: cannot write {out / name}: not a regular file (a FIFO, socket or device)"
+                      for name in ("index.html", "summary.json")]
+    assert all(stat.S_ISFIFO(os.stat(out / name).st_mode) for name in ("index.html", "summary.json"))
+    assert_complete(out / "small", (64, 64))
+
+
+def test_evaluate_replaces_no_fifo_or_device_where_its_files_go(tmp_path, capsys):
+    """--json a FIFO or a device node (one of /dev/null's numbers, made here: the tests run as root) is
+    refused in one line before any scoring (nothing written); summary.scores.json a FIFO is said and left,
+    the scores printed and --json written."""
+    from test_evaluate import make_folder, save_labels
+    root, labels = make_folder(tmp_path / "data")
+    pred = tmp_path / "pred"
+    for name, ids in labels.items():
+        save_labels(pred / name / "labels.png", ids, mode="P")
+    args = ["--dataset", "folder", "--root", str(root), "--pred", str(pred), "--quiet"]
+    fifo, device = tmp_path / "fifo", tmp_path / "device"
+    os.mkfifo(fifo)
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    for path in (fifo, device):
+        assert evaluate.main([*args, "--json", str(path)]) == 2
+        assert capsys.readouterr().err == (f"evaluate: error: --json {path}: not a regular file (a FIFO, socket or "
+                                           "device); give the name of a file to write\n")
+    assert not (pred / "summary.scores.json").exists() and not (pred / "a" / "gt.png").exists()
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISCHR(os.stat(device).st_mode)
+    fifo.rename(pred / "summary.scores.json")
+    assert evaluate.main([*args, "--json", str(tmp_path / "scores.json")]) == 0
+    assert capsys.readouterr().err == (f"evaluate: cannot write {pred / 'summary.scores.json'}: not a regular file "
+                                       "(a FIFO, socket or device)\n")
+    assert stat.S_ISFIFO(os.stat(pred / "summary.scores.json").st_mode)
+    assert json.loads((tmp_path / "scores.json").read_text())["images"] == 2
 
 
 @pytest.fixture

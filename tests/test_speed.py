@@ -5,10 +5,13 @@ kept for the next tensors inside a call, and handed back after it (devices.freed
 import contextlib
 import json
 import math
+import os
 import platform
 import resource
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +131,7 @@ def test_the_faster_candidate_is_measured_once_per_key_and_machine(monkeypatch, 
     """A clock that each candidate advances by its own cost: the first time a key comes on a machine, each
     candidate warms up once and is timed once, and the cheaper is kept, in the process and in the choices
     file: a later process (the in-process memory cleared) measures nothing; another machine measures again;
-    a broken file is measured over and replaced."""
+    a broken file is measured over and left as it is (test_an_odd_choices_file_is_said_once_and_left_as_it_is)."""
     clock, calls = [0.0], []
     monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
     monkeypatch.setenv(speed.CHOICES_VARIABLE, str(tmp_path / "cache" / "choices.json"))
@@ -156,9 +159,90 @@ def test_the_faster_candidate_is_measured_once_per_key_and_machine(monkeypatch, 
     speed.remembered.cache_clear()
     calls.clear()
     assert speed.fastest(("key",), [slow, fast], 5) is fast and len(calls) == 4
-    assert json.loads((tmp_path / "cache" / "choices.json").read_text()) == {repr(("key", "CPU B")): 1}
+    assert (tmp_path / "cache" / "choices.json").read_text() == "{not json"  # said, and left as it is
     speed.remembered.cache_clear()
     assert [speed.batch_class(n) for n in (1, 2, 3, 8, 13, 15, 16, 50)] == [1, 2, 2, 8, 8, 8, 16, 32]
+
+
+def measured_calls(keys) -> int:
+    """How many candidate calls speed.fastest makes for `keys` in turn (each new key: 2 warm-ups, 2 timed)."""
+    calls = []
+    candidates = [lambda x: calls.append(0), lambda x: calls.append(1)]
+    for key in keys:
+        speed.fastest((key,), candidates, 0)
+    return len(calls)
+
+
+ODD_CHOICES = {"folder": None, "too large": "{}" + " " * speed.CHOICES_LIMIT, "not JSON": "{not json",
+               "nested too deep": "[" * 200_000 + "]" * 200_000, "a list": "[1]", "a text index": '{"k": "1"}',
+               "a negative index": '{"k": -1}'}
+
+
+@pytest.mark.parametrize("what", ODD_CHOICES)
+def test_an_odd_choices_file_is_said_once_and_left_as_it_is(monkeypatch, tmp_path, capsys, what):
+    """A choices file that is a folder, too large, not JSON (nested deeper than the parser goes included)
+    or not of keys and indices: one line on stderr for the process, every shape measured again (a key
+    measured once in the process is remembered there), and the file as it was."""
+    path, text = tmp_path / "choices.json", ODD_CHOICES[what]
+    path.mkdir() if text is None else path.write_text(text)
+    monkeypatch.setenv(speed.CHOICES_VARIABLE, str(path))
+    speed.remembered.cache_clear()
+    try:
+        assert measured_calls(["a", "b", "a"]) == 8
+    finally:
+        speed.remembered.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"emerdiff: the speed choices file {path}: "), err
+    assert path.is_dir() if text is None else path.read_text() == text
+
+
+FASTEST_TWICE = """
+import speed
+calls = []
+for key in ("a", "b"):
+    speed.fastest((key,), [lambda x: calls.append(0), lambda x: calls.append(1)], 0)
+print(len(calls))
+"""
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "device"])
+def test_a_choices_path_that_is_no_file_is_never_read_nor_replaced(tmp_path, kind):
+    """A FIFO (read, it would wait for ever) or a device node (one of /dev/null's numbers, made here: the
+    tests run as root, and a device replaced is a JSON file from then on): the shapes are measured, one
+    line says why the file is not used, and the node stays what it was."""
+    path = tmp_path / kind
+    if kind == "FIFO":
+        os.mkfifo(path)
+    else:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    result = subprocess.run([sys.executable, "-c", FASTEST_TWICE], cwd=ROOT, capture_output=True, text=True,
+                            env=os.environ | {speed.CHOICES_VARIABLE: str(path)}, timeout=120)
+    assert result.stdout.split() == ["8"], result.stderr
+    assert result.stderr.startswith(f"emerdiff: the speed choices file {path}: not a regular file (a FIFO, socket or "
+                                    "device): ignored") and result.stderr.count("\n") == 1, result.stderr
+    assert (stat.S_ISFIFO if kind == "FIFO" else stat.S_ISCHR)(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("environment, place", [
+    ({"HOME": ""}, None), ({}, None), ({"HOME": "relative"}, None), ({"XDG_CACHE_HOME": "relative", "HOME": ""}, None),
+    ({"HOME": "/home/u"}, "/home/u/.cache"), ({"XDG_CACHE_HOME": "/c", "HOME": ""}, "/c")],
+    ids=["home-empty", "no-home", "home-relative", "xdg-relative", "home", "xdg"])
+def test_without_a_cache_folder_the_choices_stay_in_the_process(monkeypatch, environment, place):
+    """HOME empty or unset (a service's environment) and no absolute XDG_CACHE_HOME: no choices file (not
+    /.cache's); the shapes are measured and remembered in the process, and nothing is written."""
+    for variable in (speed.CHOICES_VARIABLE, "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    expected = place and Path(place) / "emerdiff" / "speed-choices.json"
+    assert speed.choices_path() == expected
+    if place is None:
+        monkeypatch.setattr(speed, "atomic_save", lambda *args: pytest.fail("a choices file was written"))
+        speed.remembered.cache_clear()
+        try:
+            assert measured_calls(["a", "a"]) == 4
+        finally:
+            speed.remembered.cache_clear()
 
 
 def test_a_convolution_is_timed_on_as_few_images_as_hold_enough_pixels(monkeypatch):

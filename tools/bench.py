@@ -44,7 +44,7 @@ import emerdiff  # noqa: E402
 import sampler  # noqa: E402
 from clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 from devices import Stopwatch  # noqa: E402
-from files import atomic_save  # noqa: E402
+from files import FileError, atomic_save  # noqa: E402
 from inputs import GRID_FACTOR, LATENT_FACTOR, feature_grid  # noqa: E402
 from notebook import NotebookPipeline, reference_models  # noqa: E402
 import speed  # noqa: E402
@@ -758,7 +758,10 @@ def main(argv=None):
                     convolutions=bench_convolutions)
     result = commands[args.command](args, device, dtype)
     if args.json:
-        atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        try:
+            atomic_save(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        except (OSError, FileError) as e:  # a FIFO, device or folder there is never replaced (files.atomic_save)
+            raise SystemExit(f"--json: cannot write it: {e}") from None
 
 
 if __name__ == "__main__":
