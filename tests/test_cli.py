@@ -229,6 +229,15 @@ def test_more_masks_than_cells(capsys, tmp_path, tiny_sd_dir):
                  "--size", "128", weights=tiny_sd_dir)
 
 
+def test_more_masks_than_a_fixed_sizes_cells_are_refused_before_anything_is_read_or_loaded(capsys, tmp_path):
+    """A fixed --size's feature grid is known from the option alone (128 / 32: 4x4 cells): --masks 40 is refused
+    before the image is looked at (there is none), --out made or any weights loaded (there are none)."""
+    expect_error(capsys, tmp_path, "40 masks but only 16 cells in the 4x4 feature grid: lower --masks or raise --size",
+                 "--image", str(tmp_path / "no-image.jpg"), "--masks", "40", "--size", "128",
+                 weights=tmp_path / "no-weights")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "device 'cuda' is not available"),

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import devices
 import emerdiff
 import evaluate
+import inputs
 import runner
 from command_line import OUTPUTS
 from conftest import ROOT
@@ -87,16 +89,17 @@ def test_the_demo_command_runs_as_written(tmp_path):
 
 
 def test_the_functions_docs_say_to_copy_out_run_alone():
-    """docs/api.md's list of functions to copy out of emerdiff.py: exactly their source, run in a
-    namespace holding only the imports it names, clusters three separated blobs and blurs as the
-    module does."""
+    """docs/api.md's list of functions to copy out of emerdiff.py, with the check of their arguments out of
+    inputs.py: exactly their source, run in a namespace holding only the imports it names, clusters three
+    separated blobs and blurs as the module does."""
     text = " ".join((ROOT / "docs" / "api.md").read_text().split())
     listed = re.search(r"To take single functions instead: (.*?): copy these", text)[1]
     names = re.findall(r"`(\w+)`", listed.split(" need only ")[0])
-    assert {"kmeans", "gaussian_blur"} <= set(names)
+    checks = re.findall(r"`(\w+)`", listed.split("inputs.py's ")[1])  # the check of their arguments
+    assert {"kmeans", "gaussian_blur"} <= set(names) and "check_tensors" in checks
     namespace = {"math": math, "torch": torch, "F": F}
-    for name in names:
-        exec(inspect.getsource(getattr(emerdiff, name)), namespace)
+    for module, name in [*((inputs, name) for name in checks), *((emerdiff, name) for name in names)]:
+        exec(inspect.getsource(getattr(module, name)), namespace)
     blobs = torch.cat([torch.randn(30, 5) * 0.1 + centre for centre in (0.0, 5.0, -5.0)])
     labels, _ = namespace["kmeans"](blobs, 3, n_init=4, generator=torch.Generator().manual_seed(0))
     assert [len(set(labels[i:i + 30].tolist())) for i in (0, 30, 60)] == [1, 1, 1] and len(set(labels.tolist())) == 3
@@ -107,8 +110,6 @@ def test_the_functions_docs_say_to_copy_out_run_alone():
 def test_the_measured_constants_table_holds_the_codes_values():
     """docs/speed.md's table "Measured constants" is where README and the docs take those numbers from:
     each row's value is the value of the constant it names, and every constant it names exists."""
-    import devices
-    import inputs
     import speed
     modules = {"devices": devices, "inputs": inputs, "speed": speed}
     text = (ROOT / "docs" / "speed.md").read_text()
