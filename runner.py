@@ -34,13 +34,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from devices import CPU_BATCH_SIZES, TIMED_CALLS, estimate, model_device_dtype, pick_device, pick_dtype
+from devices import CPU_BATCH_SIZES, TIMED_CALLS, Estimate, estimate, model_device_dtype, pick_device, pick_dtype
 from emerdiff import DEFAULTS, Segmentation, segment
 from datasets import DATASETS, EvaluationError, center_crop
 from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
                    checked_file, remove_dead_temporaries, shown, temporary_path, write_folder)
-from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, fixed_size, open_image, to_rgb,
-                    working_size)
+from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, denoising_in_words, fixed_size,
+                    open_image, to_rgb, working_size)
 import page
 
 # ---- Options ----
@@ -189,11 +189,17 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
         return
     e = estimate(sd, size, options)
     if e.seconds >= LONG_RUN_S:
-        duration = f"{e.seconds / 3600:.1f} h" if e.seconds >= 5400 else f"{e.seconds / 60:.0f} min"
-        note(f"about {duration} per image on the {device.type} ({e.unet_calls:.0f} UNet calls of {e.unet_images:.0f} "
-             f"images in all, a call of one {e.unet_s:.2f} s, and {e.decodes} decodes; the fastest of {TIMED_CALLS} "
-             f"timed calls, the slowest {100 * e.spread:.0f} % slower): --masks, --feature-samples, --size and "
-             "--steps cut it (README, Time and cost)")
+        note(estimate_line(e, device))
+
+
+def estimate_line(e: Estimate, device: torch.device) -> str:
+    """What an image costs in words (docs/command-line.md shows the line): how long, what the figure rests on,
+    and what cuts it."""
+    duration = f"{e.seconds / 3600:.1f} h" if e.seconds >= 5400 else f"{e.seconds / 60:.0f} min"
+    return (f"about {duration} per image on the {device.type} ({e.unet_calls:.0f} UNet calls of {e.unet_images:.0f} "
+            f"images in all, a call of one {e.unet_s:.2f} s, and {e.decodes} decodes; the fastest of {TIMED_CALLS} "
+            f"timed calls, the slowest {100 * e.spread:.0f} % slower): --masks, --feature-samples, --size and "
+            "--steps cut it (README, Time and cost)")
 
 
 # ---- The files of an image ----
@@ -260,7 +266,7 @@ class Summary:
         return {"images": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
                 "seconds_per_image": sum(complete) / len(complete) if complete else None,
                 "seconds": self.seconds, "seconds_before": self.seconds_before, "error": self.error,
-                "options": options}
+                "options": options, "denoising_steps": denoising_in_words(options)}
 
 
 def merged(parts: list[dict]) -> dict:
@@ -420,7 +426,8 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     seg = segment(image, sd, progress=not args.quiet, **options)
     clock = time.perf_counter()
     files = output_files(seg, image, args.save_diffmaps)
-    result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files)}
+    result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files),
+              "denoising_steps": denoising_in_words(options)}
     files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
     write_folder(folder, files, OUTPUT_FILES)
     seg.seconds["saving"] = time.perf_counter() - clock

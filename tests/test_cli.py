@@ -1,4 +1,5 @@
 """The command line end to end on the example image with a tiny model, and every bad input."""
+import json
 import re
 import subprocess
 import sys
@@ -402,3 +403,17 @@ def test_a_long_run_off_cuda_first_says_how_long(tiny_sd_dir, tmp_path, capsys, 
     assert re.fullmatch(r"emerdiff: about \d+ min per image on the cpu \(\d+ UNet calls of \d+ images in all, a call "
                         r"of one \d+\.\d\d s, and 8 decodes; the fastest of 3 timed calls, the slowest \d+ % slower\): "
                         r"--masks, --feature-samples, --size and --steps cut it \(README, Time and cost\)", line), line
+
+
+def test_run_json_and_the_summary_say_how_many_denoising_steps_ran(outputs):
+    """--steps 50 is the grid's size, not the steps run: each run makes 15, t_m = 281, 261, ..., 1. run.json's
+    result and summary.json, whose options the page shows, say so; run.json's record, which a rerun compares,
+    keeps its keys."""
+    run = json.loads((outputs / "run.json").read_text())
+    summary = json.loads((outputs.parent / "summary.json").read_text())
+    said = "15 of the 50-step grid's steps, from t_m = 281 down to 1"
+    assert run["result"]["denoising_steps"] == said and summary["denoising_steps"] == said
+    assert set(run["run"]) == {"image", "weights", "options", "diffmaps"} and run["run"]["options"]["steps"] == 50
+    assert inputs.denoising_in_words(emerdiff.DEFAULTS | dict(steps=10, t_m=101)) == (
+        "2 of the 10-step grid's steps, from t_m = 101 down to 1")  # t = 101, 1 on a grid 100 apart
+    assert inputs.denoising_in_words(emerdiff.DEFAULTS | dict(upsample="bilinear")).startswith("none")

@@ -19,7 +19,7 @@ import emerdiff
 import evaluate
 import inputs
 import runner
-from command_line import OUTPUTS
+from command_line import OUTPUTS, priced_calls
 from conftest import ROOT
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "weights.md", ROOT / "tools" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -118,3 +118,21 @@ def test_the_measured_constants_table_holds_the_codes_values():
     assert len(rows) >= 7
     for module, name, value in rows:
         assert repr(getattr(modules[module], name)) == value.strip(), (module, name)
+
+
+def test_the_estimate_line_is_documented_as_the_code_prints_it(sd, monkeypatch, capsys):
+    """docs/command-line.md's form of the estimate line is what a run prints before its first image, word for
+    word, with the times the page names in place of those taken on the spot (a clock that only the model's
+    calls move, each by its documented time) and the defaults at 512x512: so its numbers are those the code's
+    cost model and constants give. (plain: speed.py's choices are not measured under this clock; the line
+    does not depend on them.)"""
+    text = (ROOT / "docs" / "command-line.md").read_text()
+    prose, block = text.split("The form of the line", 1)[1].split("```\n", 1)
+    documented = block.split("\n```", 1)[0]
+    times = re.search(r"a UNet call of one image ([\d.]+) s, its fixed cost ([\d.]+) s, a decode ([\d.]+) s and the "
+                      r"slowest timed call (\d+) % slower", " ".join(prose.split()))
+    unet_s, fixed_s, decode_s, slower = map(float, times.groups())
+    priced_calls(monkeypatch, sd, unet_s, fixed_s, decode_s, slowest=1 + slower / 100)
+    monkeypatch.setattr(runner, "LONG_RUN_S", 0)
+    runner.announce_long_run(sd, (512, 512), emerdiff.DEFAULTS | dict(speed=devices.SPEED | dict(plain=True)))
+    assert capsys.readouterr().err == documented + "\n"
