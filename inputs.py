@@ -123,6 +123,18 @@ def open_image(path, decode: bool = True) -> Image.Image:
     return image
 
 
+ORIENTATION = 0x0112  # the EXIF (or XMP) tag of how the image is turned: 5 to 8 turn it a quarter
+
+
+def upright_size(image: Image.Image, exif_rotation: bool = True) -> tuple[int, int]:
+    """(width, height) of `image` as to_rgb will give it, from its header alone: an orientation that turns it a
+    quarter swaps the sides (unless exif_rotation is False, the pixels taken as stored)."""
+    with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as to_rgb ignores it
+        warnings.simplefilter("ignore")
+        turned = exif_rotation and image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    return image.size[::-1] if turned else image.size
+
+
 def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
     """RGB of any Pillow mode: EXIF rotation applied (or, where the pixels must stay as stored to align
     with a dataset's label maps, the EXIF data dropped, so that no later step rotates them), alpha

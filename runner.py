@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from datasets import DATASETS, EvaluationError, center_crop
 from files import (EMBEDDINGS_FILE, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser, atomic_save,
                    checked_file, remove_dead_temporaries, shown, temporary_path, write_folder)
 from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, denoising_in_words, fixed_size,
-                    open_image, to_rgb, working_size)
+                    open_image, to_rgb, upright_size, working_size)
 import page
 
 # ---- Options ----
@@ -125,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour, and "
                    "each alone in diffmaps/ (index.html shows the one of the segment hovered)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--estimate", action="store_true",
+                   help="print what each image would cost on this machine with these options and SD v1.5 (timed on "
+                   "random weights of its architecture, built here: nothing downloaded, nothing written), and exit")
     return p.parse_args(argv)
 
 
@@ -162,16 +166,15 @@ def method_options(args) -> dict:
 
 # ---- The images ----
 
-def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
-    """The jobs whose image can be segmented with these options, read from its header only
-    (Pillow's bomb check included); each other image is reported in one line and counted failed."""
-    good = []
+def checked_jobs(jobs: list[Job], options: dict, summary) -> dict[Job, tuple[int, int]]:
+    """The jobs whose image can be segmented with these options, each with its working size (W, H), read from
+    its header only (Pillow's bomb check included); each other image is reported in one line and counted failed."""
+    good = {}
     for job in jobs:
         try:
             with open_image(job.path, decode=False) as image:
-                width, height = (min(image.size),) * 2 if job.crop else image.size
-            working_size(width, height, options["size"])
-            good.append(job)
+                width, height = (min(image.size),) * 2 if job.crop else upright_size(image, not job.as_stored)
+            good[job] = working_size(width, height, options["size"])
         except EmerDiffError as e:
             summary.fail(job.path, e)
     return good
@@ -200,6 +203,19 @@ def estimate_line(e: Estimate, device: torch.device) -> str:
             f"images in all, a call of one {e.unet_s:.2f} s, and {e.decodes} decodes; the fastest of {TIMED_CALLS} "
             f"timed calls, the slowest {100 * e.spread:.0f} % slower): --masks, --feature-samples, --size and "
             "--steps cut it (README, Time and cost)")
+
+
+def estimate_images(sizes: dict[Job, tuple[int, int]], options: dict, device: torch.device, dtype: torch.dtype):
+    """--estimate: for each working size of `sizes` (job -> (W, H)), one line on what an image costs there on this
+    machine with SD v1.5, timed on random weights of its architecture built here (nothing downloaded)."""
+    from weights import random_stable_diffusion
+    if not sizes:
+        return
+    note("--estimate: SD v1.5's architecture with random weights, built here (nothing downloaded; 4.3 GB in float32)")
+    sd = random_stable_diffusion("sd15", device, dtype)
+    for (width, height), count in Counter(sizes.values()).items():
+        line = estimate_line(estimate(sd, (width, height), options), device)
+        report(f"SD v1.5 at {width}x{height}, {count} image{'s' * (count > 1)}: {line}")
 
 
 # ---- The files of an image ----
@@ -302,9 +318,8 @@ def weights_source(args) -> str:
 
 
 def saved_result(folder: Path, record: dict) -> dict | None:
-    """The result run.json recorded (segments, seconds per stage, files) where `folder` holds a
-    complete output made with `record`; else None (its run.json read through files.checked_file: a
-    FIFO there is no record)."""
+    """The result run.json recorded (segments, seconds per stage, files) where `folder` holds a complete output made
+    with `record`; else None (its run.json read through files.checked_file: a FIFO there is no record)."""
     try:
         saved = json.loads(checked_file(folder / RUN_RECORD).read_text())
         complete = saved["run"] == record and all((folder / name).is_file() for name in saved["result"]["files"])
@@ -328,6 +343,9 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     dtype = pick_dtype(args.dtype, device)
+    if args.estimate:  # what each image would cost: no --out, no weights
+        estimate_images(checked_jobs(jobs, options, summary), options, device, dtype)
+        return summary.as_dict(options)
     out = Path(args.out)
     prepare_out(out)
     run_page = page.RunPage(out, names, say)
@@ -507,11 +525,10 @@ def torchrun_id() -> str:
 
 
 def main(argv=None) -> int:
-    """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
-    (interrupted by Ctrl-C / SIGTERM; from then on both signals are ignored, as the process is
-    ending). Under torchrun a process whose images failed records them in its summary part and returns
-    0, as torchrun stops every process when one returns another status: the process that merges the
-    parts, the last to finish, returns 2 where any image of the run failed."""
+    """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143 (interrupted by Ctrl-C
+    / SIGTERM; from then on both signals are ignored, as the process is ending). Under torchrun a process whose images
+    failed records them in its summary part and returns 0, as torchrun stops every process when one returns another
+    status: the process that merges the parts, the last to finish, returns 2 where any image of the run failed."""
     global errors_said
     args = parse_args(argv)
     from weights import WeightsError
