@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import sampler
 import speed
-from inputs import GRID_FACTOR, LATENT_FACTOR, EmerDiffError, is_int
+from inputs import GRID_FACTOR, LATENT_FACTOR, EmerDiffError, denoising_steps, is_int
 from unet import FeedForward, ResnetBlock2D
 
 # segment()'s option `speed`, with these defaults: how the work is laid out, none of it changing a result
@@ -283,6 +283,15 @@ class Estimate:
     decodes: int
     spread: float  # how much slower than the fastest the slowest timed call was, relative
 
+    def line(self, device: torch.device) -> str:
+        """The estimate in words (docs/command-line.md shows the line): how long, what the figure rests on, and
+        what cuts it."""
+        duration = f"{self.seconds / 3600:.1f} h" if self.seconds >= 5400 else f"{self.seconds / 60:.0f} min"
+        return (f"about {duration} per image on the {device.type} ({self.unet_calls:.0f} UNet calls of "
+                f"{self.unet_images:.0f} images in all, a call of one {self.unet_s:.2f} s, and {self.decodes} decodes; "
+                f"the fastest of {TIMED_CALLS} timed calls, the slowest {100 * self.spread:.0f} % slower): --masks, "
+                "--feature-samples, --size and --steps cut it (README, Time and cost)")
+
 
 def fastest_and_spread(call, device) -> tuple[float, float]:
     """The fastest of TIMED_CALLS timed calls after an untimed one (the first call of a size allocates;
@@ -313,9 +322,8 @@ def estimate(sd, size: tuple[int, int], o: dict) -> Estimate:
                                                           lambda: sd.unet(smallest, t, context),
                                                           lambda: sd.vae.decode(latent)))
     fixed_s, batch = min(fixed_s, unet_s), layout.batch_size
-    modulated = o["upsample"] == "modulation"
-    steps = len(sampler.timesteps_until(o["t_m"], o["steps"])) if modulated else 0
-    runs, samples = 2 * o["masks"] if modulated else 0, o["feature_samples"]
+    steps, samples = denoising_steps(o), o["feature_samples"]
+    runs = 2 * o["masks"] if o["upsample"] == "modulation" else 0
     calls = FEATURE_PASS * math.ceil(samples / batch) + math.ceil(steps / batch) + steps * math.ceil(runs / batch)
     images = FEATURE_PASS * samples + steps + MODULATED_STEP.get(device.type, 1.0) * runs * steps
     seconds = calls * fixed_s + images * (unet_s - fixed_s) + runs * decode_s

@@ -1,8 +1,7 @@
 """EmerDiff: pixel-level semantic segmentation read out of Stable Diffusion, without training.
 
-Namekata, Sabour, Fidler, Kim, "EmerDiff: Emerging Pixel-level Semantic Knowledge in Diffusion
-Models", ICLR 2024 (arXiv 2401.11739). Read top to bottom, this file is the method, one function
-per step of the paper's Sec. 3, in its order:
+Namekata, Sabour, Fidler, Kim, "EmerDiff: Emerging Pixel-level Semantic Knowledge in Diffusion Models", ICLR 2024 (arXiv
+2401.11739). Read top to bottom, this file is the method, one function per step of the paper's Sec. 3, in its order:
 
   Step 0  load_image, encode,             the image into SD's latent space, and the prompt's
           embed_prompt                    CLIP embedding (the empty prompt) that conditions the UNet
@@ -20,11 +19,10 @@ Defaults are the paper's (Sec. 4.1) and, where it is silent, the authors' exampl
 K = 25 masks, lambda = 10, t_m = 281, t_f = 1, 100 feature draws, 50-step grid, seed 42.
 Every random draw comes from a CPU torch.Generator, so a seed gives the same draws on any device.
 
-What is not the method lives beside it: sampler.py (the DDPM schedule, the inversion and the
-hooks that record, replay and modulate the attention), unet.py / vae.py / clip_text.py (the
-networks), weights.py (loading them), inputs.py (what segment() accepts, checked), devices.py
-(device, precision, the speed settings, progress bars, the stopwatch) and runner.py, the command line
-that `python emerdiff.py` runs.
+What is not the method lives beside it: sampler.py (the DDPM schedule, the inversion and the hooks that record, replay
+and modulate the attention), unet.py / vae.py / clip_text.py (the networks), weights.py (loading them), inputs.py
+(what segment() accepts, checked), devices.py (device, precision, the speed settings, progress bars, the stopwatch)
+and runner.py, the command line that `python emerdiff.py` runs.
 """
 import math
 import sys
@@ -39,7 +37,7 @@ import devices
 import sampler
 from devices import progress_bar, ticking
 from inputs import EmerDiffError  # noqa: F401 (re-exported: emerdiff.EmerDiffError, the API's error type)
-from inputs import as_image, check_masks_fit, checked_options, feature_grid, working_size
+from inputs import as_image, check_tensors, checked_options, feature_grid, working_size
 from unet import FEATURE_LAYER, AttentionHooks
 
 # ---- Step 0: the image in SD's latent space ----
@@ -47,10 +45,9 @@ from unet import FEATURE_LAYER, AttentionHooks
 def load_image(image, size="auto") -> tuple[torch.Tensor, tuple[int, int]]:
     """Image -> ((1, 3, H, W) in [-1, 1], the input's own (width, height)).
 
-    `image` is anything `as_image` takes. The working size H, W is a multiple of 64: by default of
-    area about 512x512 with the input's aspect ratio (the notebook's rule); `size` may also be an
-    int (square) or (width, height). Images are resized with Lanczos as the notebook does; float
-    tensors (no Lanczos in torch) with antialiased bicubic.
+    `image` is anything `as_image` takes. The working size H, W is a multiple of 64: by default of area about 512x512
+    with the input's aspect ratio (the notebook's rule); `size` may also be an int (square) or (width, height). Images
+    are resized with Lanczos as the notebook does; float tensors (no Lanczos in torch) with antialiased bicubic.
     """
     source = as_image(image)
     is_tensor = isinstance(source, torch.Tensor)
@@ -123,6 +120,7 @@ def extract_features(sd, x0, *, t_f: int = 1, samples: int = 100, generator=None
 
 def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """||x_n - c_rj||^2 for points x (N, D) and R sets of centers (R, k, D) -> (R, N, k)."""
+    check_tensors("squared_distances", x=(x, "(N, D)"), centers=(centers, "(R, k, D)"))
     cross = torch.matmul(x, centers.transpose(1, 2))  # (R, N, k)
     return (x.pow(2).sum(1)[None, :, None] - 2 * cross + centers.pow(2).sum(2)[:, None, :]).clamp_min(0)
 
@@ -130,10 +128,9 @@ def squared_distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 def kmeans_plus_plus(x: torch.Tensor, k: int, restarts: int, generator=None) -> torch.Tensor:
     """Greedy k-means++ seeding (scikit-learn's) for `restarts` independent runs at once: (R, k, D).
 
-    The first center is a uniformly drawn point. For each next one, 2 + ln(k) candidates are drawn
-    with probability proportional to their squared distance to the nearest center so far, and the
-    one that lowers the total squared distance most is kept. Random numbers come from the (CPU)
-    generator, so the result is the same on every device.
+    The first center is a uniformly drawn point. For each next one, 2 + ln(k) candidates are drawn with probability
+    proportional to their squared distance to the nearest center so far, and the one that lowers the total squared
+    distance most is kept. Random numbers come from the (CPU) generator, so the result is the same on every device.
     """
     n, trials = len(x), 2 + int(math.log(k))
     chosen = torch.randint(n, (restarts,), generator=generator).to(x.device)
@@ -156,11 +153,11 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 100, iters: int = 300, tol:
            generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means (Euclidean, raw features), greedy k-means++ seeding -> (labels (N,), centers (k', D)).
 
-    All `n_init` restarts run together as one batched computation, on x's device; the restart of
-    lowest inertia is returned. A cluster that empties is re-seeded at the point farthest from its
-    center. With fewer distinct points than k, k' is that number; otherwise k' = k. A run stops
-    when the centers move less than tol x the mean feature variance (scikit-learn's rule).
+    All `n_init` restarts run as one batched computation on x's device; the one of lowest inertia is returned. A
+    cluster that empties is re-seeded at the point farthest from its center. k' is k, or the number of distinct points
+    where there are fewer. A run stops when the centers move less than tol x the mean feature variance (sklearn's rule).
     """
+    check_tensors("kmeans", x=(x, "(N, D)"))
     x = x.float()
     k = min(k, len(torch.unique(x.cpu(), dim=0)))  # (unique over rows is CPU/CUDA only)
     centers = kmeans_plus_plus(x, k, n_init, generator)
@@ -193,6 +190,7 @@ def cluster_means(x, labels, k, own_distances) -> torch.Tensor:
 
 def low_resolution_masks(labels: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
     """Cluster labels (h*w,) -> one boolean mask per cluster (k, h, w): the paper's M_i."""
+    check_tensors("low_resolution_masks", h=grid[0], w=grid[1], labels=(labels, "(h*w,)"))
     return labels.reshape(grid)[None] == torch.arange(k, device=labels.device)[:, None, None]
 
 
@@ -200,6 +198,7 @@ def mask_embeddings(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     """Each mask's embedding (K, C): the mean feature vector over its cells (its k-means centre, once
     k-means has converged). The paper's evaluation describes a mask by it to give it a class (its
     Table 2; evaluate.py's concept and clusters protocols). An empty mask's row is zero."""
+    check_tensors("mask_embeddings", masks=(masks, "(K, h, w)"), features=(features, "(h*w, C)"))
     flat = masks.flatten(1).float()  # (K, h*w)
     return flat @ features.float() / flat.sum(1, keepdim=True).clamp_min(1)
 
@@ -220,13 +219,12 @@ def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: s
            record_attention: bool = True, batch_size: int = 8, replay_cross_attention: bool = True) -> Inversion:
     """Invert x0 from t_m down to 1 on the `steps`-step grid, recording the attention on the way.
 
-    The inversion's UNet inputs are those of the unmodulated regeneration, so the record taken
-    here is what attention injection replays: no separate recording pass. Its UNet calls are
-    independent of each other: `batch_size` steps run in one call (1: one step per call). The
-    record keeps the queries and keys of the self-attention layers and the outputs of the
-    cross-attention layers, which the modulated runs replay whole (`replay_cross_attention=False`:
-    their queries and keys, as for the others). Without injection the record (all layers' q and k at
-    every step: the largest thing kept) need not be kept: `record_attention=False`.
+    The inversion's UNet inputs are those of the unmodulated regeneration, so the record taken here is what attention
+    injection replays: no separate recording pass. Its UNet calls are independent of each other: `batch_size` steps
+    run in one call (1: one step per call). The record keeps the queries and keys of the self-attention layers and the
+    outputs of the cross-attention layers, which the modulated runs replay whole (`replay_cross_attention=False`:
+    their queries and keys, as for the others). Without injection the record (all layers' q and k at every step: the
+    largest thing kept) need not be kept: `record_attention=False`.
     """
     context = embed_prompt(sd, prompt)
     record = sampler.AttentionRecord(cross_outputs=replay_cross_attention) if record_attention else None
@@ -240,6 +238,7 @@ def invert(sd, x0, *, t_m: int = 281, steps: int = 50, generator=None, prompt: s
 
 def modulation_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
     """The offsets c M_i of all 2K runs, (2K, h*w): run 2i adds -lambda on mask i, run 2i+1 +lambda."""
+    check_tensors("modulation_offsets", masks=(masks, "(K, h, w)"))
     flat = masks.flatten(1).float()  # (K, h*w)
     return torch.stack([-lam * flat, lam * flat], dim=1).flatten(0, 1)
 
@@ -249,10 +248,9 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
                       batch_size: int = 8) -> torch.Tensor:
     """Regenerate from x_{t_m} once per row of offsets, at most `batch_size` runs per UNet call -> (R, 4, h, w).
 
-    At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's
-    modulation (added in sampler.Modulation.out); with injection, every attention layer at every
-    step takes the recorded Q and K of the unmodulated pass. What injection makes the same in every
-    run is not computed again (sampler.Modulation).
+    At t_m the modulated layer's output becomes f(softmax(QK^T/sqrt(d)) V) + c M, the paper's modulation (added in
+    sampler.Modulation.out); with injection, every attention layer at every step takes the recorded Q and K of the
+    unmodulated pass. What injection makes the same in every run is not computed again (sampler.Modulation).
     """
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
@@ -275,6 +273,7 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
 def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding (as torchvision's, which the
     notebook uses; its default sigma for kernel 3 is 0.8)."""
+    check_tensors("gaussian_blur", images=(images, "(B, C, H, W)"))
     offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - (kernel_size - 1) / 2
     kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
@@ -307,6 +306,7 @@ def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float
 
 def assign_labels(maps: torch.Tensor) -> torch.Tensor:
     """Label(x, y) = argmax_i d_i(x, y): each pixel joins the mask that moved it most. (H, W)."""
+    check_tensors("assign_labels", maps=(maps, "(K, H, W)"))
     return maps.argmax(0)
 
 
@@ -314,12 +314,14 @@ def upsampled_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The paper's baseline ("SD" in Table 2), instead of Steps 2-4: the low-resolution masks (K, h, w),
     one-hot, up-sampled bilinearly to the working size (H, W) (align_corners=False) -> (K, H, W),
     which assign_labels turns into labels as it does the difference maps. Costs the feature pass only."""
+    check_tensors("upsampled_masks", masks=(masks, "(K, h, w)"))
     return F.interpolate(masks[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def at_input_size(labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Labels (H, W) at the working size -> uint8 (height, width) at the input's own `size` = (width,
     height), nearest neighbour (Step 0 resized the input; this undoes it)."""
+    check_tensors("at_input_size", labels=(labels, "(H, W)"))
     resized = F.interpolate(labels[None, None].float(), size=size[::-1], mode="nearest-exact")
     return resized[0, 0].to(torch.uint8).cpu().numpy()
 
@@ -343,16 +345,14 @@ DEFAULTS = dict(masks=25, lam=10.0, t_m=281, t_f=1, feature_samples=100, kmeans_
 
 
 def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentation:
-    """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see inputs.as_image).
-    `sd` is a loaded model (weights.load_stable_diffusion); without one the default weights are
-    loaded on the best device. Options and their defaults: DEFAULTS (`speed` a dict of some of
-    devices.SPEED's keys); each is checked before any work is done. `progress`: a progress bar for
-    each step (devices.showing_progress). The call runs under devices.speed_settings, which puts the
-    model and the process back as they were when it returns (a compiled model stays compiled)."""
+    """EmerDiff on one image (a path, a PIL image, a numpy array or a tensor: see inputs.as_image). `sd` is a loaded
+    model (weights.load_stable_diffusion); without one the default weights are loaded on the best device. Options and
+    their defaults: DEFAULTS (`speed` a dict of some of devices.SPEED's keys); each is checked before any work is done.
+    `progress`: a progress bar for each step (devices.showing_progress). The call runs under devices.speed_settings,
+    which puts the model and the process back as they were when it returns (a compiled model stays compiled)."""
     o = checked_options(options, DEFAULTS)
     pixels, (width, height) = load_image(image, o["size"])
-    grid = feature_grid(*pixels.shape[-2:])
-    check_masks_fit(o["masks"], grid)
+    grid = feature_grid(*pixels.shape[-2:])  # at least as many cells as masks: inputs.check_masks_fit
     sd = default_model() if sd is None else sd
     watch = devices.Stopwatch(devices.model_device_dtype(sd)[0])  # seconds per stage
 

@@ -4,7 +4,8 @@ Kept apart from emerdiff.py so that the method reads without detours: everything
 caller gives into what the method needs (an RGB image, a working size that the networks can take,
 options of the right type and range), or refuses it with an `EmerDiffError` of one line that says
 what was wrong and what to do. Each check lives here once; the command line (runner.py) reuses them.
-Last, the command line's images: the files, folders and lists of --image, or a dataset's (datasets.py),
+The step functions of emerdiff.py, called alone, check their tensors here too (check_tensors: a one-line
+TypeError or ValueError, as Python's own functions raise). Last, the command line's images: the files, folders and lists of --image, or a dataset's (datasets.py),
 each with the name of its output folder.
 """
 import math
@@ -122,6 +123,18 @@ def open_image(path, decode: bool = True) -> Image.Image:
     return image
 
 
+ORIENTATION = 0x0112  # the EXIF (or XMP) tag of how the image is turned: 5 to 8 turn it a quarter
+
+
+def upright_size(image: Image.Image, exif_rotation: bool = True) -> tuple[int, int]:
+    """(width, height) of `image` as to_rgb will give it, from its header alone: an orientation that turns it a
+    quarter swaps the sides (unless exif_rotation is False, the pixels taken as stored)."""
+    with warnings.catch_warnings():  # a malformed EXIF tag is ignored, as to_rgb ignores it
+        warnings.simplefilter("ignore")
+        turned = exif_rotation and image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    return image.size[::-1] if turned else image.size
+
+
 def to_rgb(image: Image.Image, exif_rotation: bool = True) -> Image.Image:
     """RGB of any Pillow mode: EXIF rotation applied (or, where the pixels must stay as stored to align
     with a dataset's label maps, the EXIF data dropped, so that no later step rotates them), alpha
@@ -162,12 +175,23 @@ def working_size(width: int, height: int, size="auto") -> tuple[int, int]:
 
 
 def fixed_size(size) -> tuple[int, int]:
-    """An explicit working size, N (square) or (W, H), checked: sides multiples of 64 within 64..2048."""
+    """An explicit working size, N (square) or (W, H), checked: sides multiples of 64 within 64..2048; a
+    size refused names the nearest ones taken."""
     size = (size, size) if is_int(size) else tuple(size)
     if any(side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE for side in size):
         raise EmerDiffError(f"size {size[0]}x{size[1]}: each side must be a multiple of {SIZE_MULTIPLE} "
-                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}")
+                            f"between {SIZE_MULTIPLE} and {MAX_SIDE}: use {nearest_sizes(size)}")
     return size
+
+
+def nearest_sizes(size: tuple[int, int]) -> str:
+    """The sizes taken nearest to (W, H), each side rounded down, then up, to a multiple of 64 within
+    64..2048, in --size's words: "64 or 128" for 100x100, "64x128 or 128" for 100x128."""
+    def rounded(side: int, up: bool) -> int:
+        multiples = side // SIZE_MULTIPLE + (up and side % SIZE_MULTIPLE > 0)
+        return min(MAX_SIDE, max(SIZE_MULTIPLE, multiples * SIZE_MULTIPLE))
+    sizes = [(rounded(size[0], up), rounded(size[1], up)) for up in (False, True)]
+    return " or ".join(dict.fromkeys(f"{width}" if width == height else f"{width}x{height}" for width, height in sizes))
 
 
 def feature_grid(height: int, width: int) -> tuple[int, int]:
@@ -176,10 +200,44 @@ def feature_grid(height: int, width: int) -> tuple[int, int]:
 
 
 def check_masks_fit(masks: int, grid: tuple[int, int]):
-    """K masks need at least K cells of the feature grid."""
+    """K masks need at least K cells of the feature grid. Only a fixed size can have too few (check_options
+    checks it, before any image is read): an automatic size has an area of at least 512x512 (its sides are
+    rounded up), 256 cells, and K is at most MAX_MASKS, 256 (tests/test_reliability.py checks both)."""
     if masks > grid[0] * grid[1]:
         raise EmerDiffError(f"{masks} masks but only {grid[0] * grid[1]} cells in the {grid[1]}x{grid[0]} "
                             "feature grid: lower --masks or raise --size")
+
+
+# ---- The step functions' tensors ----
+
+def check_tensors(function: str, **given):
+    """Refuse, in one line naming what `function` takes, an argument that is not a torch tensor of the shape
+    its docstring gives: emerdiff.py's step functions can be imported and called alone. Each keyword is
+    name=(tensor, shape): a shape such as "(N, D)", whose letters are sizes of at least 1 that agree wherever
+    a letter comes again, "h*w" the product of sizes known by then, and numbers fixed; or name=size, a size
+    known beforehand (a grid's h and w). A TypeError for what is no tensor, a ValueError for a wrong shape."""
+    sizes = {name: value for name, value in given.items() if not isinstance(value, tuple)}
+    for name, (value, shape) in ((n, v) for n, v in given.items() if n not in sizes):
+        takes = f"{function} takes {name} as a non-empty torch tensor {shape}"
+        if not isinstance(value, torch.Tensor):
+            module = type(value).__module__
+            kind = type(value).__name__ if module == "builtins" else f"{module}.{type(value).__name__}"
+            hint = " (torch.from_numpy makes one of it)" if module == "numpy" else ""
+            raise TypeError(f"{takes}; got {kind}{hint}")
+        known = ", ".join(f"{letter} = {size}" for letter, size in sizes.items())
+        dims = [dim.strip() for dim in shape.strip("()").split(",") if dim.strip()]
+        if value.ndim != len(dims) or not all(fits(dim, size, sizes) for dim, size in zip(dims, value.shape)):
+            raise ValueError(f"{takes}; got shape {tuple(value.shape)}" + (f" where {known}" if known else ""))
+
+
+def fits(dim: str, size: int, sizes: dict) -> bool:
+    """Whether `size` can be the dimension `dim` of a shape (check_tensors), a letter taking the size it
+    first comes with."""
+    if dim.isdigit():
+        return size == int(dim)
+    if "*" in dim:
+        return size == math.prod(sizes[letter] for letter in dim.split("*"))
+    return size >= 1 and sizes.setdefault(dim, size) == size
 
 
 # ---- Options ----
@@ -292,7 +350,20 @@ def check_options(o: dict):
     except ValueError as e:
         raise EmerDiffError(str(e)) from None
     if o["size"] != "auto":
-        fixed_size(o["size"])
+        check_masks_fit(o["masks"], feature_grid(*fixed_size(o["size"])[::-1]))
+
+
+def denoising_steps(o: dict) -> int:
+    """The denoising steps each run makes with options `o`: the `steps`-step grid's from t_m down to 1 (15 of 50
+    with the defaults); none for the bilinear baseline."""
+    return 0 if o["upsample"] == "bilinear" else len(sampler.timesteps_until(o["t_m"], o["steps"]))
+
+
+def denoising_in_words(o: dict) -> str:
+    """denoising_steps in words, for run.json and the page, where a bare "steps 50" would read as 50 steps run."""
+    if o["upsample"] == "bilinear":
+        return "none: the bilinear baseline runs no denoising"
+    return f"{denoising_steps(o)} of the {o['steps']}-step grid's steps, from t_m = {o['t_m']} down to 1"
 
 
 # ---- The command line's images ----

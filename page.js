@@ -26,10 +26,12 @@ function header() {
     $("state").hidden = false;
     $("state").textContent = s.error ? "The run stopped: " + s.error : "The run is in progress: this page is rewritten after each image.";
   }
-  const options = Object.entries(s.options || {});  // in rows of four
+  // in rows of four; steps as the denoising steps run ("15 of the 50-step grid's steps, ..."), not a bare 50
+  const options = Object.entries(s.options || {}).map(([k, v]) =>
+    [k, k === "steps" && s.denoising_steps ? s.denoising_steps : JSON.stringify(v)]);
   for (let at = 0; at < options.length; at += 4)
     $("options").append(el("tr", {}, ...options.slice(at, at + 4).flatMap(([k, v]) =>
-      [el("th", {textContent: k}), el("td", {textContent: JSON.stringify(v)})])));
+      [el("th", {textContent: k}), el("td", {textContent: v})])));
   if (failed) {
     $("failed").hidden = false;
     for (const f of s.failed) $("failed-list").append(el("li", {textContent: f.reason}));

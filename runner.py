@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +35,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from devices import CPU_BATCH_SIZES, TIMED_CALLS, estimate, model_device_dtype, pick_device, pick_dtype
+from devices import CPU_BATCH_SIZES, estimate, model_device_dtype, pick_device, pick_dtype
 from emerdiff import DEFAULTS, Segmentation, segment
 from datasets import DATASETS, EvaluationError, center_crop
 from files import (EMBEDDINGS_FILE, MAX_RECORD, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser,
                    atomic_save, read_text, remove_dead_temporaries, shown, temporary_path, write_folder)
-from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, fixed_size, open_image, to_rgb,
-                    working_size)
+from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, denoising_in_words, fixed_size,
+                    open_image, to_rgb, upright_size, working_size)
 import page
 
 # ---- Options ----
@@ -125,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour, and "
                    "each alone in diffmaps/ (index.html shows the one of the segment hovered)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--estimate", action="store_true",
+                   help="print what each image would cost on this machine with these options and SD v1.5 (timed on "
+                   "random weights of its architecture, built here: nothing downloaded, nothing written), and exit")
     return p.parse_args(argv)
 
 
@@ -162,16 +166,15 @@ def method_options(args) -> dict:
 
 # ---- The images ----
 
-def checked_jobs(jobs: list[Job], options: dict, summary) -> list[Job]:
-    """The jobs whose image can be segmented with these options, read from its header only
-    (Pillow's bomb check included); each other image is reported in one line and counted failed."""
-    good = []
+def checked_jobs(jobs: list[Job], options: dict, summary) -> dict[Job, tuple[int, int]]:
+    """The jobs whose image can be segmented with these options, each with its working size (W, H), read from
+    its header only (Pillow's bomb check included); each other image is reported in one line and counted failed."""
+    good = {}
     for job in jobs:
         try:
             with open_image(job.path, decode=False) as image:
-                width, height = (min(image.size),) * 2 if job.crop else image.size
-            working_size(width, height, options["size"])
-            good.append(job)
+                width, height = (min(image.size),) * 2 if job.crop else upright_size(image, not job.as_stored)
+            good[job] = working_size(width, height, options["size"])
         except EmerDiffError as e:
             summary.fail(job.path, e)
     return good
@@ -189,11 +192,20 @@ def announce_long_run(sd, size: tuple[int, int], options: dict):
         return
     e = estimate(sd, size, options)
     if e.seconds >= LONG_RUN_S:
-        duration = f"{e.seconds / 3600:.1f} h" if e.seconds >= 5400 else f"{e.seconds / 60:.0f} min"
-        note(f"about {duration} per image on the {device.type} ({e.unet_calls:.0f} UNet calls of {e.unet_images:.0f} "
-             f"images in all, a call of one {e.unet_s:.2f} s, and {e.decodes} decodes; the fastest of {TIMED_CALLS} "
-             f"timed calls, the slowest {100 * e.spread:.0f} % slower): --masks, --feature-samples, --size and "
-             "--steps cut it (README, Time and cost)")
+        note(e.line(device))
+
+
+def estimate_images(sizes: dict[Job, tuple[int, int]], options: dict, device: torch.device, dtype: torch.dtype):
+    """--estimate: for each working size of `sizes` (job -> (W, H)), one line on what an image costs there on this
+    machine with SD v1.5, timed on random weights of its architecture built here (nothing downloaded)."""
+    from weights import random_stable_diffusion
+    if not sizes:
+        return
+    note("--estimate: SD v1.5's architecture with random weights, built here (nothing downloaded; 4.3 GB in float32)")
+    sd = random_stable_diffusion("sd15", device, dtype)
+    for (width, height), count in Counter(sizes.values()).items():
+        line = estimate(sd, (width, height), options).line(device)
+        report(f"SD v1.5 at {width}x{height}, {count} image{'s' * (count > 1)}: {line}")
 
 
 # ---- The files of an image ----
@@ -266,7 +278,7 @@ class Summary:
         return {"images": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
                 "seconds_per_image": sum(complete) / len(complete) if complete else None,
                 "seconds": self.seconds, "seconds_before": self.seconds_before, "error": self.error,
-                "options": options}
+                "options": options, "denoising_steps": denoising_in_words(options)}
 
 
 def merged(parts: list[dict]) -> dict:
@@ -328,6 +340,9 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     if device.type == "cuda" and world > 1:  # one GPU per process of the node
         device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     dtype = pick_dtype(args.dtype, device)
+    if args.estimate:  # what each image would cost: no --out, no weights
+        estimate_images(checked_jobs(jobs, options, summary), options, device, dtype)
+        return summary.as_dict(options)
     out = Path(args.out)
     prepare_out(out)
     run_page = page.RunPage(out, names, say)
@@ -429,7 +444,8 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
     seg = segment(image, sd, progress=not args.quiet, **options)
     clock = time.perf_counter()
     files = output_files(seg, image, args.save_diffmaps)
-    result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files)}
+    result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files),
+              "denoising_steps": denoising_in_words(options)}
     files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
     write_folder(folder, files, is_output_file)
     seg.seconds["saving"] = time.perf_counter() - clock
@@ -509,11 +525,10 @@ def torchrun_id() -> str:
 
 
 def main(argv=None) -> int:
-    """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143
-    (interrupted by Ctrl-C / SIGTERM; from then on both signals are ignored, as the process is
-    ending). Under torchrun a process whose images failed records them in its summary part and returns
-    0, as torchrun stops every process when one returns another status: the process that merges the
-    parts, the last to finish, returns 2 where any image of the run failed."""
+    """The command line; returns the exit status: 0, 2 (an error or a failed image), 130 / 143 (interrupted by Ctrl-C
+    / SIGTERM; from then on both signals are ignored, as the process is ending). Under torchrun a process whose images
+    failed records them in its summary part and returns 0, as torchrun stops every process when one returns another
+    status: the process that merges the parts, the last to finish, returns 2 where any image of the run failed."""
     global errors_said
     args = parse_args(argv)
     from weights import WeightsError

@@ -3,10 +3,13 @@ import json
 import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 
 import numpy as np
 from PIL import Image
 
+import devices
 from conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "chelsea.jpg"  # 451 x 300
@@ -71,3 +74,23 @@ def save_image(path, size, seed=0):
     noisy = np.clip(np.asarray(crop, dtype=np.int16) + rng.integers(-20, 20, (*size[::-1], 3)), 0, 255)
     Image.fromarray(noisy.astype(np.uint8)).save(path)
     return path
+
+
+def priced_calls(monkeypatch, sd, unet_s: float, fixed_s: float, decode_s: float, slowest: float = 1.0):
+    """A clock (time.perf_counter) that only `sd`'s calls move, each by its price: a UNet call unet_s at a
+    latent above 8x8 and fixed_s at 8x8 (devices.FIXED_COST_LATENT), a decode decode_s; the last of
+    devices.estimate's timed calls of each kind costs `slowest` times its price. What the estimate makes of
+    them can then be worked out by hand."""
+    clock, calls = [0.0], Counter()
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def priced(f, kind_and_price):
+        def call(*args, **kwargs):
+            kind, price = kind_and_price(*args)
+            calls[kind] += 1
+            clock[0] += price * (slowest if calls[kind] % (devices.TIMED_CALLS + 1) == 0 else 1)
+            return f(*args, **kwargs)
+        return call
+    monkeypatch.setattr(sd.unet, "forward", priced(sd.unet.forward, lambda x, *_: ("unet", unet_s) if x.shape[-1] > 8
+                                                   else ("fixed", fixed_s)))
+    monkeypatch.setattr(sd.vae, "decode", priced(sd.vae.decode, lambda *_: ("decode", decode_s)))

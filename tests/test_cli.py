@@ -1,4 +1,5 @@
 """The command line end to end on the example image with a tiny model, and every bad input."""
+import json
 import re
 import subprocess
 import sys
@@ -8,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+import devices
 import emerdiff
 import page
 import inputs
 import runner
 from command_line import FAST as CHEAPEST
 from command_line import FAST_OPTIONS as CHEAPEST_OPTIONS
-from command_line import temporaries
+from command_line import priced_calls, save_image, temporaries
 from conftest import ROOT
 from emerdiff import load_image
 from files import atomic_save
@@ -229,6 +231,15 @@ def test_more_masks_than_cells(capsys, tmp_path, tiny_sd_dir):
                  "--size", "128", weights=tiny_sd_dir)
 
 
+def test_more_masks_than_a_fixed_sizes_cells_are_refused_before_anything_is_read_or_loaded(capsys, tmp_path):
+    """A fixed --size's feature grid is known from the option alone (128 / 32: 4x4 cells): --masks 40 is refused
+    before the image is looked at (there is none), --out made or any weights loaded (there are none)."""
+    expect_error(capsys, tmp_path, "40 masks but only 16 cells in the 4x4 feature grid: lower --masks or raise --size",
+                 "--image", str(tmp_path / "no-image.jpg"), "--masks", "40", "--size", "128",
+                 weights=tmp_path / "no-weights")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "device 'cuda' is not available"),
@@ -404,3 +415,45 @@ def test_a_long_run_off_cuda_first_says_how_long(tiny_sd_dir, tmp_path, capsys, 
     assert re.fullmatch(r"emerdiff: about \d+ min per image on the cpu \(\d+ UNet calls of \d+ images in all, a call "
                         r"of one \d+\.\d\d s, and 8 decodes; the fastest of 3 timed calls, the slowest \d+ % slower\): "
                         r"--masks, --feature-samples, --size and --steps cut it \(README, Time and cost\)", line), line
+
+
+def test_estimate_prints_what_each_working_size_costs_with_sd15_and_writes_nothing(sd, tmp_path, capsys, monkeypatch):
+    """--estimate builds SD v1.5's architecture with random weights (here the tiny model in its place, that this
+    test takes seconds, not 4 GB) and times it at each image's working size, read from its header (an EXIF
+    rotation turns it): one line per size on stdout, the status 0, no --out made, no weights read. The model's
+    calls move the clock by a price each (a UNet call of one image 10 s, at the smallest latent 2.5 s, a decode
+    20 s), so the figures are worked out by hand for 3 masks, 10 draws, batches of 4 and t_m = 281 on the 50-step
+    grid (15 steps): the feature passes in 3 calls, the inversion in 4, each modulated step in 2 calls of 3 runs."""
+    import weights
+    built = []
+    monkeypatch.setattr(weights, "random_stable_diffusion", lambda *how: built.append(how) or sd)
+    priced_calls(monkeypatch, sd, unet_s=10.0, fixed_s=2.5, decode_s=20.0)
+    save_image(tmp_path / "wide.png", (96, 64))  # 3:2 as the example (451x300): 640x448 both
+    turned = Image.Exif()
+    turned[0x0112] = 6  # a quarter turn: 96x64 as stored, 64x96 shown
+    Image.open(save_image(tmp_path / "x.png", (96, 64))).save(tmp_path / "turned.jpg", exif=turned)
+    given = [part for path in (EXAMPLE, tmp_path / "wide.png", tmp_path / "turned.jpg") for part in ("--image", path)]
+    status = main([*map(str, given), "--estimate", "--masks", "3", "--feature-samples", "10", "--batch-size", "4",
+                   "--plain", "--weights", str(tmp_path / "no-weights"), "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    steps, m, f = 15, devices.MODULATED_STEP["cpu"], devices.FEATURE_PASS
+    calls, images = f * 3 + 4 + steps * 2, f * 10 + steps + m * 6 * steps
+    by_hand = devices.Estimate(calls * 2.5 + images * 7.5 + 6 * 20.0, calls, images, 10.0, 2.5, 6, 0.0)
+    line = by_hand.line(torch.device("cpu"))
+    assert status == 0 and built == [("sd15", torch.device("cpu"), torch.float32)], err
+    assert out == f"SD v1.5 at 640x448, 2 images: {line}\nSD v1.5 at 448x640, 1 image: {line}\n"
+    assert "nothing downloaded" in err and "error" not in err and not (tmp_path / "out").exists()
+
+
+def test_run_json_and_the_summary_say_how_many_denoising_steps_ran(outputs):
+    """--steps 50 is the grid's size, not the steps run: each run makes 15, t_m = 281, 261, ..., 1. run.json's
+    result and summary.json, whose options the page shows, say so; run.json's record, which a rerun compares,
+    keeps its keys."""
+    run = json.loads((outputs / "run.json").read_text())
+    summary = json.loads((outputs.parent / "summary.json").read_text())
+    said = "15 of the 50-step grid's steps, from t_m = 281 down to 1"
+    assert run["result"]["denoising_steps"] == said and summary["denoising_steps"] == said
+    assert set(run["run"]) == {"image", "weights", "options", "diffmaps"} and run["run"]["options"]["steps"] == 50
+    assert inputs.denoising_in_words(emerdiff.DEFAULTS | dict(steps=10, t_m=101)) == (
+        "2 of the 10-step grid's steps, from t_m = 101 down to 1")  # t = 101, 1 on a grid 100 apart
+    assert inputs.denoising_in_words(emerdiff.DEFAULTS | dict(upsample="bilinear")).startswith("none")

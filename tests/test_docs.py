@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import devices
 import emerdiff
 import evaluate
+import inputs
 import runner
-from command_line import OUTPUTS
+from command_line import OUTPUTS, priced_calls
 from conftest import ROOT
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "weights.md", ROOT / "tools" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -87,16 +89,17 @@ def test_the_demo_command_runs_as_written(tmp_path):
 
 
 def test_the_functions_docs_say_to_copy_out_run_alone():
-    """docs/api.md's list of functions to copy out of emerdiff.py: exactly their source, run in a
-    namespace holding only the imports it names, clusters three separated blobs and blurs as the
-    module does."""
+    """docs/api.md's list of functions to copy out of emerdiff.py, with the check of their arguments out of
+    inputs.py: exactly their source, run in a namespace holding only the imports it names, clusters three
+    separated blobs and blurs as the module does."""
     text = " ".join((ROOT / "docs" / "api.md").read_text().split())
     listed = re.search(r"To take single functions instead: (.*?): copy these", text)[1]
     names = re.findall(r"`(\w+)`", listed.split(" need only ")[0])
-    assert {"kmeans", "gaussian_blur"} <= set(names)
+    checks = re.findall(r"`(\w+)`", listed.split("inputs.py's ")[1])  # the check of their arguments
+    assert {"kmeans", "gaussian_blur"} <= set(names) and "check_tensors" in checks
     namespace = {"math": math, "torch": torch, "F": F}
-    for name in names:
-        exec(inspect.getsource(getattr(emerdiff, name)), namespace)
+    for module, name in [*((inputs, name) for name in checks), *((emerdiff, name) for name in names)]:
+        exec(inspect.getsource(getattr(module, name)), namespace)
     blobs = torch.cat([torch.randn(30, 5) * 0.1 + centre for centre in (0.0, 5.0, -5.0)])
     labels, _ = namespace["kmeans"](blobs, 3, n_init=4, generator=torch.Generator().manual_seed(0))
     assert [len(set(labels[i:i + 30].tolist())) for i in (0, 30, 60)] == [1, 1, 1] and len(set(labels.tolist())) == 3
@@ -107,8 +110,6 @@ def test_the_functions_docs_say_to_copy_out_run_alone():
 def test_the_measured_constants_table_holds_the_codes_values():
     """docs/speed.md's table "Measured constants" is where README and the docs take those numbers from:
     each row's value is the value of the constant it names, and every constant it names exists."""
-    import devices
-    import inputs
     import speed
     modules = {"devices": devices, "inputs": inputs, "speed": speed}
     text = (ROOT / "docs" / "speed.md").read_text()
@@ -117,3 +118,21 @@ def test_the_measured_constants_table_holds_the_codes_values():
     assert len(rows) >= 7
     for module, name, value in rows:
         assert repr(getattr(modules[module], name)) == value.strip(), (module, name)
+
+
+def test_the_estimate_line_is_documented_as_the_code_prints_it(sd, monkeypatch, capsys):
+    """docs/command-line.md's form of the estimate line is what a run prints before its first image, word for
+    word, with the times the page names in place of those taken on the spot (a clock that only the model's
+    calls move, each by its documented time) and the defaults at 512x512: so its numbers are those the code's
+    cost model and constants give. (plain: speed.py's choices are not measured under this clock; the line
+    does not depend on them.)"""
+    text = (ROOT / "docs" / "command-line.md").read_text()
+    prose, block = text.split("The form of the line", 1)[1].split("```\n", 1)
+    documented = block.split("\n```", 1)[0]
+    times = re.search(r"a UNet call of one image ([\d.]+) s, its fixed cost ([\d.]+) s, a decode ([\d.]+) s and the "
+                      r"slowest timed call (\d+) % slower", " ".join(prose.split()))
+    unet_s, fixed_s, decode_s, slower = map(float, times.groups())
+    priced_calls(monkeypatch, sd, unet_s, fixed_s, decode_s, slowest=1 + slower / 100)
+    monkeypatch.setattr(runner, "LONG_RUN_S", 0)
+    runner.announce_long_run(sd, (512, 512), emerdiff.DEFAULTS | dict(speed=devices.SPEED | dict(plain=True)))
+    assert capsys.readouterr().err == documented + "\n"

@@ -365,3 +365,49 @@ def test_the_bilinear_baseline_upsamples_the_one_hot_masks_and_skips_the_modulat
     expected = F.interpolate(up.argmax(0)[None, None].float(), size=(100, 150), mode="nearest-exact")[0, 0]
     assert np.array_equal(seg.labels, expected.numpy().astype(np.uint8))
     assert seg.embeddings.shape == (5, 64) and seg.embeddings.dtype == np.float32  # the tiny up16 block: 64 channels
+
+
+# ---- the step functions called alone ----
+
+TAKES = "takes {} as a non-empty torch tensor {}; got "
+NUMPY = "numpy.ndarray (torch.from_numpy makes one of it)"
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: emerdiff.kmeans(np.zeros((5, 3)), 2), TypeError, "kmeans " + TAKES.format("x", "(N, D)") + NUMPY),
+    (lambda: emerdiff.kmeans(torch.zeros(5), 2), ValueError, "kmeans " + TAKES.format("x", "(N, D)") + "shape (5,)"),
+    (lambda: emerdiff.kmeans(torch.zeros(0, 3), 2), ValueError,
+     "kmeans " + TAKES.format("x", "(N, D)") + "shape (0, 3)"),
+    (lambda: emerdiff.squared_distances(torch.zeros(5, 3), torch.zeros(2, 4, 4)), ValueError,
+     "squared_distances " + TAKES.format("centers", "(R, k, D)") + "shape (2, 4, 4) where N = 5, D = 3"),
+    (lambda: emerdiff.low_resolution_masks(torch.zeros(15, dtype=torch.long), (4, 4), 3), ValueError,
+     "low_resolution_masks " + TAKES.format("labels", "(h*w,)") + "shape (15,) where h = 4, w = 4"),
+    (lambda: emerdiff.low_resolution_masks([0] * 16, (4, 4), 3), TypeError,
+     "low_resolution_masks " + TAKES.format("labels", "(h*w,)") + "list"),
+    (lambda: emerdiff.mask_embeddings(torch.zeros(15, 8), torch.zeros(3, 4, 4)), ValueError,
+     "mask_embeddings " + TAKES.format("features", "(h*w, C)") + "shape (15, 8) where K = 3, h = 4, w = 4"),
+    (lambda: emerdiff.mask_embeddings(torch.zeros(16, 8), np.zeros((3, 4, 4))), TypeError,
+     "mask_embeddings " + TAKES.format("masks", "(K, h, w)") + NUMPY),
+    (lambda: emerdiff.modulation_offsets(torch.zeros(4, 4), 10.0), ValueError,
+     "modulation_offsets " + TAKES.format("masks", "(K, h, w)") + "shape (4, 4)"),
+    (lambda: emerdiff.gaussian_blur(np.zeros((1, 3, 8, 8))), TypeError,
+     "gaussian_blur " + TAKES.format("images", "(B, C, H, W)") + NUMPY),
+    (lambda: emerdiff.gaussian_blur(torch.zeros(3, 8, 8)), ValueError,
+     "gaussian_blur " + TAKES.format("images", "(B, C, H, W)") + "shape (3, 8, 8)"),
+    (lambda: emerdiff.assign_labels(torch.zeros(64, 64)), ValueError,
+     "assign_labels " + TAKES.format("maps", "(K, H, W)") + "shape (64, 64)"),
+    (lambda: emerdiff.assign_labels(torch.zeros(0, 64, 64)), ValueError,
+     "assign_labels " + TAKES.format("maps", "(K, H, W)") + "shape (0, 64, 64)"),
+    (lambda: emerdiff.upsampled_masks(np.zeros((3, 4, 4), dtype=bool), (64, 64)), TypeError,
+     "upsampled_masks " + TAKES.format("masks", "(K, h, w)") + NUMPY),
+    (lambda: emerdiff.at_input_size(torch.zeros(1, 64, 64), (64, 64)), ValueError,
+     "at_input_size " + TAKES.format("labels", "(H, W)") + "shape (1, 64, 64)"),
+], ids=["kmeans-numpy", "kmeans-1d", "kmeans-empty", "distances-other-d", "masks-short-labels", "masks-list",
+        "embeddings-other-cells", "embeddings-numpy", "offsets-2d", "blur-numpy", "blur-3d", "labels-2d",
+        "labels-no-maps", "upsampled-numpy", "input-size-3d"])
+def test_the_step_functions_called_alone_refuse_what_they_cannot_take_in_one_line(call, error, message):
+    """Each says, in one line, which argument it takes as what tensor, and what it got instead: a numpy array, a
+    list, a tensor of another shape, an empty one, or one whose sizes disagree with the other arguments'."""
+    with pytest.raises(error) as raised:
+        call()
+    assert str(raised.value) == message

@@ -263,6 +263,9 @@ def test_the_page_of_a_scored_run(chromium, scored_run):
         assert text == f"mIoU {100 * entry['miou']:.2f} % · acc {100 * entry['accuracy']:.2f} %"
     browser_page.select_option("#sort", "score")
     assert tile_names(browser_page) == sorted(folders, key=lambda name: per_image[name]["miou"])
+    # the options' steps as the steps run: t = 101 and 1 of --steps 10 (a grid 100 apart), not a bare 10
+    steps = browser_page.locator("#options th:text-is('steps') + td").text_content()
+    assert steps == "2 of the 10-step grid's steps, from t_m = 101 down to 1"
     shot = Image.open(page_screenshot(browser_page, out / "gallery.png")).convert("L")
     assert np.asarray(shot).std() > 10  # not blank
     assert not tab.errors and not tab.requests

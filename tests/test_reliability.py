@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import emerdiff
 import files
+import inputs
 import runner
 from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, save_image,
                           start_cli, temporaries)
@@ -44,13 +45,36 @@ from emerdiff import EmerDiffError
     (["--steps", "1"], "steps must be between 2 and 1000"),
     (["--masks", "four"], "argument --masks: invalid int value: 'four'"),
     (["--batch-size", "100000000000000000000"], "batch size must be between 1 and 2^31 - 1"),
+    (["--size", "100"], "size 100x100: each side must be a multiple of 64 between 64 and 2048: use 64 or 128"),
+    (["--size", "100x320"], "size 100x320: each side must be a multiple of 64 between 64 and 2048: use 64x320 or "
+     "128x320"),
+    (["--size", "3000x20"], "use 2048x64"),
+    (["--masks", "40", "--size", "128"], "40 masks but only 16 cells in the 4x4 feature grid"),
+    (["--masks", "200", "--size", "1024x128"], "200 masks but only 128 cells in the 32x4 feature grid"),
 ], ids=["lam-0", "lam-negative", "lam-nan", "lam-inf", "size-superscript", "size-5000-digits", "seed-30-digits",
-        "seed-negative", "blur-too-large", "blur-even", "sigma-0", "sigma-nan", "steps", "masks-text", "batch-1e20"])
+        "seed-negative", "blur-too-large", "blur-even", "sigma-0", "sigma-nan", "steps", "masks-text", "batch-1e20",
+        "size-100", "size-100x320", "size-3000x20", "masks-over-cells", "masks-over-wide-cells"])
 def test_nonsense_options_are_refused_before_the_weights_load(tmp_path, args, pattern):
     result = cli("--image", str(EXAMPLE), "--weights", str(tmp_path / "no-weights"), "--out", str(tmp_path / "out"),
                  *args)
     assert_one_error(result, pattern)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_automatic_size_has_a_cell_for_every_mask_taken():
+    """Why only a fixed --size is checked against --masks (inputs.check_masks_fit): the automatic size of any
+    image it takes has at least inputs.MAX_MASKS cells in its feature grid. Every width from 64 to 3,000 px
+    against heights from square to the most elongated taken, by a plain loop."""
+    fewest = math.inf
+    for width in range(64, 3001):
+        for height in (64, 65, 100, 127, 128, 200, 300, 451, 511, 512, 513, 700, 1000, 1023, 1024, 2047, 2048,
+                       4000, 8191, 16384, 40000):
+            try:
+                w, h = inputs.working_size(width, height)
+            except EmerDiffError:  # too elongated: refused
+                continue
+            fewest = min(fewest, (w // 32) * (h // 32))
+    assert fewest == inputs.MAX_MASKS == 256  # 512x512: 16x16 cells, and 256 masks at most
 
 
 # ---- the output folder ----

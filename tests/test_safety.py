@@ -18,8 +18,8 @@ import emerdiff
 import evaluate
 import files
 import runner
-from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, save_image, start_cli,
-                          torchrun_cli)
+from command_line import (EXAMPLE, FAST, OUTPUTS, assert_complete, assert_one_error, cli, priced_calls, save_image,
+                          start_cli, torchrun_cli)
 from conftest import ROOT
 from datasets import EvaluationError, dataset_samples
 from inputs import EmerDiffError
@@ -336,17 +336,7 @@ def test_the_estimate_counts_calls_and_images_stage_by_stage(sd, monkeypatch):
     the smallest latent, a decode 2 s): the cost model of docs/speed.md, worked out here by hand for 3
     masks, 10 draws and batches of 4: the feature passes in 3 calls, the 15 inversion steps in 4, each
     of the 15 modulated steps in 2 calls of 3 runs."""
-    clock = [0.0]
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    unet_forward, decode = sd.unet.forward, sd.vae.decode
-
-    def costing(seconds, f):
-        def call(*args, **kwargs):
-            clock[0] += seconds(*args)
-            return f(*args, **kwargs)
-        return call
-    monkeypatch.setattr(sd.unet, "forward", costing(lambda x, *_: 1.0 if x.shape[-1] > 8 else 0.25, unet_forward))
-    monkeypatch.setattr(sd.vae, "decode", costing(lambda *_: 2.0, decode))
+    priced_calls(monkeypatch, sd, unet_s=1.0, fixed_s=0.25, decode_s=2.0)
     o = emerdiff.DEFAULTS | dict(masks=3, feature_samples=10, speed=dict(batch_size=4, compile=False, plain=True))
     e = devices.estimate(sd, (128, 128), o)
     steps, m = (281 - 1) // 20 + 1, devices.MODULATED_STEP["cpu"]  # t_m = 281 on the 50-step grid: 281, ..., 1
