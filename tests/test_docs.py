@@ -73,7 +73,7 @@ def test_every_documented_command_parses(document, script, arguments):
 
 def test_the_demo_command_runs_as_written(tmp_path):
     """README's command for a look without the weights: a tiny random-weight model, the example image."""
-    demo, = [line for line in code_lines(ROOT / "README.md") if "--random-weights" in line]
+    demo, = [line for line in code_lines(ROOT / "README.md") if line.startswith("python ") and "--random-weights" in line]
     python, script, *arguments = shlex.split(demo)
     assert (python, script) == ("python", "emerdiff.py")
     (tmp_path / "examples").symlink_to(ROOT / "examples")  # run from a folder like the repository's, writing there
