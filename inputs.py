@@ -5,8 +5,8 @@ caller gives into what the method needs (an RGB image, a working size that the n
 options of the right type and range), or refuses it with an `EmerDiffError` of one line that says
 what was wrong and what to do. Each check lives here once; the command line (runner.py) reuses them.
 The step functions of emerdiff.py, called alone, check their tensors here too (check_tensors: a one-line
-TypeError or ValueError, as Python's own functions raise). Last, the command line's images: the files, folders and lists of --image, or a dataset's (datasets.py),
-each with the name of its output folder.
+TypeError or ValueError, as Python's own functions raise). Last, the command line's images: the files,
+folders and lists of --image, or a dataset's (datasets.py), each with the name of its output folder.
 """
 import math
 import numbers

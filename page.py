@@ -86,14 +86,14 @@ def picture_files(labels: np.ndarray, low_res_labels: np.ndarray, difference_map
     labels_png.putpalette(COLOURS.flatten().tolist())
     pictures = {PREDICTION_FILE: labels_png, OVERLAY: overlay(image, labels),
                 LOW_RES: Image.fromarray(COLOURS[low_res_labels]).resize(image.size, Image.NEAREST)}
+    greys = []  # each difference map's picture, made once for the grid and for diffmaps/
     if diffmaps:
-        pictures[DIFFMAP_GRID] = diffmap_grid(difference_maps)
+        greys = diffmap_pictures(difference_maps)
+        pictures[DIFFMAP_GRID] = diffmap_grid(greys)
     files = {name: lambda path, picture=picture: picture.save(path, format="PNG") for name, picture in pictures.items()}
     view = view_script(labels, low_res_labels, COLOURS[:len(difference_maps)])
     files[VIEW_SCRIPT] = lambda path: path.write_text(view)
-    if diffmaps:
-        files |= diffmap_files(difference_maps)
-    return files
+    return files | diffmap_files(greys)
 
 
 def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
@@ -122,10 +122,9 @@ def diffmap_pictures(maps: np.ndarray) -> list[Image.Image]:
     return pictures
 
 
-def diffmap_grid(maps: np.ndarray) -> Image.Image:
-    """diffmaps.png: the K difference maps (diffmap_pictures) in a grid, each captioned with its segment
-    index beside a swatch of that segment's colour in labels.png and overlay.png."""
-    pictures = diffmap_pictures(maps)
+def diffmap_grid(pictures: list[Image.Image]) -> Image.Image:
+    """diffmaps.png: the K difference maps' pictures (diffmap_pictures) in a grid, each captioned with its
+    segment index beside a swatch of that segment's colour in labels.png and overlay.png."""
     columns = math.ceil(math.sqrt(len(pictures)))
     cell_h, cell_w = pictures[0].height + CAPTION + 2, pictures[0].width + 2
     grid = Image.new("RGB", (columns * cell_w, math.ceil(len(pictures) / columns) * cell_h))
@@ -148,10 +147,9 @@ def is_diffmap_name(name: str) -> bool:
     return re.fullmatch(rf"{DIFFMAPS}/[0-9]{{3}}\.png", name) is not None
 
 
-def diffmap_files(maps: np.ndarray) -> dict:
-    """(K, H, W) difference maps -> {name: writer of a path}: diffmaps/, each map alone (diffmap_pictures)."""
-    return {diffmap_name(i): lambda path, grey=grey: saved_png(grey, path)
-            for i, grey in enumerate(diffmap_pictures(maps))}
+def diffmap_files(pictures: list[Image.Image]) -> dict:
+    """The difference maps' pictures (diffmap_pictures) -> {name: writer of a path}: diffmaps/, each map alone."""
+    return {diffmap_name(i): lambda path, grey=grey: saved_png(grey, path) for i, grey in enumerate(pictures)}
 
 
 def saved_png(picture: Image.Image, path: Path):

@@ -384,7 +384,7 @@ def test_the_readme_sd15_snippet_loads_and_segments(tiny_sd_dir, project_copy):
 
 def test_the_difference_map_grid_has_one_captioned_tile_per_segment():
     maps = torch.rand(5, 40, 60, generator=torch.Generator().manual_seed(0))
-    grid = np.asarray(page.diffmap_grid(maps.numpy())).astype(int)
+    grid = np.asarray(page.diffmap_grid(page.diffmap_pictures(maps.numpy()))).astype(int)
     caption, cell_h, cell_w = 16, 40 + 16 + 2, 60 + 2  # caption strip above each map, 2 px apart
     assert grid.shape == (2 * cell_h, 3 * cell_w, 3)  # 5 tiles: 3 columns, 2 rows
     for i, m in enumerate(maps):

@@ -206,11 +206,11 @@ def against_diffusers(sd, x, context, t, args, device, dtype) -> list[dict]:
         rows.append(dict(row=f"UNet, {h}x{w} latents", ours_s=ours_s, reference_s=ref_s,
                          max_difference=relative_difference(unet(x, t, context), ref_unet(x, t, contexts).sample)))
         if not args.skip_vae:
-            latent = x * 0.5
-            ours_s, ref_s = timed([lambda: vae.decode(latent), lambda: ref_vae.decode(latent / vae.config.scaling_factor)],
-                                  device, args.repeats)
-            difference = relative_difference(vae.decode(latent), ref_vae.decode(latent / vae.config.scaling_factor).sample)
-            rows.append(dict(row=f"VAE decode, {size}x{size}", ours_s=ours_s, reference_s=ref_s, max_difference=difference))
+            latent, scaled = x * 0.5, x * 0.5 / vae.config.scaling_factor
+            ours_s, ref_s = timed([lambda: vae.decode(latent), lambda: ref_vae.decode(scaled)], device, args.repeats)
+            difference = relative_difference(vae.decode(latent), ref_vae.decode(scaled).sample)
+            rows.append(dict(row=f"VAE decode, {size}x{size}", ours_s=ours_s, reference_s=ref_s,
+                             max_difference=difference))
     return rows
 
 
