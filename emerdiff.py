@@ -20,9 +20,9 @@ K = 25 masks, lambda = 10, t_m = 281, t_f = 1, 100 feature draws, 50-step grid, 
 Every random draw comes from a CPU torch.Generator, so a seed gives the same draws on any device.
 
 What is not the method lives beside it: sampler.py (the DDPM schedule, the inversion and the hooks that record, replay
-and modulate the attention), unet.py / vae.py / clip_text.py (the networks), weights.py (loading them), inputs.py
-(what segment() accepts, checked), devices.py (device, precision, the speed settings, progress bars, the stopwatch)
-and runner.py, the command line that `python emerdiff.py` runs.
+and modulate the attention), unet.py / vae.py / clip_text.py (the networks), weights.py (loading them), inputs.py (what
+segment() accepts), devices.py (device, precision, speed settings, progress), vocabulary.py (the segments named by
+MaskCLIP, the paper's Sec. 4.3) and runner.py, the command line that `python emerdiff.py` runs.
 """
 import math
 import sys

@@ -61,9 +61,11 @@ function tile(entry, i) {
   const base = folder(entry);
   const picture = has(entry, "overlay.png") ? el("img", {loading: "lazy", src: base + "overlay.png", alt: ""}) : el("div", {className: "blank"});
   const meta = entry.segments !== undefined ? `${entry.segments} segments · ${entry.seconds.toFixed(1)} s` : "";
+  const names = entry.names ? [...new Set(entry.names.filter(n => n !== null))].join(" · ") : "";
   const score = entry.score ? `mIoU ${pct(entry.score.miou)} % · acc ${pct(entry.score.accuracy)} %` : "";
   const a = el("a", {className: "tile", href: "#"}, picture, el("div", {className: "name", textContent: entry.name}),
-    el("div", {className: "meta", textContent: meta}), el("div", {className: "differs", textContent: madeWith(entry)}),
+    el("div", {className: "meta", textContent: meta}), el("div", {className: "names", textContent: names}),
+    el("div", {className: "differs", textContent: madeWith(entry)}),
     el("div", {className: "score", textContent: score}));
   a.dataset.index = i;
   a.addEventListener("click", ev => { ev.preventDefault(); openImage(i); });
@@ -100,7 +102,7 @@ function openImage(i) {
     madeWith(entry), entry.score ? `mIoU ${pct(entry.score.miou)} %, accuracy ${pct(entry.score.accuracy)} %` : ""].filter(Boolean).join(" · ");
   const pictures = {"v-input": entry.input, "v-overlay": has(entry, "overlay.png") && base + "overlay.png",
     "v-labels": has(entry, "labels.png") && base + "labels.png", "v-lowres": has(entry, "lowres.png") && base + "lowres.png",
-    "v-gt": entry.score && entry.score.gt && base + "gt.png"};
+    "v-named": has(entry, "named.png") && base + "named.png", "v-gt": entry.score && entry.score.gt && base + "gt.png"};
   for (const [id, src] of Object.entries(pictures)) {
     $(id).closest("figure").hidden = !src;
     if (src) $(id).src = src; else $(id).removeAttribute("src");
@@ -146,7 +148,7 @@ window.emerdiffView = function (data) {
     const matched = entry.score && s < entry.score.matched.length ? entry.score.matched[s] : null;
     const name = matched === null ? "" : matched < 0 ? " → unmatched" : " → " + scores.class_names[matched];
     const li = el("li", {}, el("span", {className: "swatch", style: "background:" + colour}),
-      `segment ${s}: ${(100 * data.areas[s]).toFixed(1)} %${name}`);
+      `segment ${s}: ${(100 * data.areas[s]).toFixed(1)} %${entry.names && entry.names[s] ? " · " + entry.names[s] : ""}${name}`);
     li.dataset.segment = s;
     li.addEventListener("mouseenter", () => hover(s));
     li.addEventListener("mouseleave", () => hover(-1));

@@ -49,12 +49,14 @@ LOW_RES = "lowres.png"  # per image folder: the low-resolution masks in segment 
 VIEW_SCRIPT = "view.js"  # per image folder: its label maps for the page
 DIFFMAP_GRID = "diffmaps.png"  # per image folder, with --save-diffmaps: every difference map, captioned
 DIFFMAPS = "diffmaps"  # per image folder, with --save-diffmaps: one greyscale PNG per mask
+NAMED = "named.png"  # per image folder, with --classes: the image tinted by class, with a legend of names
 GROUND_TRUTH = "gt.png"  # per image folder, written by evaluate.py: the ground truth in class colours
 SCORES = "summary.scores.json"  # in the folder evaluate.py scored: what the page shows of it
 PICTURES = (PREDICTION_FILE, OVERLAY, LOW_RES, VIEW_SCRIPT)  # what the page shows of a folder
 BROWSER_IMAGES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}  # inputs a browser shows (not TIFF)
 VIEW_SIDE = 512  # the label maps of view.js are cut to this many pixels a side at most (nearest)
 DIFFMAP_SIDE = 256  # likewise the difference maps (area), alone and in diffmaps.png
+LEGEND_ROW = 20  # px a class takes in named.png's legend
 CAPTION = 16  # px above each difference map of diffmaps.png: a swatch of the segment's colour and its index
 IGNORED_COLOUR = (0, 0, 0)  # ground-truth pixels that count nowhere
 TEMPLATE = Path(__file__).with_name("page.html")  # the page, which names the two below: inlined when written
@@ -96,14 +98,32 @@ def picture_files(labels: np.ndarray, low_res_labels: np.ndarray, difference_map
     return files | diffmap_files(greys)
 
 
-def overlay(image: Image.Image, labels: np.ndarray) -> Image.Image:
-    """The image half-tinted by segment colour, with segment borders drawn in white."""
-    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * COLOURS[labels]).astype(np.uint8)
+def overlay(image: Image.Image, labels: np.ndarray, colours: np.ndarray = COLOURS) -> Image.Image:
+    """The image half-tinted by label colour (segments': COLOURS), with the borders between labels drawn in white."""
+    blend = (0.5 * np.asarray(image, dtype=np.float32) + 0.5 * colours[labels]).astype(np.uint8)
     border = np.zeros(labels.shape, dtype=bool)
     border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
     border[:-1, :] |= labels[:-1, :] != labels[1:, :]
     blend[border] = 255
     return Image.fromarray(blend)
+
+
+def named_picture(image: Image.Image, classes: np.ndarray, names: tuple[str, ...]) -> Image.Image:
+    """named.png: the image tinted by class (`classes` (H, W), ids into `names`; the classes' colours, as gt.png
+    draws a dataset's), beside a legend of the classes present, largest first: a swatch and the name each."""
+    colours = class_colours(len(names))
+    ids, areas = np.unique(classes, return_counts=True)
+    shown_ids = ids[np.argsort(-areas, kind="stable")]
+    font = ImageFont.load_default(size=LEGEND_ROW - 6)
+    width = max(round(font.getlength(names[c])) for c in shown_ids) + LEGEND_ROW + 12
+    picture = Image.new("RGB", (image.width + width, max(image.height, LEGEND_ROW * len(shown_ids) + 8)), "white")
+    picture.paste(overlay(image, classes, colours))
+    draw = ImageDraw.Draw(picture)
+    for row, c in enumerate(shown_ids):
+        left, top = image.width + 6, 4 + row * LEGEND_ROW
+        draw.rectangle((left, top + 2, left + LEGEND_ROW - 6, top + LEGEND_ROW - 4), fill=tuple(colours[c].tolist()))
+        draw.text((left + LEGEND_ROW, top + 1), names[c], fill="black", font=font)
+    return picture
 
 
 def diffmap_pictures(maps: np.ndarray) -> list[Image.Image]:
@@ -276,6 +296,8 @@ def recorded(out: Path, name: str, path: Path) -> tuple[dict, dict]:
         image, options = Path(record["image"]["path"]), dict(record["options"])
         entry = named(name) | {"segments": result["segments"], "masks": options["masks"],
                                "seconds": round(sum(result["seconds"].values()), 3), "files": result["files"]}
+        if isinstance(result.get("names"), list):  # with --classes: each segment's class name (None: no pixel)
+            entry["names"] = result["names"]
         if image.suffix.lower() in BROWSER_IMAGES and image.is_file():
             entry["input"] = relative_link(image, out)
         return entry, options

@@ -35,14 +35,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from devices import CPU_BATCH_SIZES, estimate, model_device_dtype, pick_device, pick_dtype
+from devices import CPU_BATCH_SIZES, estimate, model_device_dtype, pick_device, pick_dtype, showing_progress
 from emerdiff import DEFAULTS, Segmentation, segment
 from datasets import DATASETS, EvaluationError, center_crop
-from files import (EMBEDDINGS_FILE, MAX_RECORD, PREDICTION_FILE, RUN_RECORD, SUMMARY, FileError, OneLineParser,
-                   atomic_save, read_text, remove_dead_temporaries, shown, temporary_path, write_folder)
+from files import (CLASSES_FILE, EMBEDDINGS_FILE, MASKCLIP_FILE, MAX_RECORD, PREDICTION_FILE, RUN_RECORD, SUMMARY,
+                   FileError, OneLineParser, atomic_save, read_text, remove_dead_temporaries, shown, temporary_path,
+                   write_folder)
 from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, denoising_in_words, fixed_size,
                     open_image, to_rgb, upright_size, working_size)
 import page
+from vocabulary import CLIP_REPO, KEY_SMOOTHING, PROMPT_DENOISING, RANDOM_CLIP, Namer
 
 # ---- Options ----
 
@@ -125,6 +127,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-diffmaps", action="store_true",
                    help="also write diffmaps.png, the K difference maps captioned with their segment's colour, and "
                    "each alone in diffmaps/ (index.html shows the one of the segment hovered)")
+    named = p.add_argument_group("named segments", "EmerDiff's Table 3: MaskCLIP gives each pixel a class and each "
+                                 "segment takes its pixels' most frequent class; writes classes.json, maskclip.png and "
+                                 "named.png (docs/command-line.md)")
+    named.add_argument("--classes", metavar="NAMES", help='the class names: "cat, grass, sky", a file with one name a '
+                       "line, or a dataset's classes (ade20k, pascal-context-59, ...)")
+    named.add_argument("--clip", default=CLIP_REPO, help="CLIP ViT-B/16: hub repo id or folder (weights.md)")
+    named.add_argument("--key-smoothing", type=float, nargs="?", const=KEY_SMOOTHING, metavar="T",
+                       help=f"MaskCLIP's key smoothing of patches less sure than T (default off; alone: "
+                       f"{KEY_SMOOTHING})")
+    named.add_argument("--prompt-denoising", type=float, nargs="?", const=PROMPT_DENOISING, metavar="T",
+                       help=f"MaskCLIP's prompt denoising of classes nowhere surer than T (default off; alone: "
+                       f"{PROMPT_DENOISING})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--estimate", action="store_true",
                    help="print what each image would cost on this machine with these options and SD v1.5 (timed on "
@@ -229,7 +243,8 @@ def array_file(array: np.ndarray):
 # ---- Writing safely ----
 
 OUTPUT_FILES = {PREDICTION_FILE, "labels.npy", EMBEDDINGS_FILE, page.OVERLAY, page.LOW_RES, page.DIFFMAP_GRID,
-                RUN_RECORD, page.VIEW_SCRIPT, page.DIFFMAPS, page.GROUND_TRUTH}  # gt.png: evaluate.py's
+                RUN_RECORD, page.VIEW_SCRIPT, page.DIFFMAPS, page.GROUND_TRUTH,  # gt.png: evaluate.py's
+                CLASSES_FILE, MASKCLIP_FILE, page.NAMED}  # with --classes
 
 
 def is_output_file(name: str) -> bool:
@@ -293,16 +308,19 @@ def merged(parts: list[dict]) -> dict:
 RANDOM_WEIGHTS = "random: the tiny model of weights.random_stable_diffusion, seed 0"
 
 
-def run_record(job: Job, args, options: dict, dtype: torch.dtype) -> dict:
-    """What makes an output folder what it is: the image file, the weights, the options. A folder
-    whose run.json holds the same record is complete and is not made again."""
+def run_record(job: Job, args, options: dict, dtype: torch.dtype, namer: Namer | None) -> dict:
+    """What makes an output folder what it is: the image file, the weights, the options (and the naming's, with
+    --classes). A folder whose run.json holds the same record is complete and is not made again."""
     image = job.path.stat()
-    return {"image": {"path": str(job.path.resolve()), "bytes": image.st_size, "modified_ns": image.st_mtime_ns,
-                      "centre_crop": job.crop},
-            "weights": {"source": weights_source(args),
-                        "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
-            "options": {k: v for k, v in json.loads(json.dumps(options)).items() if k != "speed"},  # the speed's: not the result's
-            "diffmaps": args.save_diffmaps}
+    record = {"image": {"path": str(job.path.resolve()), "bytes": image.st_size, "modified_ns": image.st_mtime_ns,
+                        "centre_crop": job.crop},
+              "weights": {"source": weights_source(args),
+                          "variant": args.variant, "config_dir": args.config_dir, "dtype": str(dtype)},
+              "options": {k: v for k, v in json.loads(json.dumps(options)).items() if k != "speed"},  # not the result's
+              "diffmaps": args.save_diffmaps}
+    if namer:  # only with --classes: without, the record is as before, and earlier runs' folders stay done
+        record["naming"] = namer.settings | {"classes": list(namer.classes)}
+    return record
 
 
 def weights_source(args) -> str:
@@ -331,6 +349,8 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     run stopped if it did, from the moment --out is ready. Returns the summary this process wrote as
     summary.json, or None where it wrote only its part of a torchrun's (write_summary)."""
     options = method_options(args)
+    namer = None if args.classes is None else Namer.checked(
+        args.classes, RANDOM_CLIP if args.random_weights else args.clip, args.key_smoothing, args.prompt_denoising)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
     every = all_jobs(args, note)
@@ -347,7 +367,7 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     prepare_out(out)
     run_page = page.RunPage(out, names, say)
     try:
-        segment_jobs(jobs, out, options, device, dtype, args, summary, announce=rank == 0,
+        segment_jobs(jobs, out, options, device, dtype, args, summary, namer, announce=rank == 0,
                      after_each=lambda: run_page.write(summary.as_dict(options), running=True))
     except BaseException as e:  # the whole run stopped: summary.json says why
         summary.error = str(e).splitlines()[0] if str(e) else "interrupted"
@@ -359,14 +379,14 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     return whole
 
 
-def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, announce: bool,
-                 after_each=lambda: None):
+def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args, summary: Summary, namer: Namer | None,
+                 announce: bool, after_each=lambda: None):
     """The jobs that can be done and are not done yet, each segmented into its folder; a failing image
     is said and counted, and the others go on. `announce`: the first image says how long each takes;
     `after_each` is called after each image done or failed (index.html rewritten)."""
-    from weights import load_stable_diffusion, random_stable_diffusion
+    from weights import load_clip, load_stable_diffusion, random_clip, random_stable_diffusion
     jobs = checked_jobs(jobs, options, summary)
-    records = {job: run_record(job, args, options, dtype) for job in jobs}
+    records = {job: run_record(job, args, options, dtype, namer) for job in jobs}
     saved = {job: None if args.overwrite else saved_result(out / job.name, records[job]) for job in jobs}
     todo = [job for job in jobs if saved[job] is None]
     summary.seconds_before = [sum(result["seconds"].values()) for result in saved.values() if result is not None]
@@ -381,9 +401,13 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args,
     sd = (random_stable_diffusion("tiny", device, dtype) if args.random_weights else
           load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
                                 config_dir=args.config_dir))
+    if namer:  # the class names embedded once, for every image
+        with showing_progress(not args.quiet):
+            namer.load(random_clip("tiny", device=device, dtype=dtype) if args.random_weights else
+                       load_clip(args.clip, device=device, dtype=dtype))
     for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or not announce):
         try:
-            summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args, announce))
+            summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args, namer, announce))
             summary.done += 1
             announce = False
         except EmerDiffError as e:  # say it, and go on with the other images
@@ -431,9 +455,10 @@ def write_summary(out: Path, summary: dict, rank: int, world: int) -> dict | Non
     return summary
 
 
-def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, announce: bool = False) -> float:
-    """Segment one image file, write its folder, print its one-line summary (after a line on how
-    long it takes, if `announce` and it takes minutes)."""
+def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, namer: Namer | None = None,
+                 announce: bool = False) -> float:
+    """Segment one image file (its segments named by `namer`, if given), write its folder, print its one-line
+    summary (after a line on how long it takes, if `announce` and it takes minutes)."""
     device, _ = model_device_dtype(sd)
     image = to_rgb(open_image(job.path), exif_rotation=not job.as_stored)
     image = center_crop(image) if job.crop else image
@@ -443,9 +468,12 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
         torch.cuda.reset_peak_memory_stats(device)
     seg = segment(image, sd, progress=not args.quiet, **options)
     clock = time.perf_counter()
-    files = output_files(seg, image, args.save_diffmaps)
+    named, names = namer.files(image, seg.labels, options["size"]) if namer else ({}, None)
+    if namer:
+        seg.seconds["naming"], clock = time.perf_counter() - clock, time.perf_counter()
+    files = output_files(seg, image, args.save_diffmaps) | named
     result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files),
-              "denoising_steps": denoising_in_words(options)}
+              "denoising_steps": denoising_in_words(options), "names": names}
     files[RUN_RECORD] = lambda path: path.write_text(json.dumps({"run": record, "result": result}, indent=1))
     write_folder(folder, files, is_output_file)
     seg.seconds["saving"] = time.perf_counter() - clock
