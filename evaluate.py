@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,7 +48,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
-from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
+from datasets import (COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, LabelFormat, Sample, center_crop,
+                      dataset_samples, label_format_of)
 from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file,
                    folder_name, listed_folder, replaceable, shown)
 import page
@@ -90,18 +92,18 @@ def picture_size(path: Path, what: str) -> tuple[int, int]:
 
 
 def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
-    """(H, W) uint8 class ids, IGNORE where unlabelled; the centre square for DiffSeg's presets."""
-    ids = label_values(sample)
+    """(H, W) class ids, the dataset's ignored value where unlabelled (label_format_of: IGNORE, or IGNORE_16 in
+    16-bit ids); the centre square for DiffSeg's presets."""
+    ids = label_values(sample, label_format_of(dataset))
     return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
 
 
-def label_values(sample: Sample) -> np.ndarray:
-    """(H, W) uint8 values of a label map, checked to be 8-bit and of its image's size; the centre square
-    for DiffSeg's presets."""
-    label = load_picture(sample.label, "PNG label map")
-    if label.mode not in ("L", "P"):
-        raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, not 8-bit class ids; "
-                              "save it as a grayscale (L) or palette (P) PNG")
+def label_values(sample: Sample, label_format: LabelFormat) -> np.ndarray:
+    """(H, W) values of a label map, checked to be of the dataset's format (8-bit, or PASCAL-Context-459's
+    16-bit) and of its image's size; the centre square for DiffSeg's presets."""
+    label = load_picture(sample.label, "label map")
+    if label.mode not in label_format.modes:
+        raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, {label_format.hint}")
     image_size = picture_size(sample.image, "image")
     if label.size != image_size:
         raise EvaluationError(f"{shown(sample.label)} is {label.size[0]}x{label.size[1]} but its image "
@@ -137,11 +139,11 @@ def nearest(ids: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def scored_pair(gt: np.ndarray, pred: np.ndarray, resolution: str) -> tuple[np.ndarray, np.ndarray]:
     """The ground truth and the prediction at the scoring resolution: both at 512x512 (DiffSeg's), or
-    the prediction at the ground truth's size ("native", Pillow's nearest neighbour)."""
+    the prediction at the ground truth's size ("native", Pillow's nearest neighbour; mode I holds any class id)."""
     if resolution == "512":
         return nearest(gt, SCORING_SIDE, SCORING_SIDE), nearest(pred, SCORING_SIDE, SCORING_SIDE)
     if pred.shape != gt.shape:
-        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(gt.shape[::-1], Image.NEAREST))
+        pred = np.asarray(Image.fromarray(pred.astype(np.int32)).resize(gt.shape[::-1], Image.NEAREST))
     return gt, pred.astype(np.int64)
 
 
@@ -180,12 +182,12 @@ def embeddings_of(folder: Path, segments: int) -> np.ndarray:
 
 # ---- Per image: hungarian and majority ----
 
-def confusion(gt: np.ndarray, pred: np.ndarray, n_class: int) -> np.ndarray:
-    """hist (n_class, max(n_class, pred.max() + 1)): labelled pixels of class c in segment s."""
+def confusion(gt: np.ndarray, pred: np.ndarray, n_class: int, ignore: int = IGNORE) -> np.ndarray:
+    """hist (n_class, max(n_class, pred.max() + 1)): labelled pixels (gt not `ignore`) of class c in segment s."""
     if gt.shape != pred.shape:
         raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
     n_segments = max(n_class, int(pred.max()) + 1 if pred.size else 0)
-    labelled = gt != IGNORE
+    labelled = gt != ignore
     flat = n_segments * gt[labelled].astype(np.int64) + pred[labelled]
     return np.bincount(flat, minlength=n_class * n_segments).reshape(n_class, n_segments)
 
@@ -232,7 +234,7 @@ class ImageResult:
     stem: str
     hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
     embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
-    undefined: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # Preset.undefined
+    undefined: dict = field(default_factory=dict)  # Preset.undefined: {label value: pixels}
     ground_truth_saved: bool = False  # gt.png written into its prediction folder (the page shows it)
 
     @cached_property
@@ -404,18 +406,19 @@ def class_count(args, samples: list[Sample]) -> int:
     return largest + 1
 
 
-def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> tuple[np.ndarray, np.ndarray]:
+def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> tuple[np.ndarray, dict]:
     """The class ids of a sample, and for a preset its pixels per label value the dataset does not
     define (counted nowhere, reported); a folder's class id beyond --classes is refused."""
     if dataset in PRESETS:
-        ids = label_values(sample)
-        return PRESETS[dataset].labels[ids], PRESETS[dataset].undefined(ids)
+        preset = PRESETS[dataset]
+        ids = label_values(sample, preset.label_format)
+        return preset.labels[ids], preset.undefined(ids)
     gt = ground_truth(sample, dataset)
     too_large = gt[(gt != IGNORE) & (gt >= n_class)]
     if too_large.size:
         raise EvaluationError(f"{shown(sample.label)}: class id {too_large.max()} with --classes {n_class}; "
                               "raise --classes")
-    return gt, np.zeros(256, np.int64)
+    return gt, {}
 
 
 def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
@@ -540,14 +543,14 @@ def run(args) -> dict:
     options = {"root": args.root, "pred": args.pred, "list": args.list, "classes": n_class, "limit": args.limit,
                "allow_missing": args.allow_missing}
     names = PRESETS[args.dataset].classes if args.dataset in PRESETS else [str(c) for c in range(n_class)]
-    undefined = sum(r.undefined for r in results)
+    undefined = sum((Counter(r.undefined) for r in results), Counter())
     result = {"dataset": args.dataset, "images": len(present), "missing": len(missing),
             "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
             **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
             "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*r.hungarian).items() if k != "iou"}}
                           for r in results],
-            "undefined_label_values": {str(v): int(n) for v, n in enumerate(undefined) if n},
-            "undefined_label_maps": sum(bool(r.undefined.any()) for r in results),
+            "undefined_label_values": {str(v): n for v, n in sorted(undefined.items())},
+            "undefined_label_maps": sum(bool(r.undefined) for r in results),
             "class_names": list(names), "options": options, "protocols": protocols,
             "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
     refresh_page(pred, result, results)
@@ -564,9 +567,10 @@ def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resol
                  embeddings: bool) -> ImageResult:
     """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
     gt, undefined = checked_ground_truth(sample, dataset, n_class)
-    saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class))
+    ignore = label_format_of(dataset).ignore
+    saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class), ignore)
     gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
-    hist = confusion(gt, pred, n_class)
+    hist = confusion(gt, pred, n_class, ignore)
     if not embeddings:
         return ImageResult(sample.stem, hist, None, undefined, saved)
     vectors = embeddings_of(folder, int(pred.max()) + 1)
@@ -579,10 +583,10 @@ def class_colours(dataset: str, n_class: int) -> np.ndarray:
     return page.class_colours(n_class, PRESETS[dataset].colours if dataset in PRESETS else None)
 
 
-def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> bool:
+def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray, ignore: int) -> bool:
     """gt.png in the prediction folder, for its page (page.py); False where it cannot be written."""
     try:
-        page.save_ground_truth(folder, gt, colours, IGNORE)
+        page.save_ground_truth(folder, gt, colours, ignore)
         return True
     except (OSError, FileError):
         return False
