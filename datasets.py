@@ -2,7 +2,8 @@
 
 Each preset reads a dataset in the layout its distribution unpacks to (docs/evaluation.md says how
 to get each): a reader lists its (image, label map) pairs, a table maps the label maps' values to
-class indices 0..C-1, IGNORE (255) where a pixel counts nowhere. evaluate.py scores predictions on
+class indices 0..C-1, IGNORE (255) where a pixel counts nowhere; PASCAL-Context-459's label maps are
+16-bit, their table 65,536 values long, IGNORE_16 (65535) ignored. evaluate.py scores predictions on
 them; `emerdiff.py --dataset` (runner.py) segments their images. DiffSeg's two presets,
 coco-stuff-27 and cityscapes, segment and score each image's centred square, as DiffSeg does; the
 presets of EmerDiff's Table 2 use whole images. Only the standard library, numpy and Pillow are used.
@@ -16,13 +17,28 @@ from PIL import Image
 
 from files import FileError, checked_file, folder_name, listed_folder, shown
 
-IGNORE = 255  # class value of pixels that count nowhere, in every dataset
+IGNORE = 255  # the value, and class id, of pixels that count nowhere in 8-bit label maps (every dataset's but one)
+IGNORE_16 = 65535  # likewise in 16-bit label maps (PASCAL-Context-459's)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 class EvaluationError(Exception):
     """Bad input to the evaluation or the dataset readers; the message is one line that says what is
     wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class LabelFormat:
+    """How a dataset's label maps hold their values: the Pillow modes read, the value (and class id) of the
+    pixels that count nowhere, and what to say of a map of another mode."""
+    modes: tuple[str, ...]
+    ignore: int
+    hint: str
+
+
+EIGHT_BIT = LabelFormat(("L", "P"), IGNORE, "not 8-bit class ids; save it as a grayscale (L) or palette (P) PNG")
+SIXTEEN_BIT = LabelFormat(("I;16",), IGNORE_16, "not a 16-bit label map; make it with ODISE's "
+                          "datasets/prepare_pascal_ctx_full_sem_seg.py (docs/evaluation.md)")
 
 
 @dataclass(frozen=True)
@@ -131,11 +147,64 @@ COCO_FINE_CLASSES = (
     "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel",
     "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other",
     "wood")  # stuff: ids 92-182
+# ---- PASCAL-Context-459 (the full annotations, as ODISE prepares them): value = class; 65535 unlabelled ----
+# The dataset's labels.txt order (LabelMap values 1..459, less one), with MaskCLIP's readable names
+# (chongzhou96/MaskCLIP, tools/maskclip_utils/prompt_engineering.py: all_pascal_context_classes).
+PASCAL_CONTEXT_459_CLASSES = (
+    "accordion", "airplane", "air conditioner", "antenna", "artillery", "ashtray", "atrium", "baby carriage", "bag",
+    "ball", "balloon", "bamboo weaving", "barrel", "baseball bat", "basket", "basketball backboard", "bathtub",
+    "bed", "bedclothes", "beer", "bell", "bench", "bicycle", "binoculars", "bird", "bird cage", "bird feeder",
+    "bird nest", "blackboard", "board", "boat", "bone", "book", "bottle", "bottle opener", "bowl", "box",
+    "bracelet", "brick", "bridge", "broom", "brush", "bucket", "building", "bus", "cabinet", "cabinet door", "cage",
+    "cake", "calculator", "calendar", "camel", "camera", "camera lens", "can", "candle", "candle holder", "cap",
+    "car", "card", "cart", "case", "casette recorder", "cash register", "cat", "cd", "cd player", "ceiling",
+    "cell phone", "cello", "chain", "chair", "chessboard", "chicken", "chopstick", "clip", "clippers", "clock",
+    "closet", "cloth", "clothes tree", "coffee", "coffee machine", "comb", "computer", "concrete", "cone",
+    "container", "control booth", "controller", "cooker", "copying machine", "coral", "cork", "corkscrew",
+    "counter", "court", "cow", "crabstick", "crane", "crate", "cross", "crutch", "cup", "curtain", "cushion",
+    "cutting board", "dais", "disc", "disc case", "dishwasher", "dock", "dog", "dolphin", "door", "drainer", "dray",
+    "drink dispenser", "drinking machine", "drop", "drug", "drum", "drum kit", "duck", "dumbbell", "earphone",
+    "earrings", "egg", "electric fan", "electric iron", "electric pot", "electric saw", "electronic keyboard",
+    "engine", "envelope", "equipment", "escalator", "exhibition booth", "extinguisher", "eyeglass", "fan", "faucet",
+    "fax machine", "fence", "ferris wheel", "fire extinguisher", "fire hydrant", "fire place", "fish", "fish tank",
+    "fishbowl", "fishing net", "fishing pole", "flag", "flagstaff", "flame", "flashlight", "floor", "flower", "fly",
+    "foam", "food", "footbridge", "forceps", "fork", "forklift", "fountain", "fox", "frame", "fridge", "frog",
+    "fruit", "funnel", "furnace", "game controller", "game machine", "gas cylinder", "gas hood", "gas stove",
+    "gift box", "glass", "glass marble", "globe", "glove", "goal", "grandstand", "grass", "gravestone", "ground",
+    "guardrail", "guitar", "gun", "hammer", "hand cart", "handle", "handrail", "hanger", "hard disk drive", "hat",
+    "hay", "headphone", "heater", "helicopter", "helmet", "holder", "hook", "horse", "horse-drawn carriage",
+    "hot-air balloon", "hydrovalve", "ice", "inflator pump", "ipod", "iron", "ironing board", "jar", "kart",
+    "kettle", "key", "keyboard", "kitchen range", "kite", "knife", "knife block", "ladder", "ladder truck", "ladle",
+    "laptop", "leaves", "lid", "life buoy", "light", "light bulb", "lighter", "line", "lion", "lobster", "lock",
+    "machine", "mailbox", "mannequin", "map", "mask", "mat", "match book", "mattress", "menu", "metal", "meter box",
+    "microphone", "microwave", "mirror", "missile", "model", "money", "monkey", "mop", "motorbike", "mountain",
+    "mouse", "mouse pad", "musical instrument", "napkin", "net", "newspaper", "oar", "ornament", "outlet", "oven",
+    "oxygen bottle", "pack", "pan", "paper", "paper box", "paper cutter", "parachute", "parasol", "parterre",
+    "patio", "pelage", "pen", "pen container", "pencil", "person", "photo", "piano", "picture", "pig", "pillar",
+    "pillow", "pipe", "pitcher", "plant", "plastic", "plate", "platform", "player", "playground", "pliers", "plume",
+    "poker", "poker chip", "pole", "pool table", "postcard", "poster", "pot", "potted plant", "printer",
+    "projector", "pumpkin", "rabbit", "racket", "radiator", "radio", "rail", "rake", "ramp", "range hood",
+    "receiver", "recorder", "recreational machines", "remote control", "road", "robot", "rock", "rocket",
+    "rocking horse", "rope", "rug", "ruler", "runway", "saddle", "sand", "saw", "scale", "scanner", "scissors",
+    "scoop", "screen", "screwdriver", "sculpture", "scythe", "sewer", "sewing machine", "shed", "sheep", "shell",
+    "shelves", "shoe", "shopping cart", "shovel", "sidecar", "sidewalk", "sign", "signal light", "sink",
+    "skateboard", "ski", "sky", "sled", "slippers", "smoke", "snail", "snake", "snow", "snowmobiles", "sofa",
+    "spanner", "spatula", "speaker", "speed bump", "spice container", "spoon", "sprayer", "squirrel", "stage",
+    "stair", "stapler", "stick", "sticky note", "stone", "stool", "stove", "straw", "stretcher", "sun", "sunglass",
+    "sunshade", "surveillance camera", "swan", "sweeper", "swim ring", "swimming pool", "swing", "switch", "table",
+    "tableware", "tank", "tap", "tape", "tarp", "telephone", "telephone booth", "tent", "tire", "toaster", "toilet",
+    "tong", "tool", "toothbrush", "towel", "toy", "toy car", "track", "train", "trampoline", "trash bin", "tray",
+    "tree", "tricycle", "tripod", "trophy", "truck", "tube", "turtle", "tv monitor", "tweezers", "typewriter",
+    "umbrella", "unknown", "vacuum cleaner", "vending machine", "video camera", "video game console",
+    "video player", "video tape", "violin", "wakeboard", "wall", "wallet", "wardrobe", "washing machine", "watch",
+    "water", "water dispenser", "water pipe", "water skate board", "watermelon", "whale", "wharf", "wheel",
+    "wheelchair", "window", "window blinds", "wineglass", "wire", "wood", "wool")
 
 
-def lookup_table(mapping: dict[int, int]) -> np.ndarray:
-    """(256,) uint8: label value -> class, IGNORE where unmapped."""
-    table = np.full(256, IGNORE, dtype=np.uint8)
+def lookup_table(mapping: dict[int, int], ignore: int = IGNORE) -> np.ndarray:
+    """(ignore + 1,) label value -> class, `ignore` where unmapped: uint8 for 8-bit label maps (IGNORE),
+    uint16 for 16-bit ones (IGNORE_16)."""
+    table = np.full(ignore + 1, ignore, dtype=np.min_scalar_type(ignore))
     for value, cls in mapping.items():
         table[value] = cls
     return table
@@ -153,18 +222,19 @@ COCO_FINE_TO_171 = {fine: COCO_171_CLASSES.index(name) for fine, name in enumera
 @dataclass(frozen=True)
 class Preset:
     classes: tuple[str, ...]
-    labels: np.ndarray  # (256,) label value -> class index, IGNORE where a pixel counts nowhere
+    labels: np.ndarray  # label value -> class index, label_format.ignore where a pixel counts nowhere
     reader: Callable[[Path], list[tuple[Path, Path]]]  # root -> (image, label map) pairs
     crop: bool  # segment and score the centred square (DiffSeg's protocol), else the whole image
     resolution: str  # the scoring resolution by default: "512" (DiffSeg's) or "native"
-    values: int  # the dataset defines label values 0..values-1 (a class, or ignored) and IGNORE; others count nowhere
+    values: int  # the dataset defines label values 0..values-1 (a class, or ignored) and the ignored value;
+    # others count nowhere
     colours: tuple | None = None  # (R, G, B) per class where the dataset draws its classes in its own colours
+    label_format: LabelFormat = EIGHT_BIT
 
-    def undefined(self, ids: np.ndarray) -> np.ndarray:
-        """(256,) pixels of `ids` per label value this dataset does not define (evaluate.py reports them)."""
-        counts = np.bincount(ids.ravel(), minlength=256)
-        counts[:self.values] = counts[IGNORE] = 0
-        return counts
+    def undefined(self, ids: np.ndarray) -> dict[int, int]:
+        """{label value: pixels of `ids`} of the values this dataset does not define (evaluate.py reports them)."""
+        values, counts = np.unique(ids[(ids >= self.values) & (ids != self.label_format.ignore)], return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
 
 
 # ---- Readers ----
@@ -277,11 +347,25 @@ def listed(samples: list[Sample], list_file: Path) -> list[Sample]:
     return list(chosen.values())
 
 
+def validation_pairs(root: Path, annotations: str, suffix: str, hint: str) -> list[tuple[Path, Path]]:
+    """images/validation/<name>.jpg with <annotations>/validation/<name><suffix>: ADE20K's layout, which
+    detectron2's preparation scripts keep."""
+    image_dir = existing_folder(root / "images" / "validation", hint)
+    label_dir = existing_folder(root / annotations / "validation", hint)
+    return paired(images_in(image_dir, {".jpg"}), lambda image: label_dir / f"{image.stem}{suffix}")
+
+
 def ade20k_pairs(root: Path) -> list[tuple[Path, Path]]:
     """ADEChallengeData2016: images/validation/<name>.jpg with annotations/validation/<name>.png."""
-    image_dir = existing_folder(root / "images" / "validation", "unzip ADEChallengeData2016.zip; --root is its folder")
-    label_dir = existing_folder(root / "annotations" / "validation", "unzip ADEChallengeData2016.zip whole")
-    return paired(images_in(image_dir, {".jpg"}), lambda image: label_dir / f"{image.stem}.png")
+    return validation_pairs(root, "annotations", ".png", "unzip ADEChallengeData2016.zip; --root is its folder")
+
+
+def pascal_context_459_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """pascal_ctx_d2 as ODISE's datasets/prepare_pascal_ctx_sem_seg.py (the 5,105 val images) and
+    prepare_pascal_ctx_full_sem_seg.py (their 16-bit label maps) leave it: images/validation/<id>.jpg with
+    annotations_ctx459/validation/<id>.tif."""
+    return validation_pairs(root, "annotations_ctx459", ".tif", "prepare it with ODISE's datasets/prepare_pascal_ctx_"
+                            "sem_seg.py, then prepare_pascal_ctx_full_sem_seg.py; --root is pascal_ctx_d2")
 
 
 def pascal_context_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -319,6 +403,10 @@ PRESETS = {
                      values=len(ADE20K_CLASSES) + 1),
     "pascal-context-59": Preset(PASCAL_CONTEXT_CLASSES, shifted(len(PASCAL_CONTEXT_CLASSES)), pascal_context_pairs,
                                 crop=False, resolution="native", values=len(PASCAL_CONTEXT_CLASSES) + 1),
+    "pascal-context-459": Preset(PASCAL_CONTEXT_459_CLASSES,
+                                 lookup_table({c: c for c in range(len(PASCAL_CONTEXT_459_CLASSES))}, IGNORE_16),
+                                 pascal_context_459_pairs, crop=False, resolution="native",
+                                 values=len(PASCAL_CONTEXT_459_CLASSES), label_format=SIXTEEN_BIT),
     "coco-stuff-171": Preset(COCO_171_CLASSES, lookup_table(COCO_FINE_TO_171), coco_pairs, crop=False,
                              resolution="native", values=len(COCO_FINE_CLASSES)),
     "cityscapes-19": Preset(tuple(CITYSCAPES_19.values()),
@@ -327,6 +415,11 @@ PRESETS = {
                             colours=tuple(CITYSCAPES_COLOURS[name] for name in CITYSCAPES_19.values())),
 }
 DATASETS = (*PRESETS, "folder")  # "folder": images/<stem>.<ext> with labels/<stem>.png of class ids
+
+
+def label_format_of(dataset: str) -> LabelFormat:
+    """How the label maps of `dataset` hold their values: a preset's format; a folder's are 8-bit."""
+    return PRESETS[dataset].label_format if dataset in PRESETS else EIGHT_BIT
 
 
 def dataset_samples(dataset: str, root, list_file=None) -> list[Sample]:

@@ -2,10 +2,11 @@
 
     python evaluate.py --dataset DATASET --root ROOT --pred PRED [--json OUT.json]
 
-PRED is an output folder of emerdiff.py: PRED/<name>/labels.png, one segment id per pixel, and
-PRED/<name>/embeddings.npy, one embedding per segment, <name> the image's stem made safe by
+PRED is an output folder of emerdiff.py: PRED/<name>/labels.png, one segment id per pixel,
+PRED/<name>/embeddings.npy, one embedding per segment, and with emerdiff.py --classes classes.json (each
+segment's class) and maskclip.png (MaskCLIP's class per pixel), <name> the image's stem made safe by
 files.folder_name. An unsupervised segmentor names no classes,
-so its segments are first given classes; four protocols, computed from the same folders in one run:
+so its segments are first given classes; six protocols, computed from the same folders in one run:
 
   hungarian  DiffSeg's per-image protocol, which diffusion-based unsupervised segmentors report: per
              image, the confusion matrix hist (ground-truth classes x predicted segments, at least as
@@ -19,6 +20,10 @@ so its segments are first given classes; four protocols, computed from the same 
   concept    EmerDiff's Table 2 ("modified evaluation"): a pixel's embedding is its segment's embedding;
              a class's concept embedding is the mean of the embeddings of its ground-truth pixels over the
              dataset; each segment takes the class of highest cosine similarity. No matching.
+  open-vocabulary  EmerDiff's Table 3: the segments named by an open-vocabulary segmentor, MaskCLIP: each
+             segment takes the class most of its pixels got from MaskCLIP (mask voting; its class_id in
+             classes.json), compared with the ground truth as it is, no matching.
+  maskclip   Table 3's baseline: MaskCLIP's own class per pixel (maskclip.png), likewise.
 
 All sum TP/FP/FN over the dataset: IoU_c = TP/(TP+FP+FN), mIoU = mean over the classes that have an IoU
 (a class absent from ground truth and predictions alike has none), accuracy = sum(TP) / labelled pixels.
@@ -36,6 +41,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,9 +53,10 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
-from datasets import COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, Sample, center_crop, dataset_samples
-from files import (EMBEDDINGS_FILE, MAX_SEGMENTS, PREDICTION_FILE, FileError, OneLineParser, atomic_save, checked_file,
-                   folder_name, listed_folder, replaceable, shown)
+from datasets import (COCO_CURATED_LIST, DATASETS, IGNORE, PRESETS, EvaluationError, LabelFormat, Sample, center_crop,
+                      dataset_samples, label_format_of)
+from files import (CLASSES_FILE, EMBEDDINGS_FILE, MASKCLIP_FILE, MAX_RECORD, MAX_SEGMENTS, PREDICTION_FILE, FileError,
+                   OneLineParser, atomic_save, checked_file, folder_name, listed_folder, read_text, replaceable, shown)
 import page
 
 SCORING_SIDE = 512  # --resolution 512: DiffSeg's
@@ -90,18 +97,18 @@ def picture_size(path: Path, what: str) -> tuple[int, int]:
 
 
 def ground_truth(sample: Sample, dataset: str) -> np.ndarray:
-    """(H, W) uint8 class ids, IGNORE where unlabelled; the centre square for DiffSeg's presets."""
-    ids = label_values(sample)
+    """(H, W) class ids, the dataset's ignored value where unlabelled (label_format_of: IGNORE, or IGNORE_16 in
+    16-bit ids); the centre square for DiffSeg's presets."""
+    ids = label_values(sample, label_format_of(dataset))
     return PRESETS[dataset].labels[ids] if dataset in PRESETS else ids
 
 
-def label_values(sample: Sample) -> np.ndarray:
-    """(H, W) uint8 values of a label map, checked to be 8-bit and of its image's size; the centre square
-    for DiffSeg's presets."""
-    label = load_picture(sample.label, "PNG label map")
-    if label.mode not in ("L", "P"):
-        raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, not 8-bit class ids; "
-                              "save it as a grayscale (L) or palette (P) PNG")
+def label_values(sample: Sample, label_format: LabelFormat) -> np.ndarray:
+    """(H, W) values of a label map, checked to be of the dataset's format (8-bit, or PASCAL-Context-459's
+    16-bit) and of its image's size; the centre square for DiffSeg's presets."""
+    label = load_picture(sample.label, "label map")
+    if label.mode not in label_format.modes:
+        raise EvaluationError(f"{shown(sample.label)}: mode {label.mode}, {label_format.hint}")
     image_size = picture_size(sample.image, "image")
     if label.size != image_size:
         raise EvaluationError(f"{shown(sample.label)} is {label.size[0]}x{label.size[1]} but its image "
@@ -109,22 +116,28 @@ def label_values(sample: Sample) -> np.ndarray:
     return np.asarray(center_crop(label) if sample.crop else label)
 
 
-def prediction(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) int64 segment ids of a labels.png, checked against its ground truth's `size` = (W, H):
-    the same aspect ratio (the prediction may be at another resolution)."""
+def id_map(path: Path, what: str, limit: int, bound: str) -> np.ndarray:
+    """(h, w) int64 ids of a single-channel PNG (labels.png, maskclip.png), each in 0..limit-1 (`bound` says
+    why); else a one-line EvaluationError."""
     picture = load_picture(path, "PNG")
     ids = np.asarray(picture)
     if picture.format != "PNG" or ids.ndim != 2 or ids.dtype.kind not in "biu":
-        raise EvaluationError(f"{shown(path)}: not a single-channel PNG of segment ids "
+        raise EvaluationError(f"{shown(path)}: not a single-channel PNG of {what} "
                               f"({picture.format} {picture.mode}); write it as emerdiff.py does")
-    if ids.size and (ids.min() < 0 or ids.max() >= MAX_SEGMENTS):
-        raise EvaluationError(f"{shown(path)}: segment ids {ids.min()}..{ids.max()}: at most {MAX_SEGMENTS} "
-                              f"segments (ids 0..{MAX_SEGMENTS - 1}) are supported")
-    (width, height), (gt_width, gt_height) = picture.size, size
+    if ids.size and (ids.min() < 0 or ids.max() >= limit):
+        raise EvaluationError(f"{shown(path)}: {what} {ids.min()}..{ids.max()}: {bound} (ids 0..{limit - 1})")
+    return ids.astype(np.int64)
+
+
+def prediction(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) int64 segment ids of a labels.png, checked against its ground truth's `size` = (W, H):
+    the same aspect ratio (the prediction may be at another resolution)."""
+    ids = id_map(path, "segment ids", MAX_SEGMENTS, f"at most {MAX_SEGMENTS} segments are supported")
+    (height, width), (gt_width, gt_height) = ids.shape, size
     if abs(width * gt_height - height * gt_width) > 0.02 * height * gt_width:
         raise EvaluationError(f"{shown(path)} is {width}x{height}, the ground truth {gt_width}x{gt_height}: "
                               "another aspect ratio; segment the same (centre-cropped) image")
-    return ids.astype(np.int64)
+    return ids
 
 
 def nearest(ids: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -137,11 +150,11 @@ def nearest(ids: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def scored_pair(gt: np.ndarray, pred: np.ndarray, resolution: str) -> tuple[np.ndarray, np.ndarray]:
     """The ground truth and the prediction at the scoring resolution: both at 512x512 (DiffSeg's), or
-    the prediction at the ground truth's size ("native", Pillow's nearest neighbour)."""
+    the prediction at the ground truth's size ("native", Pillow's nearest neighbour; mode I holds any class id)."""
     if resolution == "512":
         return nearest(gt, SCORING_SIDE, SCORING_SIDE), nearest(pred, SCORING_SIDE, SCORING_SIDE)
     if pred.shape != gt.shape:
-        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(gt.shape[::-1], Image.NEAREST))
+        pred = np.asarray(Image.fromarray(pred.astype(np.int32)).resize(gt.shape[::-1], Image.NEAREST))
     return gt, pred.astype(np.int64)
 
 
@@ -178,22 +191,109 @@ def embeddings_of(folder: Path, segments: int) -> np.ndarray:
     return embeddings.astype(np.float64)
 
 
+# ---- The named segments (emerdiff.py --classes): open-vocabulary and maskclip ----
+
+def named_predictions(folder: Path, labels: np.ndarray, dataset: str, n_class: int, protocols: set) -> dict:
+    """{protocol: (h, w) class ids at labels.png's size} of the naming protocols asked: open-vocabulary, each
+    pixel its segment's class_id in classes.json; maskclip, maskclip.png."""
+    if not protocols & NAMING_PROTOCOLS:
+        return {}
+    named = {"open-vocabulary": voted_classes(folder / CLASSES_FILE, labels, dataset, n_class)}
+    if "maskclip" in protocols:
+        named["maskclip"] = maskclip_classes(folder / MASKCLIP_FILE, labels.shape, n_class)
+    return {name: ids for name, ids in named.items() if name in protocols}
+
+
+def maskclip_classes(path: Path, shape: tuple[int, int], n_class: int) -> np.ndarray:
+    """(h, w) class ids of maskclip.png, checked to be at labels.png's size `shape` = (h, w) and among the
+    n_class classes."""
+    ids = id_map(path, "class ids", n_class, f"{CLASSES_FILE} names {n_class} classes")
+    if ids.shape != shape:
+        raise EvaluationError(f"{shown(path)} is {ids.shape[1]}x{ids.shape[0]}, its {PREDICTION_FILE} "
+                              f"{shape[1]}x{shape[0]}: they come from different runs; segment the image again")
+    return ids
+
+
+def voted_classes(path: Path, labels: np.ndarray, dataset: str, n_class: int) -> np.ndarray:
+    """(h, w) class ids: each pixel of labels.png its segment's class_id in classes.json (checked_classes);
+    a segment of labels.png that classes.json does not name is refused."""
+    class_of = {entry["segment"]: entry["class_id"] for entry in checked_classes(path, dataset, n_class)["segments"]}
+    segments = np.unique(labels).tolist()
+    unnamed = [segment for segment in segments if segment not in class_of]
+    if unnamed:
+        raise EvaluationError(f"{shown(path)}: segment {unnamed[0]} of {PREDICTION_FILE} is not in it: they come "
+                              "from different runs; segment the image again")
+    table = np.zeros(segments[-1] + 1, np.int64)
+    table[segments] = [class_of[segment] for segment in segments]
+    return table[labels]
+
+
+def checked_classes(path: Path, dataset: str, n_class: int) -> dict:
+    """classes.json, read with a bound on its size, of the contract's form (well_formed), of the dataset's
+    classes (a preset's: its vocabulary is the preset's name; a folder's: as many classes as evaluated) and
+    every class_id among them; else a one-line EvaluationError."""
+    try:
+        record = json.loads(read_text(path, MAX_RECORD))
+    except FileError as e:
+        raise EvaluationError(str(e)) from None
+    except (ValueError, RecursionError):
+        record = None
+    if not well_formed(record):
+        raise EvaluationError(f"{shown(path)}: not a {CLASSES_FILE} as emerdiff.py --classes writes it (vocabulary, "
+                              "classes, segments of distinct segment ids with their class_id); segment the image again")
+    count = len(record["classes"])
+    if dataset in PRESETS and (record["vocabulary"] != dataset or count != n_class):
+        raise EvaluationError(f"{shown(path)}: vocabulary {json.dumps(record['vocabulary'])} of {count} classes, not "
+                              f"{dataset}'s {n_class}: run emerdiff.py with --classes {dataset}")
+    if count != n_class:
+        raise EvaluationError(f"{shown(path)}: {count} classes, the labels {n_class}: give evaluate.py --classes "
+                              f"{count}, or run emerdiff.py with --classes naming the dataset's {n_class} classes")
+    wrong = next((entry for entry in record["segments"] if not 0 <= entry["class_id"] < count), None)
+    if wrong:
+        raise EvaluationError(f"{shown(path)}: segment {wrong['segment']} has class_id {wrong['class_id']}, outside "
+                              f"0..{count - 1}; segment the image again")
+    return record
+
+
+def well_formed(record) -> bool:
+    """Whether a classes.json holds what the contract says: a vocabulary (a name or null), the class names,
+    and the segments, each of its own segment id with an integer class_id."""
+    if not isinstance(record, dict) or not {"vocabulary", "classes", "segments"} <= record.keys():
+        return False
+    vocabulary, classes, segments = record["vocabulary"], record["classes"], record["segments"]
+    return (isinstance(vocabulary, (str, type(None))) and isinstance(classes, list) and isinstance(segments, list)
+            and all(isinstance(name, str) for name in classes)
+            and all(isinstance(entry, dict) and is_integer(entry.get("segment")) and is_integer(entry.get("class_id"))
+                    for entry in segments)
+            and len({entry["segment"] for entry in segments}) == len(segments))
+
+
+def is_integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 # ---- Per image: hungarian and majority ----
 
-def confusion(gt: np.ndarray, pred: np.ndarray, n_class: int) -> np.ndarray:
-    """hist (n_class, max(n_class, pred.max() + 1)): labelled pixels of class c in segment s."""
+def confusion(gt: np.ndarray, pred: np.ndarray, n_class: int, ignore: int = IGNORE) -> np.ndarray:
+    """hist (n_class, max(n_class, pred.max() + 1)): labelled pixels (gt not `ignore`) of class c in segment s."""
     if gt.shape != pred.shape:
         raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
     n_segments = max(n_class, int(pred.max()) + 1 if pred.size else 0)
-    labelled = gt != IGNORE
+    labelled = gt != ignore
     flat = n_segments * gt[labelled].astype(np.int64) + pred[labelled]
     return np.bincount(flat, minlength=n_class * n_segments).reshape(n_class, n_segments)
 
 
+def with_empty_segments(hist: np.ndarray) -> np.ndarray:
+    """hist with empty segments (columns of zeros) added up to as many as its classes: DiffSeg's matching
+    gives every class a column."""
+    return np.pad(hist, ((0, 0), (0, max(0, hist.shape[0] - hist.shape[1]))))
+
+
 def hungarian_matching(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(classes, segments): class classes[i] matched to segment (column) segments[i], maximising the total
-    overlap; classes == 0..n_class-1 (rows <= columns)."""
-    return linear_sum_assignment(hist, maximize=True)
+    """(classes, segments): class classes[i] matched to segment (column) segments[i] of with_empty_segments(hist),
+    maximising the total overlap; classes == 0..n_class-1."""
+    return linear_sum_assignment(with_empty_segments(hist), maximize=True)
 
 
 def hungarian_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,6 +303,7 @@ def hungarian_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     FN: the class's pixels outside its segment; FP: its segment's pixels of other classes. Pixels of
     unmatched segments add no FP.
     """
+    hist = with_empty_segments(hist)
     classes, segments = hungarian_matching(hist)
     tp = hist[classes, segments]
     return tp, hist.sum(0)[segments] - tp, hist.sum(1)[classes] - tp
@@ -230,10 +331,11 @@ def majority_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 @dataclass
 class ImageResult:
     stem: str
-    hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s
+    hist: np.ndarray  # (n_class, segments) labelled pixels of class c in segment s, no empty columns added
     embeddings: np.ndarray | None  # (K, C) mask embeddings, None where the protocols need none
-    undefined: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # Preset.undefined
+    undefined: dict = field(default_factory=dict)  # Preset.undefined: {label value: pixels}
     ground_truth_saved: bool = False  # gt.png written into its prediction folder (the page shows it)
+    named: dict = field(default_factory=dict)  # open-vocabulary and maskclip, where asked: protocol -> TP, FP, FN
 
     @cached_property
     def hungarian(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -328,8 +430,17 @@ def kmeans_plus_plus(x: np.ndarray, squares: np.ndarray, k: int, rng) -> np.ndar
 
 
 PROTOCOLS = {"hungarian": per_image(lambda r: r.hungarian), "majority": per_image(lambda r: majority_counts(r.hist)),
-             "clusters": cluster_counts, "concept": concept_counts}
-NEEDS_EMBEDDINGS = {"clusters", "concept"}
+             "clusters": cluster_counts, "concept": concept_counts,
+             "open-vocabulary": per_image(lambda r: r.named["open-vocabulary"]),
+             "maskclip": per_image(lambda r: r.named["maskclip"])}
+EMBEDDING_PROTOCOLS = {"clusters", "concept"}
+NAMING_PROTOCOLS = {"open-vocabulary", "maskclip"}  # EmerDiff's Table 3: the segments named (emerdiff.py --classes)
+# What the protocols beyond hungarian and majority need in every prediction folder: (protocols, files, what
+# writes the files, what to do where they lack)
+NEEDED_FILES = [(EMBEDDING_PROTOCOLS, (EMBEDDINGS_FILE,), "written by emerdiff.py since it saves mask embeddings",
+                 "segment them again with --overwrite"),
+                (NAMING_PROTOCOLS, (CLASSES_FILE, MASKCLIP_FILE), "written by emerdiff.py --classes",
+                 "segment them again with --classes (a preset: its name; docs/evaluation.md)")]
 
 
 def scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> dict:
@@ -353,11 +464,12 @@ def evaluate_pairs(pairs, n_class: int) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
         prog="evaluate.py", description="mIoU and pixel accuracy of emerdiff.py's segmentations against ground "
-        "truth, under four protocols: DiffSeg's per-image Hungarian matching; the many-to-one (majority) "
+        "truth, under six protocols: DiffSeg's per-image Hungarian matching; the many-to-one (majority) "
         "matching; EmerDiff's Table 1 (clusters: the L2-normalised mask embeddings of all images k-means "
         "clustered into as many clusters as classes, one Hungarian matching over the dataset); EmerDiff's "
         "Table 2 (concept: each segment takes the class whose mean ground-truth embedding is nearest by "
-        "cosine). See docs/evaluation.md.")
+        "cosine); EmerDiff's Table 3 (open-vocabulary: each segment named by MaskCLIP's mask voting, written by "
+        "emerdiff.py --classes; maskclip: MaskCLIP alone). See docs/evaluation.md.")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="a benchmark preset, or any folder")
     p.add_argument("--root", required=True, help="the dataset's folder, laid out as docs/evaluation.md says")
     p.add_argument("--pred", required=True, help="emerdiff.py's output folder: PRED/<image stem>/labels.png")
@@ -370,8 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score at 512x512, both maps resized by nearest neighbour (DiffSeg's; the default of "
                    "coco-stuff-27 and cityscapes), or at the label map's own size (native; the others' default)")
     p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), metavar="P",
-                   help="any of hungarian, majority, clusters, concept (default: all four where every prediction "
-                   f"folder has {EMBEDDINGS_FILE}, else the first two)")
+                   help=f"any of {', '.join(PROTOCOLS)} (default: hungarian and majority, the next two where every "
+                   f"prediction folder has {EMBEDDINGS_FILE}, the last two where every one has {CLASSES_FILE} and "
+                   f"{MASKCLIP_FILE})")
     p.add_argument("--seed", type=int, default=0, help="clusters: the seed of the k-means over the mask embeddings")
     p.add_argument("--kmeans-restarts", type=int, default=3, metavar="N",
                    help="clusters: k-means++ restarts, the lowest inertia kept")
@@ -404,18 +517,19 @@ def class_count(args, samples: list[Sample]) -> int:
     return largest + 1
 
 
-def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> tuple[np.ndarray, np.ndarray]:
+def checked_ground_truth(sample: Sample, dataset: str, n_class: int) -> tuple[np.ndarray, dict]:
     """The class ids of a sample, and for a preset its pixels per label value the dataset does not
     define (counted nowhere, reported); a folder's class id beyond --classes is refused."""
     if dataset in PRESETS:
-        ids = label_values(sample)
-        return PRESETS[dataset].labels[ids], PRESETS[dataset].undefined(ids)
+        preset = PRESETS[dataset]
+        ids = label_values(sample, preset.label_format)
+        return preset.labels[ids], preset.undefined(ids)
     gt = ground_truth(sample, dataset)
     too_large = gt[(gt != IGNORE) & (gt >= n_class)]
     if too_large.size:
         raise EvaluationError(f"{shown(sample.label)}: class id {too_large.max()} with --classes {n_class}; "
                               "raise --classes")
-    return gt, np.zeros(256, np.int64)
+    return gt, {}
 
 
 def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
@@ -428,19 +542,20 @@ def missing_predictions(samples: list[Sample], pred: Path) -> list[Sample]:
 
 
 def chosen_protocols(args, samples: list[Sample], pred: Path) -> list[str]:
-    """--protocols, or all four where every folder has its embeddings, else hungarian and majority (said)."""
-    lacking = sum(not (pred / folder_name(s.stem) / EMBEDDINGS_FILE).is_file() for s in samples)
-    needing = NEEDS_EMBEDDINGS & set(args.protocols or ())
-    how = (f"{lacking} of {len(samples)} prediction folders lack {EMBEDDINGS_FILE} (written by emerdiff.py since "
-           "it saves mask embeddings): segment them again with --overwrite")
-    if lacking and needing:
-        raise EvaluationError(f"--protocols {' '.join(sorted(needing))}: {how}")
-    if args.protocols:
-        return [name for name in PROTOCOLS if name in args.protocols]
-    if lacking:
-        print(f"clusters and concept left out: {how}")
-        return ["hungarian", "majority"]
-    return list(PROTOCOLS)
+    """--protocols, or every protocol whose files (NEEDED_FILES) every prediction folder has, those left out
+    said in a line; a protocol asked for whose files some folder lacks is refused."""
+    chosen = set(args.protocols or PROTOCOLS)
+    for protocols, files, made_by, fix in NEEDED_FILES:
+        asked = [name for name in PROTOCOLS if name in chosen & protocols]
+        lacking = sum(not all((pred / folder_name(s.stem) / f).is_file() for f in files) for s in samples)
+        if not asked or not lacking:
+            continue
+        how = f"{lacking} of {len(samples)} prediction folders lack {' or '.join(files)} ({made_by}): {fix}"
+        if args.protocols:
+            raise EvaluationError(f"--protocols {' '.join(asked)}: {how}")
+        print(f"{' and '.join(asked)} left out: {how}")
+        chosen -= protocols
+    return [name for name in PROTOCOLS if name in chosen]
 
 
 def json_ready(x):
@@ -486,8 +601,9 @@ def report(result: dict) -> str:
         values = result["undefined_label_values"]
         lines.append(f"{sum(values.values())} pixels in {result['undefined_label_maps']} of {result['images']} label "
                      f"maps hold values {result['dataset']} does not define ({', '.join(values)}): counted nowhere")
+    width = max(map(len, protocols))
     for name in protocols:
-        lines.append(f"{name:<9}  mIoU {percent(result[name]['miou']):>6} %   "
+        lines.append(f"{name:<{width}}  mIoU {percent(result[name]['miou']):>6} %   "
                      f"pixel accuracy {percent(result[name]['accuracy']):>6} %")
     lines.append(f"IoU per class (%): {' / '.join(protocols)}")
     for c, name in enumerate(result["class_names"]):
@@ -528,8 +644,7 @@ def run(args) -> dict:
         raise EvaluationError(f"--pred {shown(pred)}: none of the {len(samples)} predictions exists")
     protocols = chosen_protocols(args, present, pred)
     resolution = args.resolution or (PRESETS[args.dataset].resolution if args.dataset in PRESETS else "native")
-    results = [image_result(sample, pred / folder_name(sample.stem), args.dataset, n_class, resolution,
-                            NEEDS_EMBEDDINGS & set(protocols))
+    results = [image_result(sample, pred / folder_name(sample.stem), args.dataset, n_class, resolution, set(protocols))
                for sample in tqdm(present, desc="evaluate", unit="image", disable=args.quiet)]
     widths = {r.embeddings.shape[1] for r in results if r.embeddings is not None}
     if len(widths) > 1:
@@ -540,14 +655,14 @@ def run(args) -> dict:
     options = {"root": args.root, "pred": args.pred, "list": args.list, "classes": n_class, "limit": args.limit,
                "allow_missing": args.allow_missing}
     names = PRESETS[args.dataset].classes if args.dataset in PRESETS else [str(c) for c in range(n_class)]
-    undefined = sum(r.undefined for r in results)
+    undefined = sum((Counter(r.undefined) for r in results), Counter())
     result = {"dataset": args.dataset, "images": len(present), "missing": len(missing),
             "resolution": f"{SCORING_SIDE}x{SCORING_SIDE}" if resolution == "512" else "native",
             **{name: scores(*PROTOCOLS[name](results, n_class, settings)) for name in protocols},
             "per_image": [{"stem": r.stem, **{k: v for k, v in scores(*r.hungarian).items() if k != "iou"}}
                           for r in results],
-            "undefined_label_values": {str(v): int(n) for v, n in enumerate(undefined) if n},
-            "undefined_label_maps": sum(bool(r.undefined.any()) for r in results),
+            "undefined_label_values": {str(v): n for v, n in sorted(undefined.items())},
+            "undefined_label_maps": sum(bool(r.undefined) for r in results),
             "class_names": list(names), "options": options, "protocols": protocols,
             "protocol_settings": {name: value for name, value in settings_of(args).items() if name in protocols}}
     refresh_page(pred, result, results)
@@ -561,17 +676,23 @@ def settings_of(args) -> dict:
 
 
 def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resolution: str,
-                 embeddings: bool) -> ImageResult:
-    """One image's confusion matrix at the scoring resolution, and its mask embeddings if needed."""
+                 protocols: set) -> ImageResult:
+    """One image's confusion matrix at the scoring resolution, its mask embeddings where `protocols` need them,
+    and the counts of its named segments' protocols."""
     gt, undefined = checked_ground_truth(sample, dataset, n_class)
-    saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class))
-    gt, pred = scored_pair(gt, prediction(folder / PREDICTION_FILE, gt.shape[::-1]), resolution)
-    hist = confusion(gt, pred, n_class)
-    if not embeddings:
-        return ImageResult(sample.stem, hist, None, undefined, saved)
+    ignore = label_format_of(dataset).ignore
+    saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class), ignore)
+    labels = prediction(folder / PREDICTION_FILE, gt.shape[::-1])
+    scored_gt, pred = scored_pair(gt, labels, resolution)
+    # its segments' columns only: padded to PASCAL-Context-459's classes, 1.7 MB an image, 8.6 GB for its val set
+    hist = confusion(scored_gt, pred, n_class, ignore)[:, :int(pred.max()) + 1]
+    named = {name: counts_of(confusion(*scored_pair(gt, ids, resolution), n_class, ignore))
+             for name, ids in named_predictions(folder, labels, dataset, n_class, protocols).items()}
+    if not protocols & EMBEDDING_PROTOCOLS:
+        return ImageResult(sample.stem, hist, None, undefined, saved, named)
     vectors = embeddings_of(folder, int(pred.max()) + 1)
     padded = np.pad(hist, ((0, 0), (0, max(0, len(vectors) - hist.shape[1]))))  # segments with no pixel here
-    return ImageResult(sample.stem, padded, vectors, undefined, saved)
+    return ImageResult(sample.stem, padded, vectors, undefined, saved, named)
 
 
 def class_colours(dataset: str, n_class: int) -> np.ndarray:
@@ -579,10 +700,10 @@ def class_colours(dataset: str, n_class: int) -> np.ndarray:
     return page.class_colours(n_class, PRESETS[dataset].colours if dataset in PRESETS else None)
 
 
-def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray) -> bool:
+def saved_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray, ignore: int) -> bool:
     """gt.png in the prediction folder, for its page (page.py); False where it cannot be written."""
     try:
-        page.save_ground_truth(folder, gt, colours, IGNORE)
+        page.save_ground_truth(folder, gt, colours, ignore)
         return True
     except (OSError, FileError):
         return False
@@ -596,7 +717,7 @@ def refresh_page(pred: Path, result: dict, results: list[ImageResult]):
     images = {}
     for r, entry in zip(results, result["per_image"]):
         classes, segments = hungarian_matching(r.hist)
-        matched = np.full(r.hist.shape[1], -1)
+        matched = np.full(max(r.hist.shape), -1)
         matched[segments] = classes
         images[folder_name(r.stem)] = {"miou": entry["miou"], "accuracy": entry["accuracy"],
                                        "matched": matched.tolist(), "classes": np.flatnonzero(r.hist.sum(1)).tolist(),

@@ -33,8 +33,8 @@ from pathlib import Path
 # What the command line writes, and evaluate.py and the run's page (page.py) read:
 PREDICTION_FILE = "labels.png"  # per image: the labels, an 8-bit palette image
 EMBEDDINGS_FILE = "embeddings.npy"  # per image: (K, C) float32, row i segment i's mask embedding
-CLASSES_FILE = "classes.json"  # per image, with --classes: the vocabulary, each segment's class and votes
-MASKCLIP_FILE = "maskclip.png"  # per image, with --classes: MaskCLIP's class per pixel, a 16-bit greyscale image
+CLASSES_FILE = "classes.json"  # per image, with --classes: the class names, each segment's class and its votes
+MASKCLIP_FILE = "maskclip.png"  # per image, with --classes: MaskCLIP's class id per pixel, 16-bit, at labels.png's size
 RUN_RECORD = "run.json"  # per image: how its folder was made; written last, with the rest
 SUMMARY = "summary.json"  # in --out: what the last run did
 MAX_RECORD = 64 * 2 ** 20  # bytes: the largest JSON file of a run read (the scores of 5,000 images take 3 MB)

@@ -233,8 +233,8 @@ def class_colours(n: int, own=None) -> np.ndarray:
 
 def save_ground_truth(folder: Path, gt: np.ndarray, colours: np.ndarray, ignore: int):
     """gt.png in an image folder: the class ids (H, W) in the classes' `colours`, pixels that count nowhere
-    black."""
-    table = np.zeros((256, 3), dtype=np.uint8)
+    (`ignore`: 255, or 65535 in 16-bit class ids) black."""
+    table = np.zeros((max(len(colours), ignore + 1), 3), dtype=np.uint8)
     table[:len(colours)] = colours
     table[ignore] = IGNORED_COLOUR
     picture = Image.fromarray(table[gt])

@@ -110,11 +110,11 @@ def test_a_permuted_perfect_prediction_scores_one():
 
 # ---- Our hungarian and majority against plain loops ----
 
-def loop_confusion(gt, pred, n_class):
+def loop_confusion(gt, pred, n_class, ignore=IGNORE):
     columns = max(n_class, int(pred.max()) + 1)
     hist = [[0] * columns for _ in range(n_class)]
     for g, p in zip(gt.ravel().tolist(), pred.ravel().tolist()):
-        if g != IGNORE:
+        if g != ignore:
             hist[g][p] += 1
     return hist
 

@@ -19,8 +19,9 @@ import runner
 from files import folder_name
 from page_speed import fake_run
 from command_line import save_image
-from datasets import dataset_samples
+from datasets import PRESETS, dataset_samples
 from test_evaluate import crop_array, make_cityscapes, save_labels
+from test_open_vocabulary import named_pascal_context_459
 
 INSTALL = "apt-get install chromium && pip install playwright==1.65.2"
 NAMES = ["a", "b <&'\"c", "d"]  # image stems; the second needs escaping in HTML, JS and URLs
@@ -268,6 +269,27 @@ def test_the_page_of_a_scored_run(chromium, scored_run):
     assert steps == "2 of the 10-step grid's steps, from t_m = 101 down to 1"
     shot = Image.open(page_screenshot(browser_page, out / "gallery.png")).convert("L")
     assert np.asarray(shot).std() > 10  # not blank
+    assert not tab.errors and not tab.requests
+
+
+def test_the_page_shows_the_named_rows_and_the_459_classes(chromium, tmp_path):
+    """The run's page (page.js), in a browser: the two rows beside the others, and the IoU of each of the 459
+    classes under each protocol, as summary.scores.json holds them."""
+    args = named_pascal_context_459(tmp_path)[0]
+    assert evaluate.main([*args, "--quiet", "--json", str(tmp_path / "scores.json")]) == 0
+    result = json.loads((tmp_path / "scores.json").read_text())
+    tab = Watched(chromium)
+    browser_page = tab.open(tmp_path / "pred" / "index.html")
+    rows = [row.locator("td").all_text_contents() for row in browser_page.locator("#protocols tr").all()[1:]]
+    assert rows == [[name, f"{100 * result[name]['miou']:.2f}", f"{100 * result[name]['accuracy']:.2f}"]
+                    for name in ("hungarian", "majority", "open-vocabulary", "maskclip")]
+    classes = browser_page.locator("#classes tr")
+    assert classes.count() == 1 + 459
+    assert classes.nth(0).locator("th").all_text_contents() == ["class", *result["protocols"]]
+    for c in (0, 100, 458):  # the first, one in no map (n/a), the last
+        ious = [result[name]["iou"][c] for name in result["protocols"]]
+        assert classes.nth(1 + c).locator("td").all_text_contents() == [
+            PRESETS["pascal-context-459"].classes[c], *("n/a" if iou is None else f"{100 * iou:.2f}" for iou in ious)]
     assert not tab.errors and not tab.requests
 
 

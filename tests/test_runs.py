@@ -175,6 +175,7 @@ def test_the_papers_presets_segment_whole_images_with_their_embeddings(tmp_path,
 PRESET_LAYOUTS = {
     "ade20k": ("images/validation/{}.jpg", "annotations/validation/{}.png", 150, False, "{}"),
     "pascal-context-59": ("JPEGImages/{}.jpg", "SegmentationClassContext/{}.png", 59, False, "{}"),
+    "pascal-context-459": ("images/validation/{}.jpg", "annotations_ctx459/validation/{}.tif", 458, False, "{}"),
     "cityscapes": ("leftImg8bit/val/frankfurt/{}_leftImg8bit.png", "gtFine/val/frankfurt/{}_gtFine_labelIds.png",
                    33, True, "{}_leftImg8bit"),
     "cityscapes-19": ("leftImg8bit/val/frankfurt/{}_leftImg8bit.png", "gtFine/val/frankfurt/{}_gtFine_labelIds.png",
@@ -182,6 +183,7 @@ PRESET_LAYOUTS = {
 STEMS = {"ade20k": ["ADE_val_00000001", "ADE_val_00000002"], "pascal-context-59": ["2008_000002", "2008_000003"],
          "cityscapes": ["frankfurt_000000_000294", "frankfurt_000001_000019"]}
 STEMS["cityscapes-19"] = STEMS["cityscapes"]
+STEMS["pascal-context-459"] = STEMS["pascal-context-59"]
 SIZES = [(96, 64), (64, 80)]
 
 
@@ -192,7 +194,8 @@ def fake_preset(dataset, root):
         for path in (root / image.format(stem), root / label.format(stem)):
             path.parent.mkdir(parents=True, exist_ok=True)
         save_image(root / image.format(stem), size, seed=seed)
-        ids = np.random.default_rng(seed).integers(0, largest + 1, size[::-1]).astype(np.uint8)
+        dtype = np.uint16 if largest > 255 else np.uint8  # PASCAL-Context-459's TIFFs are 16-bit
+        ids = np.random.default_rng(seed).integers(0, largest + 1, size[::-1]).astype(dtype)
         Image.fromarray(ids).save(root / label.format(stem))
     if dataset == "pascal-context-59":
         (root / "ImageSets" / "SegmentationContext").mkdir(parents=True)
