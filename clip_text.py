@@ -1,8 +1,11 @@
-"""CLIP text encoder (ViT-L/14 text tower) and OpenAI's byte-level BPE tokenizer, as used by SD v1.5.
+"""CLIP's transformer and text tower (Radford et al. 2021), and OpenAI's byte-level BPE tokenizer.
 
-`CLIPTokenizer` turns prompts into (B, 77) token ids; `CLIPTextModel` turns ids into the (B, 77, 768)
-last hidden state that conditions the UNet. Parameter names match transformers' / the hub's
-`text_encoder` files (`text_model.embeddings...`), so those state dicts load with strict=True.
+One transformer serves two text towers: SD v1.5's text encoder (the ViT-L/14 text tower: `CLIPTextModel`
+turns (B, 77) token ids into the (B, 77, 768) last hidden state that conditions the UNet) and the text
+tower of CLIP ViT-B/16 in clip_image.py (width 512, pooled at the end-of-text token, then projected).
+The encoder layers serve the image tower too (not causal there). `CLIPTokenizer` turns prompts into
+(B, 77) token ids. Parameter names match transformers' / the hub's files (`text_model.embeddings...`),
+so those state dicts load with strict=True.
 """
 import html
 import json
@@ -30,15 +33,14 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 @dataclass
-class CLIPTextConfig:
-    """Hyper-parameters, named like transformers' `config.json` keys; defaults are SD v1.5's."""
+class CLIPEncoderConfig:
+    """A CLIP transformer's hyper-parameters (text or image tower), named like transformers'
+    `config.json` keys; defaults are SD v1.5's text encoder (and ViT-B/16's image tower)."""
 
-    vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_attention_heads: int = 12
     num_hidden_layers: int = 12
-    max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
@@ -50,12 +52,21 @@ class CLIPTextConfig:
                              f"{self.hidden_size}")
 
 
-class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention."""
+@dataclass
+class CLIPTextConfig(CLIPEncoderConfig):
+    """A text tower: the transformer's fields and the token and position tables; defaults are SD v1.5's."""
 
-    def __init__(self, config: CLIPTextConfig):
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention: causal in the text towers, over all tokens in the image tower."""
+
+    def __init__(self, config: CLIPEncoderConfig, causal: bool):
         super().__init__()
         self.num_heads = config.num_attention_heads
+        self.causal = causal
         C = config.hidden_size
         # Same order as transformers, so even the state_dict's key order matches.
         self.k_proj = nn.Linear(C, C)
@@ -67,12 +78,12 @@ class CLIPAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs), scale hs**-0.5
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, T, hs), scale hs**-0.5
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPEncoderConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -85,9 +96,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPEncoderConfig, causal: bool):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -97,23 +108,34 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPTextModel(nn.Module):
-    """Token + position embeddings, causal transformer, final LayerNorm (no padding mask, no pooling)."""
+class CLIPEncoder(nn.Module):
+    """The stack of transformer blocks."""
+
+    def __init__(self, config: CLIPEncoderConfig, causal: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C) through the first `num_layers` blocks (all by default)."""
+        for layer in self.layers[:num_layers]:
+            x = layer(x)
+        return x
+
+
+class CLIPTextTransformer(nn.Module):
+    """CLIP's text tower: token + position embeddings, causal transformer, final LayerNorm (no padding
+    mask, no pooling)."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config
         C = config.hidden_size
-        self.text_model = nn.ModuleDict(dict(
-            embeddings=nn.ModuleDict(dict(
-                token_embedding=nn.Embedding(config.vocab_size, C),
-                position_embedding=nn.Embedding(config.max_position_embeddings, C),
-            )),
-            encoder=nn.ModuleDict(dict(
-                layers=nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)),
-            )),
-            final_layer_norm=nn.LayerNorm(C, eps=config.layer_norm_eps),
+        self.embeddings = nn.ModuleDict(dict(
+            token_embedding=nn.Embedding(config.vocab_size, C),
+            position_embedding=nn.Embedding(config.max_position_embeddings, C),
         ))
+        self.encoder = CLIPEncoder(config, causal=True)
+        self.final_layer_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden_size) last hidden state after final_layer_norm."""
@@ -121,12 +143,31 @@ class CLIPTextModel(nn.Module):
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        emb = self.text_model.embeddings
         positions = torch.arange(T, device=input_ids.device)  # (T,)
-        x = emb.token_embedding(input_ids) + emb.position_embedding(positions)  # (B, T, C)
-        for layer in self.text_model.encoder.layers:
-            x = layer(x)
-        return self.text_model.final_layer_norm(x)
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding(positions)  # (B, T, C)
+        return self.final_layer_norm(self.encoder(x))
+
+
+def end_of_text_states(hidden: torch.Tensor, input_ids: torch.Tensor, end_id: int) -> torch.Tensor:
+    """(B, T, C) hidden states -> (B, C): each row's state at its first end-of-text token, the one that
+    has attended to the whole text (the attention is causal). CLIP's text feature before its projection
+    (Radford et al. 2021, Sec. 2.4); transformers' pooling for ids padded with the end token."""
+    first_end = (input_ids == end_id).int().argmax(dim=1)  # (B,)
+    return hidden[torch.arange(len(hidden), device=hidden.device), first_end]
+
+
+class CLIPTextModel(nn.Module):
+    """SD v1.x's text encoder: the text tower under transformers' name `text_model`; its last hidden
+    state (B, 77, 768) conditions the UNet."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, hidden_size) last hidden state after final_layer_norm."""
+        return self.text_model(input_ids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,24 +12,30 @@
    against our models, and moved to the device before the next model is read.
 weights.md documents the layouts and the errors. `random_stable_diffusion` builds the same models
 with random weights and reads nothing: a look at the tool without the weights, and the benchmarks.
+
+`load_clip(source)` loads CLIP ViT-B/16 (clip_image.py, for naming segments) from the hub repo
+`openai/clip-vit-base-patch16` or a folder in its layout (config.json, model.safetensors, vocab.json,
+merges.txt side by side) through the same steps and checks; `random_clip` builds it with random weights.
 """
 import json
 import sys
 import types
 import typing
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 import files
+from clip_image import CLIP, CLIPConfig, CLIPVisionConfig
 from clip_text import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from unet import FEATURE_LAYER, MODULATED_LAYER, UNet, UNetConfig
 from vae import VAE, VAEConfig
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CLIP_REPO = "openai/clip-vit-base-patch16"
 HUB_TIMEOUT_S = 5  # seconds the hub may take to answer a size request before it counts as unreachable
 
 
@@ -62,12 +68,20 @@ TINY_CONFIGS = dict(unet=UNetConfig(block_out_channels=(32, 32, 64, 64), attenti
 RANDOM_CONFIGS = {"tiny": TINY_CONFIGS, "sd15": {name: config_cls() for name, (_, config_cls) in MODELS.items()}}
 
 
+@contextmanager
+def seeded(seed: int, device):
+    """Random initialisation from `seed`, on `device` (where the model runs; meta: shapes only), the
+    caller's random stream left as it was."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        yield
+
+
 def random_stable_diffusion(size: str = "tiny", device="cpu", dtype=torch.float32, seed: int = 0) -> StableDiffusion:
     """SD v1.x with random weights, built without reading a file: "tiny" (TINY_CONFIGS: seconds on a
     CPU, to see the tool work without the 4 GB of weights) or "sd15" (SD v1.5's configurations: the
     speed of the real model). Its segments mean nothing. The tokenizer knows only the byte symbols."""
-    with torch.random.fork_rng(devices=[]), torch.device(device):  # initialised where they run (meta: shapes only)
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         models = {name: model_cls(RANDOM_CONFIGS[size][name]).to(dtype).eval()
                   for name, (model_cls, _) in MODELS.items()}
     return StableDiffusion(**models, tokenizer=CLIPTokenizer.bytes_only())
@@ -196,34 +210,47 @@ def _first_line(error: Exception) -> str:
 
 # ---- configs ----
 
-def read_config(config_cls, path: Path | None):
-    """The dataclass `config_cls` filled from a config.json file; SD v1.5's defaults where there is none."""
-    if path is None or path_kind(path) is None:
-        return config_cls()
+def read_json(path: Path):
+    """The JSON value of a config file that must be there."""
     try:
-        raw = json.loads(readable_file(path).read_text())
+        return json.loads(readable_file(path).read_text())
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable JSON config ({e})") from None
-    return config_from_dict(config_cls, raw, str(path))
 
 
-def config_from_dict(config_cls, raw: dict, where: str = "config"):
+def read_config(config_cls, path: Path | None):
+    """The dataclass `config_cls` filled from an SD component's config.json file, refusing other model
+    families; SD v1.5's defaults where there is none."""
+    if path is None or path_kind(path) is None:
+        return config_cls()
+    raw = read_json(path)
+    config = config_from_dict(config_cls, raw, str(path))
+    _reject_foreign_config(raw, str(path))
+    return config
+
+
+def config_from_dict(config_cls, raw: dict, where: str = "config", defaults=None):
     """The dataclass `config_cls` from the keys of a diffusers/transformers config it knows: each
-    value checked against its field's annotation (a list becomes a tuple), then the dataclass's own
-    structural rules (its __post_init__)."""
+    value checked against its field's annotation (a list becomes a tuple; a field that is a config
+    itself, CLIP's text_config and vision_config, read so in turn), then the dataclass's own structural
+    rules (its __post_init__). Keys left out keep the values of `defaults` (config_cls()'s)."""
     if not isinstance(raw, dict):
         raise WeightsError(f"{where}: a config must be a JSON object, not {type(raw).__name__}")
+    defaults = config_cls() if defaults is None else defaults
     values = {}
     for name, annotation in typing.get_type_hints(config_cls).items():
-        if name in raw:
-            values[name] = parse_value(annotation, raw[name])
-            if values[name] is INVALID:
-                shown = json.dumps(raw[name], default=repr)
-                raise WeightsError(f"{where}: {name} must be {describe(annotation)}, "
-                                   f"not {shown if len(shown) <= 40 else shown[:37] + '...'}")
-    _reject_foreign_config(raw, where)
+        if name not in raw:
+            continue
+        if is_dataclass(annotation):
+            values[name] = config_from_dict(annotation, raw[name], f"{where} {name}", getattr(defaults, name))
+            continue
+        values[name] = parse_value(annotation, raw[name])
+        if values[name] is INVALID:
+            shown = json.dumps(raw[name], default=repr)
+            raise WeightsError(f"{where}: {name} must be {describe(annotation)}, "
+                               f"not {shown if len(shown) <= 40 else shown[:37] + '...'}")
     try:
-        return config_cls(**values)
+        return replace(defaults, **values)
     except ValueError as e:
         raise WeightsError(f"{where}: {e}") from None
 
@@ -285,7 +312,6 @@ def check_compatible(configs: dict, tokenizer: CLIPTokenizer, where: str):
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
     with torch.device("meta"):  # the layer names only: no memory, no time
         missing_layers = sorted({FEATURE_LAYER, MODULATED_LAYER} - {name for name, _ in UNet(unet).named_modules()})
-    largest_id = max(tokenizer.vocab.values())
     rules = [
         (unet.cross_attention_dim == text.hidden_size,
          f"unet cross_attention_dim {unet.cross_attention_dim} != text_encoder hidden_size {text.hidden_size}"),
@@ -293,15 +319,26 @@ def check_compatible(configs: dict, tokenizer: CLIPTokenizer, where: str):
          f"unet in/out_channels {unet.in_channels}/{unet.out_channels} != vae latent_channels {vae.latent_channels}"),
         (vae.in_channels == vae.out_channels == 3,
          f"vae in/out_channels {vae.in_channels}/{vae.out_channels} != 3 (RGB)"),
-        (text.max_position_embeddings >= tokenizer.max_length,
-         f"text_encoder max_position_embeddings {text.max_position_embeddings} < {tokenizer.max_length} prompt tokens"),
-        (text.vocab_size > largest_id, f"text_encoder vocab_size {text.vocab_size} <= the tokenizer's id {largest_id}"),
+        *tokenizer_rules(text, tokenizer, "text_encoder"),
         (not missing_layers, f"the unet has no {' or '.join(missing_layers)}, which EmerDiff reads and modulates "
                              "(SD v1.x has 4 levels and layers_per_block 2)"),
     ]
+    check_rules(rules, where, "config.json files that do not fit together")
+
+
+def tokenizer_rules(text: CLIPTextConfig, tokenizer: CLIPTokenizer, name: str) -> list[tuple[bool, str]]:
+    """A text tower fits the tokenizer: a position for each of its tokens, a table row for each id."""
+    largest_id = max(tokenizer.vocab.values())
+    return [(text.max_position_embeddings >= tokenizer.max_length,
+             f"{name} max_position_embeddings {text.max_position_embeddings} < {tokenizer.max_length} prompt tokens"),
+            (text.vocab_size > largest_id, f"{name} vocab_size {text.vocab_size} <= the tokenizer's id {largest_id}")]
+
+
+def check_rules(rules: list[tuple[bool, str]], where: str, what: str):
+    """Raise WeightsError with the first of the (holds, message) rules that does not hold."""
     broken = [message for holds, message in rules if not holds]
     if broken:
-        raise WeightsError(f"{where}: config.json files that do not fit together: {broken[0]}")
+        raise WeightsError(f"{where}: {what}: {broken[0]}")
 
 
 # ---- tensors ----
@@ -336,8 +373,14 @@ def build_model(name: str, config, state_dict: dict, where: str, device):
     """Our model `name` for `config`, holding exactly the tensors of `state_dict` (checked), on device."""
     state_dict = normalise_names(name, state_dict)
     _reject_foreign_tensors(state_dict, where)
+    return filled(lambda: MODELS[name][0](config), state_dict, where, device)
+
+
+def filled(make_model, state_dict: dict, where: str, device):
+    """The model `make_model()` builds (on the meta device: no memory), holding exactly the tensors of
+    `state_dict` (checked), on device."""
     with torch.device("meta"):
-        model = MODELS[name][0](config)
+        model = make_model()
     check_tensors(model, state_dict, where)
     model.load_state_dict(state_dict, assign=True)
     return model.to(device).eval().requires_grad_(False)
@@ -345,6 +388,7 @@ def build_model(name: str, config, state_dict: dict, where: str, device):
 
 # Older diffusers VAE files name the mid-block attention by its pre-0.14 names.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+POSITION_IDS = "embeddings.position_ids"  # a buffer (0, 1, 2, ...) older transformers saved with CLIP's weights
 
 
 def normalise_names(name: str, state_dict: dict) -> dict:
@@ -352,7 +396,7 @@ def normalise_names(name: str, state_dict: dict) -> dict:
     very old files leave it out), and rename legacy VAE attention layers."""
     out = {}
     for key, tensor in state_dict.items():
-        if key.endswith("embeddings.position_ids"):
+        if key.endswith(POSITION_IDS):
             continue
         if name == "text_encoder" and not key.startswith("text_model."):
             key = "text_model." + key
@@ -532,3 +576,64 @@ def load_tokenizer(vocab: Path, merges: Path) -> CLIPTokenizer:
         return CLIPTokenizer.from_files(vocab, merges)
     except (ValueError, OSError) as e:
         raise WeightsError(str(e)) from None
+
+
+# ---- CLIP ViT-B/16 (clip_image.py), for naming segments ----
+
+# CLIP ViT-B/16's structure at toy width (the tests' tiny CLIPModel): seconds on a CPU. The two towers and
+# the shared space differ in width, so that a projection applied to the wrong tower cannot pass.
+TINY_CLIP_CONFIG = CLIPConfig(
+    text_config=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
+    vision_config=CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2,
+                                   image_size=32),
+    projection_dim=24)
+RANDOM_CLIP_CONFIGS = {"tiny": TINY_CLIP_CONFIG, "vit-b-16": CLIPConfig()}
+
+
+def random_clip(size: str = "tiny", seed: int = 0, device=None, dtype=torch.float32) -> CLIP:
+    """CLIP with random weights, built without reading a file: "tiny" (TINY_CLIP_CONFIG: seconds on a
+    CPU) or "vit-b-16" (ViT-B/16's widths: the speed of the real model). Its embeddings mean nothing.
+    The tokenizer knows only the byte symbols (ids below 514, within both text vocabularies)."""
+    with seeded(seed, device or "cpu"):
+        clip = CLIP(RANDOM_CLIP_CONFIGS[size], CLIPTokenizer.bytes_only())
+    return clip.to(dtype).eval().requires_grad_(False)
+
+
+# The hub layout of a CLIPModel: everything side by side at the top of the repo.
+CLIP_WEIGHTS = "model.safetensors"
+CLIP_FILES = (CONFIG_FILE, CLIP_WEIGHTS, *TOKENIZER_FILES)
+CLIP_SOURCE_PROBLEMS = {None: "no such file or folder", "file": "a file, not a folder",
+                        "other": files.KIND_PROBLEMS["other"]}
+
+
+def load_clip(source: str | Path = CLIP_REPO, device=None, dtype=torch.float32) -> CLIP:
+    """CLIP from a hub repo id (huggingface_hub's cache, as load_stable_diffusion) or a local folder
+    holding the hub's files: config.json (a CLIPModel's), model.safetensors, vocab.json, merges.txt.
+    The tokenizer and the config are checked before any tensor is read; `device=None` is the CPU."""
+    path = Path(source).expanduser()
+    kind = path_kind(path)
+    if kind == "folder":
+        paths = {name: path / name for name in CLIP_FILES}
+    elif kind or _looks_like_path(str(source)):
+        raise WeightsError(f"{source}: {CLIP_SOURCE_PROBLEMS[kind]} (give a hub repo id, e.g. {CLIP_REPO}, or a "
+                           f"folder holding {', '.join(CLIP_FILES)})")
+    else:
+        paths = hub_files(str(source), list(CLIP_FILES))
+    tokenizer = load_tokenizer(*[paths[name] for name in TOKENIZER_FILES])
+    config = read_clip_config(paths[CONFIG_FILE])
+    check_rules(tokenizer_rules(config.text_config, tokenizer, "text_config"), str(paths[CONFIG_FILE]),
+                "the configuration does not fit the tokenizer")
+    weights = paths[CLIP_WEIGHTS]
+    tensors = read_safetensors(weights, dtype, lambda key: None if key.endswith(POSITION_IDS) else key)
+    return filled(lambda: CLIP(config, tokenizer), tensors, str(weights), device)
+
+
+def read_clip_config(path: Path) -> CLIPConfig:
+    """A CLIPModel's config.json: its text_config and vision_config (ViT-B/16's values for the keys
+    they leave out) and projection_dim."""
+    raw = read_json(path)
+    config = config_from_dict(CLIPConfig, raw, str(path))
+    if not {"text_config", "vision_config"} <= raw.keys():
+        raise WeightsError(f"{path}: not the config of a CLIPModel (no text_config and vision_config; model_type "
+                           f"{raw.get('model_type')!r}): give a CLIP repo such as {CLIP_REPO}")
+    return config

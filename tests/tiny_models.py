@@ -1,12 +1,13 @@
 """Tiny random-weight Stable Diffusion models built by the reference libraries (diffusers,
-transformers) with SD v1.5's architecture at toy width, and saved in the hub's layouts."""
+transformers) with SD v1.5's architecture at toy width, and saved in the hub's layouts; CLIP models
+(transformers' CLIPModel) at ViT-B/16's size and at toy width, likewise."""
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 # SD v1.5's structure (4 levels, 2 resnets per down block, cross-attention in the first three
 # levels, so up_blocks[1] works at 1/32 of the image side) at toy width.
@@ -29,6 +30,19 @@ SD15_VAE = dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers
                 down_block_types=TINY_VAE["down_block_types"], up_block_types=TINY_VAE["up_block_types"])
 SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                  num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+# CLIP ViT-B/16 as the hub's openai/clip-vit-base-patch16 configures it (its text_config keeps the legacy
+# eos_token_id 2, for which transformers pools at each row's largest id), and its structure at toy width
+# (weights.TINY_CLIP_CONFIG; transformers' newer eos_token_id 49407: pooled at the first end token).
+VIT_B_16_CLIP = dict(text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+                                      num_hidden_layers=12, bos_token_id=0, eos_token_id=2, pad_token_id=1),
+                     vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                        num_hidden_layers=12, image_size=224, patch_size=16),
+                     projection_dim=512)
+TINY_CLIP_MODEL = dict(text_config=TINY_CLIP,
+                       vision_config=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                                          num_hidden_layers=2, image_size=32, patch_size=16, hidden_act="quick_gelu"),
+                       projection_dim=24)
 
 
 def randomise(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -61,4 +75,19 @@ def save_diffusers_folder(folder: Path, vocab_dir: Path, models) -> Path:
     (folder / "tokenizer").mkdir(parents=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(vocab_dir / name, folder / "tokenizer" / name)
+    return folder
+
+
+def clip_reference(config: dict, seed: int = 0) -> CLIPModel:
+    """transformers' CLIPModel for `config` with random weights."""
+    torch.manual_seed(seed)
+    return randomise(CLIPModel(CLIPConfig(**config)), seed)
+
+
+def save_clip_folder(folder: Path, vocab_dir: Path, model: CLIPModel) -> Path:
+    """Lay the model out as the hub's openai/clip-vit-base-patch16 repo does: config.json, model.safetensors,
+    vocab.json and merges.txt side by side."""
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(vocab_dir / name, folder / name)
     return folder
