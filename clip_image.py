@@ -140,8 +140,11 @@ class CLIP(nn.Module):
         return self.visual_projection(self.vision_model.post_layernorm(tokens[:, 0]))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """n texts -> (n, D): the text tower's state at each text's end-of-text token, projected."""
+        """n texts -> (n, D): the text tower's state at each text's end-of-text token, projected. The ids are
+        cut after the longest text's end-of-text token: the attention is causal, so no state up to that token
+        sees the padding after it, and a short prompt costs its length, not 77 tokens."""
         ids = self.tokenizer(texts).to(self.text_projection.weight.device)  # (n, 77)
+        ids = ids[:, :int((ids == self.tokenizer.end_id).int().argmax(1).max()) + 1]  # (n, longest + 2)
         return self.text_projection(end_of_text_states(self.text_model(ids), ids, self.tokenizer.end_id))
 
     def dense_features(self, pixels: torch.Tensor, with_keys: bool = False):

@@ -44,7 +44,8 @@ from files import (CLASSES_FILE, EMBEDDINGS_FILE, MASKCLIP_FILE, MAX_RECORD, PRE
 from inputs import (MAX_MASKS, UPSAMPLING, EmerDiffError, Job, all_jobs, check_options, denoising_in_words, fixed_size,
                     open_image, to_rgb, upright_size, working_size)
 import page
-from vocabulary import CLIP_REPO, KEY_SMOOTHING, PROMPT_DENOISING, RANDOM_CLIP, Namer
+from vocabulary import KEY_SMOOTHING, PROMPT_DENOISING, RANDOM_CLIP, Namer
+from weights import CLIP_REPO
 
 # ---- Options ----
 
@@ -325,10 +326,13 @@ def run_record(job: Job, args, options: dict, dtype: torch.dtype, namer: Namer |
 
 def weights_source(args) -> str:
     """The weights a run uses: a local path resolved, a hub id as given, or the random tiny model."""
-    if args.random_weights:
-        return RANDOM_WEIGHTS
-    weights = Path(args.weights).expanduser()
-    return str(weights.resolve()) if weights.exists() else args.weights
+    return RANDOM_WEIGHTS if args.random_weights else local_or_hub(args.weights)
+
+
+def local_or_hub(source: str) -> str:
+    """A local path resolved, a hub id as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
 
 
 def saved_result(folder: Path, record: dict) -> dict | None:
@@ -350,7 +354,8 @@ def run(args, summary: Summary, rank: int = 0, world: int = 1) -> dict | None:
     summary.json, or None where it wrote only its part of a torchrun's (write_summary)."""
     options = method_options(args)
     namer = None if args.classes is None else Namer.checked(
-        args.classes, RANDOM_CLIP if args.random_weights else args.clip, args.key_smoothing, args.prompt_denoising)
+        args.classes, RANDOM_CLIP if args.random_weights else local_or_hub(args.clip), args.key_smoothing,
+        args.prompt_denoising)
     if args.random_weights and (args.variant or args.config_dir):
         raise EmerDiffError("--variant and --config-dir go with --weights, not with --random-weights")
     every = all_jobs(args, note)
@@ -392,19 +397,19 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args,
     summary.seconds_before = [sum(result["seconds"].values()) for result in saved.values() if result is not None]
     summary.skipped = len(jobs) - len(todo)
     if args.random_weights:
-        note("--random-weights: a tiny model with random weights; its segments mean nothing, the run shows "
-             "the files emerdiff writes (README, Set-up, for the real weights)")
+        note("--random-weights: a tiny model with random weights (and a tiny CLIP for --classes); its segments mean "
+             "nothing, the run shows the files emerdiff writes (README, Set-up, for the real weights)")
     if summary.skipped:
         note(f"{summary.skipped} of {len(jobs)} images already done with these options (--overwrite redoes them)")
     if not todo:
         return
-    sd = (random_stable_diffusion("tiny", device, dtype) if args.random_weights else
-          load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
-                                config_dir=args.config_dir))
-    if namer:  # the class names embedded once, for every image
+    if namer:  # CLIP first (the smaller download), and the class names embedded once, for every image
         with showing_progress(not args.quiet):
             namer.load(random_clip("tiny", device=device, dtype=dtype) if args.random_weights else
                        load_clip(args.clip, device=device, dtype=dtype))
+    sd = (random_stable_diffusion("tiny", device, dtype) if args.random_weights else
+          load_stable_diffusion(args.weights, device=device, dtype=dtype, variant=args.variant,
+                                config_dir=args.config_dir))
     for job in tqdm(todo, desc="images", unit="image", disable=args.quiet or len(todo) <= 1 or not announce):
         try:
             summary.seconds.append(segment_file(job, out / job.name, sd, options, records[job], args, namer, announce))

@@ -254,7 +254,7 @@ class Naming:
         pictures = {MASKCLIP_FILE: Image.fromarray(self.maskclip_labels),  # uint16: mode "I;16"
                     page.NAMED: page.named_picture(image, self.labels(segments), self.classes)}
         return ({CLASSES_FILE: lambda path: path.write_text(record, encoding="utf-8")} |
-                {name: lambda path, p=picture: p.save(path, format="PNG") for name, p in pictures.items()})
+                {name: lambda path, p=p: p.save(path, format="PNG") for name, p in pictures.items()})
 
 
 def name_segments(image, labels: np.ndarray, clip, classes, *, size="auto", text: torch.Tensor | None = None,
@@ -277,7 +277,6 @@ def name_segments(image, labels: np.ndarray, clip, classes, *, size="auto", text
 
 # ---- A run's naming (the command line's --classes) ----
 
-CLIP_REPO = "openai/clip-vit-base-patch16"  # MaskCLIP's CLIP (weights.md)
 RANDOM_CLIP = "random: the tiny CLIP of weights.random_clip, seed 0"
 
 

@@ -97,3 +97,10 @@ def sd(tiny_sd_dir):
     """Our models, loaded from the tiny folder by the project's own loader (read-only in tests)."""
     from weights import load_stable_diffusion
     return load_stable_diffusion(tiny_sd_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, clip_vocab_dir):
+    """A folder in the hub's openai/clip-vit-base-patch16 layout (saved by transformers) holding a tiny CLIP."""
+    from tiny_models import TINY_CLIP_MODEL, clip_reference, save_clip_folder
+    return save_clip_folder(tmp_path_factory.mktemp("tiny_clip"), clip_vocab_dir, clip_reference(TINY_CLIP_MODEL, 5))

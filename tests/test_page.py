@@ -293,6 +293,26 @@ def test_the_page_shows_the_named_rows_and_the_459_classes(chromium, tmp_path):
     assert not tab.errors and not tab.requests
 
 
+def test_the_page_names_each_segment_on_its_tile_and_in_its_legend(chromium, tmp_path):
+    """A run with --classes: the tile lists the classes its segments took, the legend says each segment's class
+    (as run.json's names, which test_named checks against classes.json), and named.png is shown."""
+    out = tmp_path / "out"
+    save_image(tmp_path / "cat.png", (80, 64))
+    assert runner.main(["--image", str(tmp_path / "cat.png"), "--out", str(out), "--classes", "cat, <sky> & grass",
+                        *TINY]) == 0
+    names = json.loads((out / "cat" / "run.json").read_text())["result"]["names"]
+    tab = Watched(chromium)
+    browser_page = tab.open(out / "index.html")
+    assert browser_page.locator(".tile .names").text_content() == " · ".join(dict.fromkeys(n for n in names if n))
+    browser_page.locator(".tile").first.click()
+    browser_page.wait_for_selector("#legend li")
+    legend = browser_page.locator("#legend li").all_text_contents()
+    assert [text.split(" · ")[-1] if " · " in text else None for text in legend] == names
+    assert browser_page.locator("#v-named").get_attribute("src").endswith("cat/named.png")
+    browser_page.wait_for_function("document.getElementById('v-named').naturalWidth > 80")  # loaded, legend beside
+    assert not tab.errors and not tab.requests
+
+
 def page_screenshot(browser_page, path):
     browser_page.screenshot(path=str(path))
     return path
