@@ -398,7 +398,7 @@ def segment_jobs(jobs: list[Job], out: Path, options: dict, device, dtype, args,
     summary.skipped = len(jobs) - len(todo)
     if args.random_weights:
         note("--random-weights: a tiny model with random weights (and a tiny CLIP for --classes); its segments mean "
-             "nothing, the run shows the files emerdiff writes (README, Set-up, for the real weights)")
+             "nothing, the run shows the files emerdiff writes (README, With SD v1.5, for the real weights)")
     if summary.skipped:
         note(f"{summary.skipped} of {len(jobs)} images already done with these options (--overwrite redoes them)")
     if not todo:
