@@ -4,12 +4,13 @@ One HTML file, its CSS and JavaScript inline, that opens from disk (file://) in 
 offline: no network request, no framework, relative links to the pictures the run wrote. It shows
 
 - the gallery: one tile per complete image folder, the run's and those earlier runs made (its overlay,
-  loaded lazily; name, segments, seconds; the options it was made with where they differ from the run's;
+  loaded lazily; name, segments, seconds; with --classes the classes its segments took; the options it was made with where they differ from the run's;
   its scores once evaluate.py has scored the folder), sortable by name, score (worst first) or seconds;
   the failed images with their reasons; the run's options and totals (how many images this run made, how
   many were made before); the dataset's scores per protocol and class;
-- one image: input, overlay, labels, the low-resolution masks (and the ground truth once scored) side by
-  side, a legend of segment colours and areas (and the class each segment was matched to). Hovering a
+- one image: input, overlay, labels, the low-resolution masks (and the ground truth once scored; named.png with
+  --classes) side by side, a legend of segment colours and areas (with --classes each segment's class name; once
+  scored, the class each segment was matched to). Hovering a
   segment, in any view or the legend, highlights it in every view and shows its difference map
   (with --save-diffmaps); a click pins it; the arrow keys go to the next image, Escape back.
 
