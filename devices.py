@@ -35,6 +35,7 @@ SPEED = dict(batch_size="auto", compile=False, plain=False)
 CPU_BATCH_SIZES = (16, 2)
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what "auto" may fill (H200, `python tools/bench.py cuda`)
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
+COMPILE_BACKEND = "inductor"  # torch.compile's (the tests count compilations with "eager", traced alike in seconds)
 
 
 # ---- Device and precision ----
@@ -173,7 +174,7 @@ def compiled(sd):
     if not getattr(sd.unet, "compiled", False):
         for module in [*sd.unet.modules(), sd.vae.decoder]:
             if isinstance(module, (ResnetBlock2D, FeedForward)) or module is sd.vae.decoder:
-                module.compile(dynamic=False)
+                module.compile(backend=COMPILE_BACKEND, dynamic=False)
         sd.unet.compiled = True
     limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
     with torch._dynamo.config.patch(recompile_limit=limit):
