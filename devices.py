@@ -35,6 +35,7 @@ SPEED = dict(batch_size="auto", compile=False, plain=False)
 CPU_BATCH_SIZES = (16, 2)
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what "auto" may fill (H200, `python tools/bench.py cuda`)
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
+COMPILE_BACKEND = "inductor"  # torch.compile's (the tests count compilations with "eager", traced alike in seconds)
 
 
 # ---- Device and precision ----
@@ -107,7 +108,8 @@ def speed_settings(sd, height: int, width: int, o: dict):
     CPU the C library keeps the memory it frees (freed_memory_kept); speed.py's layers, or torch.compile
     of the plain ones. Then the batch sizes (on CUDA probed in that layout). On leaving, the layers'
     classes, the memory layout and the allocator are as they were, and the freed memory is handed back;
-    only compilation stays with the model (a compiled model is reused by later calls)."""
+    only compilation stays with the model (a compiled model is reused by later calls, with the batch
+    sizes it took for each image size)."""
     options, device = o["speed"], model_device_dtype(sd)[0]
     with ExitStack() as settings:
         if not options["plain"]:
@@ -168,13 +170,14 @@ def freed_memory_kept():
 def compiled(sd):
     """torch.compile the UNet's blocks without hooks (resnets and feed-forwards) and the VAE decoder, once
     per model: the compiled blocks stay with it, for later calls. Shapes are static, so each batch size
-    compiles on its first call (minutes; whether that pays is measured in docs/speed.md). Inside the
-    block torch may specialise for COMPILED_SHAPES shapes."""
-    if not getattr(sd.unet, "compiled", False):
+    compiles on its first call (minutes; whether that pays is measured in docs/speed.md); the model keeps
+    the batch sizes of each image size's first image (batch_sizes), so that later images of a size compile
+    nothing. Inside the block torch may specialise for COMPILED_SHAPES shapes."""
+    if not hasattr(sd.unet, "compiled_batch_sizes"):
         for module in [*sd.unet.modules(), sd.vae.decoder]:
             if isinstance(module, (ResnetBlock2D, FeedForward)) or module is sd.vae.decoder:
-                module.compile(dynamic=False)
-        sd.unet.compiled = True
+                module.compile(backend=COMPILE_BACKEND, dynamic=False)
+        sd.unet.compiled_batch_sizes = {}  # marks the model compiled; batch_sizes keeps each size's in it
     limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
     with torch._dynamo.config.patch(recompile_limit=limit):
         yield
@@ -199,15 +202,22 @@ def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     speed's batch_size an int (both), such a pair, or "auto".
 
     "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
-    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES."""
+    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES. A compiled
+    model probes once per image size and keeps the answer: the free memory moves between images, and
+    another batch size would be new static shapes, compiled again (minutes on a GPU). The probes run
+    uncompiled: their calls of 1 and 2 images are not the run's shapes."""
     size = o["speed"]["batch_size"]
     if size != "auto":
         return (size, size) if is_int(size) else tuple(size)
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
         return CPU_BATCH_SIZES
-    return auto_batch_sizes(sd, latent_shape(sd, height, width), runs=2 * o["masks"],
-                            steps=len(sampler.timesteps_until(o["t_m"], o["steps"])))
+    probe = latent_shape(sd, height, width), 2 * o["masks"], len(sampler.timesteps_until(o["t_m"], o["steps"]))
+    kept = getattr(sd.unet, "compiled_batch_sizes", {})  # a compiled model keeps them (compiled); others probe anew
+    if probe not in kept:
+        with torch.compiler.set_stance("force_eager"):
+            kept[probe] = auto_batch_sizes(sd, *probe)
+    return kept[probe]
 
 
 def free_cuda_memory(device) -> int:
@@ -236,7 +246,7 @@ def fixed_and_per_image(call, device) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def auto_batch_sizes(sd, shape, *, runs: int, steps: int) -> tuple[int, int]:
+def auto_batch_sizes(sd, shape, runs: int, steps: int) -> tuple[int, int]:
     """The largest batches that fit in MEMORY_HEADROOM of the free CUDA memory, measured at the
     start by probes at this image's size: one recording UNet call (the attention record's bytes
     per step, kept through the modulated runs and the decoding), one modulated UNet step and one

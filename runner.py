@@ -119,8 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"memory free at the start; elsewhere {CPU_BATCH_SIZES[0]} runs and {CPU_BATCH_SIZES[1]} decodes); "
                    "lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and VAE decoder (the plain path): minutes at the start; slower "
-                   "on the CPU and the GPU measured (docs/speed.md)")
+                   help="torch.compile the UNet and VAE decoder (the plain path): minutes at the first image of "
+                   "each size; slower on the CPU and the GPU measured (docs/speed.md)")
     p.add_argument("--plain", action="store_true",
                    help="the plain PyTorch path: no speed setting (speed.py's Winograd convolutions and shared "
                    "attention, the allocator setting, channels_last on CUDA); not with --compile; for comparison "
