@@ -30,9 +30,9 @@ from unet import FeedForward, ResnetBlock2D
 SPEED = dict(batch_size="auto", compile=False, plain=False)
 # Measured constants (docs/speed.md, Measured constants, has each measurement whole):
 # batch_size "auto" off CUDA: UNet images per call (the fastest per image of 1 to 16 on the AVX2 CPU,
-# `python tools/bench.py profile`), decodes per call (one +- pair: at 512x512 on the AVX-512 CPU faster per
-# image than 4 or 8, in a tenth of 8's memory)
-CPU_BATCH_SIZES = (16, 2)
+# `python tools/bench.py profile`), decodes per call (one image: at 512x512 on the AVX2 CPU 10.7 s an image
+# against 14.8 s a pair, peak 11.2 GB against 13.8; on the AVX-512 CPU a pair was faster per image than 4 or 8)
+CPU_BATCH_SIZES = (16, 1)
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what "auto" may fill (H200, `python tools/bench.py cuda`)
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
 COMPILE_BACKEND = "inductor"  # torch.compile's (the tests count compilations with "eager", traced alike in seconds)
@@ -164,6 +164,14 @@ def freed_memory_kept():
         for parameter, value in GLIBC_DEFAULTS.items():
             libc.mallopt(parameter, value)
         libc.malloc_trim(0)
+
+
+def hand_back_freed_memory():
+    """Inside freed_memory_kept, hand the memory freed so far back to the system (malloc_trim) at a change of work
+    whose blocks differ in size: kept, the modulated runs' freed blocks cannot serve the decoder's, which would take
+    new memory beside them (512x512: a peak of 16.8 GB against 11 GB handed back; docs/speed.md). Elsewhere nothing."""
+    if kept_depth:
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @contextmanager

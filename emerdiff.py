@@ -291,16 +291,16 @@ def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float
     The blur comes before the norm, as in the authors' notebook, which blurs both decoded images
     and then takes the norm of their difference; the blur is linear, so here the difference is
     blurred once. (Blurring the map after the norm would give other maps: the norm is not linear.)
-    All 2K runs go through the UNet in batches of at most `batch_size` runs, then the VAE decoder in
-    batches of `decode_batch_size` images (default: batch_size), rounded down to whole +- pairs.
+    All 2K runs go through the UNet, `batch_size` runs a call, then the VAE decoder, `decode_batch_size` images a call
+    (default: batch_size; whole +- pairs, or one image), the memory the runs freed handed back to the system between.
     """
     latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection, batch_size=batch_size)
-    pairs = latents.unflatten(0, (-1, 2))  # (K, 2, 4, h, w): the latents of I-_i and I+_i
+    devices.hand_back_freed_memory()  # the decoder's blocks are of other sizes than the UNet's: docs/speed.md
+    per_call, maps = decode_batch_size or batch_size, []
     _, dtype = devices.model_device_dtype(sd)
-    maps = []
-    for batch in progress_bar(pairs.split(max(1, (decode_batch_size or batch_size) // 2)), desc="decoding"):
-        images = sd.vae.decode(batch.flatten(0, 1).to(dtype)).float().unflatten(0, (-1, 2))  # (m, 2, 3, H, W)
-        maps.append(gaussian_blur(images[:, 0] - images[:, 1], *blur).norm(dim=1))
+    for pairs in progress_bar(latents.split(2 * max(1, per_call // 2)), desc="decoding"):  # I-_i, I+_i, I-_j, ...
+        images = torch.cat([sd.vae.decode(x.to(dtype)) for x in pairs.split(per_call)]).float()
+        maps.append(gaussian_blur(images[0::2] - images[1::2], *blur).norm(dim=1))  # (m, H, W)
     return torch.cat(maps)
 
 

@@ -231,8 +231,10 @@ def test_difference_maps_match_a_diffusers_reference(sd, inversion, masks, refer
     assert (ours - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
-def test_batched_maps_equal_a_plain_loop(sd, inversion, masks):
-    batched = difference_maps(sd, inversion, masks, lam=10.0, batch_size=6)  # 3 pairs a batch: 2 batches
+@pytest.mark.parametrize("decodes", [None, 1], ids=["pairs", "one-image-a-call"])
+def test_batched_maps_equal_a_plain_loop(sd, inversion, masks, decodes):
+    batched = difference_maps(sd, inversion, masks, lam=10.0, batch_size=6,  # 3 pairs a batch: 2 batches
+                              decode_batch_size=decodes)
     plain = []
     for mask in masks:
         images = []

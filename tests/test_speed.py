@@ -408,6 +408,26 @@ def test_segment_hands_freed_memory_back_when_it_returns():
     assert before > 0.9 * 2 ** 28 and after > 0.9 * 2 ** 28, (before, after)
 
 
+MEMORY_HANDED_BACK_BETWEEN_STAGES = HEAP + """
+import devices
+with devices.freed_memory_kept():
+    kept = touched_and_freed(2 ** 28)
+    before = resident()
+    devices.hand_back_freed_memory()
+    print(kept, before - resident())
+"""
+
+
+def test_the_memory_freed_inside_the_setting_is_handed_back_between_the_runs_and_the_decodes():
+    """devices.hand_back_freed_memory, which difference_maps calls between the modulated runs and the decodes:
+    a freed 256 MB block that the setting kept goes back to the system (in a new process)."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_HANDED_BACK_BETWEEN_STAGES], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    kept, handed_back = map(int, out.split())
+    if platform.libc_ver()[0] == "glibc":
+        assert kept < 2 ** 24 and handed_back > 0.9 * 2 ** 28, (kept, handed_back)
+
+
 def test_segment_and_the_estimate_keep_freed_memory_on_the_cpu_unless_plain(sd, monkeypatch):
     """segment() and devices.estimate (timed before the first image) run under the same speed settings:
     on the CPU the allocator keeps freed memory for the call; speed=dict(plain=True) sets nothing."""
