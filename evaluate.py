@@ -684,8 +684,9 @@ def image_result(sample: Sample, folder: Path, dataset: str, n_class: int, resol
     saved = saved_ground_truth(folder, gt, class_colours(dataset, n_class), ignore)
     labels = prediction(folder / PREDICTION_FILE, gt.shape[::-1])
     scored_gt, pred = scored_pair(gt, labels, resolution)
-    # its segments' columns only: padded to PASCAL-Context-459's classes, 1.7 MB an image, 8.6 GB for its val set
-    hist = confusion(scored_gt, pred, n_class, ignore)[:, :int(pred.max()) + 1]
+    # its segments' columns only, a copy (a slice would keep the whole matrix alive): padded to PASCAL-Context-459's
+    # classes, 1.7 MB an image, 8.6 GB for its val set
+    hist = confusion(scored_gt, pred, n_class, ignore)[:, :int(pred.max()) + 1].copy()
     named = {name: counts_of(confusion(*scored_pair(gt, ids, resolution), n_class, ignore))
              for name, ids in named_predictions(folder, labels, dataset, n_class, protocols).items()}
     if not protocols & EMBEDDING_PROTOCOLS:

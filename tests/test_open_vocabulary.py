@@ -161,6 +161,7 @@ def test_an_image_keeps_a_column_per_segment_not_per_class(tmp_path):
     sample = dataset_samples("pascal-context-459", tmp_path / "pascal_ctx_d2")[1]
     result = evaluate.image_result(sample, tmp_path / "pred" / sample.stem, "pascal-context-459", 459, "native", set())
     assert result.hist.shape == (459, 3)  # segments 0..2
+    assert result.hist.base is None and result.hist.nbytes == 459 * 3 * 8  # no view of a 459-column matrix
 
 
 def test_a_label_map_that_is_not_16_bit(capsys, tmp_path):
