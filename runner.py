@@ -473,8 +473,9 @@ def segment_file(job: Job, folder: Path, sd, options: dict, record: dict, args, 
         torch.cuda.reset_peak_memory_stats(device)
     seg = segment(image, sd, progress=not args.quiet, **options)
     clock = time.perf_counter()
-    named, names = namer.files(image, seg.labels, options["size"]) if namer else ({}, None)
+    named, names = {}, None
     if namer:
+        named, names = namer.files(image, seg.labels, options["size"])
         seg.seconds["naming"], clock = time.perf_counter() - clock, time.perf_counter()
     files = output_files(seg, image, args.save_diffmaps) | named
     result = {"segments": int(seg.labels.max()) + 1, "seconds": seg.seconds, "files": sorted(files),

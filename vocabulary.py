@@ -293,10 +293,10 @@ class Namer:
     @classmethod
     def checked(cls, given: str, clip_source: str, key_smoothing: float | None, prompt_denoising: float | None):
         """The naming --classes asks for, every option checked (before any weights load)."""
-        for option, value in (("--key-smoothing", key_smoothing), ("--prompt-denoising", prompt_denoising)):
+        for option, value, maskclips in (("--key-smoothing", key_smoothing, KEY_SMOOTHING),
+                                         ("--prompt-denoising", prompt_denoising, PROMPT_DENOISING)):
             if value is not None and not 0 < value <= 1:
-                raise EmerDiffError(f"{option} {value}: a probability threshold in (0, 1] (MaskCLIP's: "
-                                    f"{KEY_SMOOTHING if option == '--key-smoothing' else PROMPT_DENOISING})")
+                raise EmerDiffError(f"{option} {value}: a probability threshold in (0, 1] (MaskCLIP's: {maskclips})")
         classes, vocabulary = class_names(given)
         return cls(classes, vocabulary, {"key_smoothing": key_smoothing, "prompt_denoising": prompt_denoising,
                                          "clip": clip_source})
