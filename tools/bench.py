@@ -4,7 +4,7 @@
     python tools/bench.py profile --size 512                  # a modulated step against a diffusers UNet call, by operator
     python tools/bench.py method --preset cpu --json m.json  # segment() against the authors' notebook approach, per stage
     python tools/bench.py method --preset gpu --json m.json  # the same at 512x512, K = 25, 100 draws, on CUDA
-    python tools/bench.py precision                          # float16 / bfloat16 against float32 on the tests' tiny model
+    python tools/bench.py precision --half bfloat16          # bfloat16 (and float16) against float32, stage by stage
     python tools/bench.py time --size 256 512                # seconds per image, measured with K = 4 and scaled to the defaults
     python tools/bench.py cuda --json c.json                 # CUDA: the defaults on a 12 GB card; no host sync in the loop
     python tools/bench.py compile --preset gpu --json k.json # torch.compile: what it costs and gains, per image
@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent  # the project's files: one folder up
 sys.path.insert(0, str(ROOT))
@@ -445,6 +447,7 @@ def contender_rounds(name: str, args, o, device) -> dict:
     meter = Meter()
     sd = load_models(args, device, torch.float32)
     run = (OurPipeline if pipeline == "ours" else NotebookPipeline)(sd, getattr(torch, dtype), meter)
+    del sd  # the notebook's process holds diffusers' copies of the models alone, as the notebook does
     result = dict(seconds={stage: [] for stage in STAGES})
     for rep in range(args.repeats + 1):
         meter.reset(count_flops=rep == 0)
@@ -455,6 +458,7 @@ def contender_rounds(name: str, args, o, device) -> dict:
             result["counts"] = {stage: dict(meter.stages[stage]) for stage in STAGES}
             result["maps"] = maps.float().cpu()
         print(f"round {rep} {name}: {sum(seconds.values()):.1f} s", file=sys.stderr, flush=True)
+    result["peak_resident_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
     return result
 
 
@@ -475,7 +479,8 @@ def method_report(results, args, o, device, load) -> dict:
                                 round_totals_seconds=[sum(t) for t in zip(*r["seconds"].values())],  # round 0: warm-up
                                 label_agreement_with_ours=matched_agreement(r["maps"].argmax(0), ours_maps.argmax(0),
                                                                             len(ours_maps)),
-                                max_map_difference_to_ours=relative_difference(r["maps"], ours_maps))
+                                max_map_difference_to_ours=relative_difference(r["maps"], ours_maps),
+                                peak_resident_gb=r["peak_resident_gb"])
     ours_at_defaults = contenders[ours_name]["seconds_scaled_to_defaults"]["total"]
     ratios = {name: {key: c["total"][key] / max(contenders[ours_name]["total"][key], 1e-12)
                      for key in ("seconds", "unet_calls", "unet_images", "flops")}
@@ -496,7 +501,8 @@ def print_method(report):
             print(f"{name:<22}{stage:<12}{s['seconds']:>9.2f}{s['unet_calls']:>12}{s['unet_images']:>13}"
                   f"{s['flops'] / 1e12:>9.2f}")
         print(f"{'':<22}labels agree with ours on {c['label_agreement_with_ours']:.1%} of the pixels "
-              f"(maps differ by {c['max_map_difference_to_ours']:.1e} of their maximum)")
+              f"(maps differ by {c['max_map_difference_to_ours']:.1e} of their maximum); "
+              f"at most {c['peak_resident_gb']:.2f} GB resident")
     for name, r in report["ratio_to_ours"].items():
         print(f"{name} / ours: " + ", ".join(f"{key} {value:.2f}" for key, value in r.items()))
     print("scaled to the defaults (K = 25, 100 draws; features by the draws, modulation by the masks): "
@@ -576,38 +582,121 @@ def matched_agreement(labels, reference, k) -> float:
     return overlap[rows, cols].sum().item() / labels.numel()
 
 
+ATEN = torch.ops.aten
+PRODUCTS = {ATEN.mm.default, ATEN.addmm.default, ATEN.bmm.default, ATEN.baddbmm.default, ATEN.convolution.default}
+FLASH_ATTENTION = ATEN._scaled_dot_product_flash_attention_for_cpu.default
+HALF = (torch.bfloat16, torch.float16)
+
+
+class HalfArithmetic(TorchDispatchMode):
+    """Half-precision arithmetic at about float32's speed on a CPU without instructions for it: what
+    PyTorch's half kernels compute, by other means. Those kernels (oneDNN's where the CPU has AVX-512
+    BF16/FP16 or AMX, PyTorch's reference ones elsewhere, dozens of times slower) multiply half inputs,
+    sum the products in float32 and round the sum to half once. Here the matrix products and
+    convolutions of half tensors are computed in float32 from the same half inputs (exactly: every half
+    value is a float32 value) and rounded to half once; SDPA as PyTorch's CPU flash kernel computes it:
+    the scores, their maximum and the softmax's sums in float32, the exponentials rounded to half before
+    they weight the values. Every other operator runs PyTorch's own half kernel. Only the order of the
+    sums differs (tests/test_bench.py checks the tiny models against PyTorch's own half kernels)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in PRODUCTS and func is not FLASH_ATTENTION:
+            return func(*args, **kwargs)
+        half = {a.dtype for a in args if isinstance(a, torch.Tensor)} & set(HALF)
+        if not half:
+            return func(*args, **kwargs)
+        (dtype,) = half
+        if func is FLASH_ATTENTION:
+            return flash_attention(*args[:3], dtype, scale=kwargs.get("scale"))
+        widened = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        return func(*widened, **kwargs).to(dtype)
+
+
+def flash_attention(q, k, v, dtype, scale=None, block: int = 256):
+    """softmax(q k^T * scale) v of half tensors (B, heads, N, d) as PyTorch's CPU flash kernel computes it,
+    `block` queries at a time -> (output in half, logsumexp in float32), the kernel's two results."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    k, v = k.float(), v.float()
+    for start in range(0, q.shape[-2], block):
+        scores = q[..., start:start + block, :].float() @ k.transpose(-1, -2) * scale  # (B, heads, block, M)
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - top)
+        sums = weights.sum(-1, keepdim=True)
+        out[..., start:start + block, :] = (weights.to(dtype).float() @ v / sums).to(dtype)
+        logsumexp[..., start:start + block] = (top + sums.log()).squeeze(-1)
+    return out, logsumexp
+
+
+def half_arithmetic(device, dtype):
+    """Where `dtype` runs by PyTorch's own kernels: "native"; on a CPU without instructions for it: "emulated"."""
+    return "emulated" if device.type == "cpu" and not devices.cpu_computes(dtype) else "native"
+
+
+def method_stages(sd, pixels, grid, args, masks=None) -> dict:
+    """The method's stages on `sd`, each from its own generator seeded alike: the latents, the features, the
+    low-resolution masks (k-means), then the difference maps from `masks` (else its own) and their labels;
+    and the seconds of each."""
+    seeded = lambda: torch.Generator().manual_seed(42)  # noqa: E731
+    watch, k = Stopwatch(pixels.device), args.masks
+    runs, decodes = devices.CPU_BATCH_SIZES if pixels.device.type == "cpu" else (2 * k, 2)
+    x0 = emerdiff.encode(sd, pixels)
+    watch.lap("encoding")
+    features = emerdiff.extract_features(sd, x0, samples=args.feature_samples, generator=seeded(), batch_size=runs)
+    watch.lap("features")
+    low_res, _ = emerdiff.kmeans(features, k, n_init=10, generator=seeded())
+    watch.lap("k-means")
+    masks = emerdiff.low_resolution_masks(low_res, grid, k) if masks is None else masks
+    inversion = emerdiff.invert(sd, x0, generator=seeded(), batch_size=runs)
+    maps = emerdiff.difference_maps(sd, inversion, masks, batch_size=runs, decode_batch_size=decodes)
+    watch.lap("modulation")
+    return dict(latents=x0, features=features, low_res=low_res, masks=masks, maps=maps, seconds=watch.seconds)
+
+
+def compared_stages(half: dict, reference: dict, k: int) -> dict:
+    """Each stage of a half-precision run against float32's: the latents and features (largest
+    difference relative to their maximum), the low-resolution masks (cells in the same cluster, up to
+    the clusters' numbering), the difference maps from float32's masks (largest and mean difference
+    relative to their maximum) and their labels (pixels with the same label)."""
+    maps, reference_maps = half["maps"], reference["maps"]
+    return dict(latents=relative_difference(half["latents"], reference["latents"]),
+                features=relative_difference(half["features"], reference["features"]),
+                low_res_agreement=matched_agreement(half["low_res"], reference["low_res"], k),
+                max_map_difference=relative_difference(maps, reference_maps),
+                mean_map_difference=((maps - reference_maps).abs().mean() / reference_maps.abs().max()).item(),
+                label_agreement=(maps.argmax(0) == reference_maps.argmax(0)).float().mean().item())
+
+
 @torch.no_grad()
-def bench_precision(args, _device, _dtype):
-    """float16 and bfloat16 against float32 on the CPU, step by step: the low-resolution masks
-    (cells in the same cluster, up to the clusters' numbering), then, from float32's masks, the
-    difference maps (largest difference relative to their maximum) and the labels (pixels with
-    the same label)."""
-    tiny = tiny_stable_diffusion()
+def bench_precision(args, device, _dtype):
+    """float16 and bfloat16 (--half) against float32, stage by stage (compared_stages), on SD v1.5's
+    size with random weights (or --weights; --tiny: the tests' tiny model) at each --size with K =
+    --masks and --feature-samples draws. Where the CPU has no instructions for a half type its
+    arithmetic is emulated (HalfArithmetic): the agreement, not the speed, is what this measures."""
+    reference = tiny_stable_diffusion() if args.tiny else load_models(args, device, torch.float32)
     rows = []
-    for size, k in ((128, 4), (256, 8)):
-        pixels, _ = emerdiff.load_image(args.image, size)
-        grid = feature_grid(size, size)
-        seeded = lambda: torch.Generator().manual_seed(42)
-        results = {}
-        for name in ("float32", "float16", "bfloat16"):
-            sd = tiny if name == "float32" else converted(tiny, getattr(torch, name))
-            x0 = emerdiff.encode(sd, pixels)
-            features = emerdiff.extract_features(sd, x0, samples=8, generator=seeded())
-            low_res, _ = emerdiff.kmeans(features, k, n_init=10, generator=seeded())
-            masks = emerdiff.low_resolution_masks(results["float32"][0] if results else low_res, grid, k)
-            maps = emerdiff.difference_maps(sd, emerdiff.invert(sd, x0, generator=seeded()), masks)
-            results[name] = (low_res, maps)
-        (reference_low_res, reference_maps) = results.pop("float32")
-        for name, (low_res, maps) in results.items():
-            rows.append(dict(dtype=name, size=size, masks=k,
-                             low_res_agreement=matched_agreement(low_res, reference_low_res, k),
-                             max_map_difference=relative_difference(maps, reference_maps),
-                             label_agreement=(maps.argmax(0) == reference_maps.argmax(0)).float().mean().item()))
+    for size in args.size:
+        pixels = emerdiff.load_image(args.image, size)[0].to(device)
+        grid = feature_grid(*pixels.shape[-2:])
+        float32 = method_stages(reference, pixels, grid, args)
+        for name in args.half:
+            dtype = getattr(torch, name)
+            arithmetic = half_arithmetic(device, dtype)
+            with HalfArithmetic() if arithmetic == "emulated" else nullcontext():
+                half = method_stages(converted(reference, dtype), pixels, grid, args, masks=float32["masks"])
+            rows.append(dict(dtype=name, arithmetic=arithmetic, size=size, masks=args.masks,
+                             feature_samples=args.feature_samples, seconds=half["seconds"],
+                             float32_seconds=float32["seconds"], **compared_stages(half, float32, args.masks)))
             r = rows[-1]
-            print(f"{name:<9} {size}x{size}, K = {k:<3} low-resolution masks agree on {r['low_res_agreement']:.1%} "
-                  f"of the cells; from the same masks, maps differ by {r['max_map_difference']:.1e} of their "
-                  f"maximum, labels agree on {r['label_agreement']:.1%} of the pixels")
-    return dict(command="precision", image=str(args.image), rows=rows)
+            print(f"{name:<9} ({arithmetic}) {size}x{size}, K = {args.masks}, {args.feature_samples} draws: latents within "
+                  f"{r['latents']:.1e} and features within {r['features']:.1e} of their maximum, low-resolution masks "
+                  f"agree on {r['low_res_agreement']:.1%} of the cells; from float32's masks, maps differ by at most "
+                  f"{r['max_map_difference']:.1e} of their maximum (mean {r['mean_map_difference']:.1e}), labels "
+                  f"agree on {r['label_agreement']:.1%} of the pixels")
+    model = "tiny (tests)" if args.tiny else args.weights or "random SD v1.5-size"
+    return dict(command="precision", model=model, device=str(device), image=str(args.image), rows=rows)
 
 
 # ---- python tools/bench.py time: seconds per image, measured and extrapolated to the defaults ----
@@ -722,7 +811,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="method, compile: the device, sizes and options")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--size", type=int, nargs="+", default=[512], help="models, profile: image sides in pixels; convolutions: the first")
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="models, profile, precision, time: image sides in pixels; convolutions: the first")
     p.add_argument("--batch", type=int, default=2, help="models, convolutions: images per UNet/VAE call")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="profile: images (diffusers) and runs (ours) per UNet call")
@@ -731,9 +820,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=8, help="models: modulated runs per batch in the hooked rows")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (at least 1)")
     p.add_argument("--batch-size", type=int, help="flops: runs per UNet call (default: the CPU's automatic 16)")
-    p.add_argument("--masks", type=int, default=4, help="time: K of the measured runs")
-    p.add_argument("--feature-samples", type=int, default=8, help="time: feature draws of the measured runs")
-    p.add_argument("--tiny", action="store_true", help="time: the tests' tiny model instead of SD v1.5's size")
+    p.add_argument("--masks", type=int, default=4, help="time, precision: K of the measured runs")
+    p.add_argument("--feature-samples", type=int, default=8, help="time, precision: feature draws of the measured runs")
+    p.add_argument("--tiny", action="store_true", help="time, precision: the tests' tiny model instead of SD v1.5's size")
+    p.add_argument("--half", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"],
+                   help="precision: the half types compared with float32")
     p.add_argument("--cap-gib", type=float, default=11, help="cuda: the memory the defaults must fit in (a 12 GB "
                    "card, less the CUDA context and the display)")
     p.add_argument("--notebook-allocator", default="default", choices=["default", "kept"],

@@ -81,6 +81,7 @@ class NotebookPipeline:
         self.unet.set_attn_processor({name: NotebookAttention(name.removesuffix(".processor"), self.state)
                                       for name in self.unet.attn_processors})
         self.context = emerdiff.embed_prompt(sd).to(dtype)  # the notebook embeds "" once, when it loads
+        self.text_encoder = sd.text_encoder  # held, as the notebook's diffusers pipeline holds its three models
         self.dtype, self.meter = dtype, meter
 
     def unet_call(self, stage, x, t):
