@@ -216,3 +216,17 @@ def test_emulated_half_arithmetic_errs_as_pytorchs_half_kernels(dtype):
             halves = [a.to(dtype) if a.is_floating_point() else a for a in args]
             native, emulation = model(half, *halves), emulated(model, half, *halves)
             assert error(emulation, float32) == pytest.approx(error(native, float32), rel=0.1)
+
+
+def test_the_precision_benchmark_compares_each_stage_with_float32(tmp_path):
+    """bench.py precision on the tiny model, seconds: a row per half type, emulated where the CPU has no
+    instructions for it; float16 (11 bits of mantissa) moves the maps less than bfloat16 (8 bits)."""
+    out = tmp_path / "precision.json"
+    bench.main(["precision", "--tiny", "--size", "64", "--masks", "2", "--feature-samples", "2", "--json", str(out)])
+    rows = {row["dtype"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bfloat16", "float16"}
+    for name, row in rows.items():
+        assert row["arithmetic"] == ("native" if devices.cpu_computes(getattr(torch, name)) else "emulated")
+        assert 0 < row["mean_map_difference"] <= row["max_map_difference"] < 1
+        assert 0.5 < row["label_agreement"] < 1 and 0 < row["low_res_agreement"] <= 1
+    assert rows["float16"]["mean_map_difference"] < rows["bfloat16"]["mean_map_difference"]

@@ -676,27 +676,32 @@ def bench_precision(args, device, _dtype):
     --masks and --feature-samples draws. Where the CPU has no instructions for a half type its
     arithmetic is emulated (HalfArithmetic): the agreement, not the speed, is what this measures."""
     reference = tiny_stable_diffusion() if args.tiny else load_models(args, device, torch.float32)
-    rows = []
-    for size in args.size:
-        pixels = emerdiff.load_image(args.image, size)[0].to(device)
-        grid = feature_grid(*pixels.shape[-2:])
-        float32 = method_stages(reference, pixels, grid, args)
-        for name in args.half:
-            dtype = getattr(torch, name)
-            arithmetic = half_arithmetic(device, dtype)
-            with HalfArithmetic() if arithmetic == "emulated" else nullcontext():
-                half = method_stages(converted(reference, dtype), pixels, grid, args, masks=float32["masks"])
-            rows.append(dict(dtype=name, arithmetic=arithmetic, size=size, masks=args.masks,
-                             feature_samples=args.feature_samples, seconds=half["seconds"],
-                             float32_seconds=float32["seconds"], **compared_stages(half, float32, args.masks)))
-            r = rows[-1]
-            print(f"{name:<9} ({arithmetic}) {size}x{size}, K = {args.masks}, {args.feature_samples} draws: latents within "
-                  f"{r['latents']:.1e} and features within {r['features']:.1e} of their maximum, low-resolution masks "
-                  f"agree on {r['low_res_agreement']:.1%} of the cells; from float32's masks, maps differ by at most "
-                  f"{r['max_map_difference']:.1e} of their maximum (mean {r['mean_map_difference']:.1e}), labels "
-                  f"agree on {r['label_agreement']:.1%} of the pixels")
+    with devices.freed_memory_kept():  # as segment() keeps it for its call
+        rows = [row for size in args.size for row in precision_rows(reference, size, args, device)]
     model = "tiny (tests)" if args.tiny else args.weights or "random SD v1.5-size"
     return dict(command="precision", model=model, device=str(device), image=str(args.image), rows=rows)
+
+
+def precision_rows(reference, size: int, args, device) -> list[dict]:
+    """float32's stages at one size, then each half type's from float32's masks, compared and printed."""
+    pixels = emerdiff.load_image(args.image, size)[0].to(device)
+    grid = feature_grid(*pixels.shape[-2:])
+    float32, rows = method_stages(reference, pixels, grid, args), []
+    for name in args.half:
+        dtype = getattr(torch, name)
+        arithmetic = half_arithmetic(device, dtype)
+        with HalfArithmetic() if arithmetic == "emulated" else nullcontext():
+            half = method_stages(converted(reference, dtype), pixels, grid, args, masks=float32["masks"])
+        rows.append(dict(dtype=name, arithmetic=arithmetic, size=size, masks=args.masks,
+                         feature_samples=args.feature_samples, seconds=half["seconds"],
+                         float32_seconds=float32["seconds"], **compared_stages(half, float32, args.masks)))
+        r = rows[-1]
+        print(f"{name:<9} ({arithmetic}) {size}x{size}, K = {args.masks}, {args.feature_samples} draws: latents within "
+              f"{r['latents']:.1e} and features within {r['features']:.1e} of their maximum, low-resolution masks "
+              f"agree on {r['low_res_agreement']:.1%} of the cells; from float32's masks, maps differ by at most "
+              f"{r['max_map_difference']:.1e} of their maximum (mean {r['mean_map_difference']:.1e}), labels "
+              f"agree on {r['label_agreement']:.1%} of the pixels", flush=True)
+    return rows
 
 
 # ---- python tools/bench.py time: seconds per image, measured and extrapolated to the defaults ----
