@@ -608,6 +608,8 @@ class HalfArithmetic(TorchDispatchMode):
             return func(*args, **kwargs)
         (dtype,) = half
         if func is FLASH_ATTENTION:
+            if any(args[4:5]) or kwargs.get("attn_mask") is not None:
+                raise NotImplementedError("HalfArithmetic's attention has no causal mask or attention mask")
             return flash_attention(*args[:3], dtype, scale=kwargs.get("scale"))
         widened = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
         return func(*widened, **kwargs).to(dtype)
