@@ -11,7 +11,8 @@ Namekata, Sabour, Fidler, Kim, "EmerDiff: Emerging Pixel-level Semantic Knowledg
   Step 2  invert                          edit-friendly DDPM inversion, attention recorded (Sec. 3.3)
   Step 3  modulation_offsets,             denoise again with -lambda and +lambda added on each mask
           modulated_latents               at t_m (Sec. 3.3)
-  Step 4  difference_maps, assign_labels  ||blur(I-) - blur(I+)|| per mask; argmax over masks (Sec. 3.3)
+  Step 4  difference_maps, decoded_maps,  ||blur(I-) - blur(I+)|| per mask, from the runs' latents;
+          assign_labels                   argmax over masks (Sec. 3.3)
           upsampled_masks                 the paper's baseline instead of Steps 2-4: bilinear up-sampling
           segment                         all of it, on one image
 
@@ -254,6 +255,7 @@ def modulated_latents(sd, inversion: Inversion, offsets: torch.Tensor, *, inject
     """
     if injection and inversion.record is None:
         raise ValueError("attention injection needs the inversion's attention record: invert(record_attention=True)")
+    devices.hand_back_freed_memory()  # the blocks freed before (the inversion's: one call of its steps) fit no run's
     replay = inversion.record if injection else None
     _, dtype = devices.model_device_dtype(sd)
     # The offsets in the model's dtype once, not at every step; the runs spread evenly over the calls (50
@@ -286,18 +288,20 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 3, sigma: float = 0.8
 @torch.no_grad()
 def difference_maps(sd, inversion: Inversion, masks: torch.Tensor, *, lam: float = 10.0, injection: bool = True,
                     batch_size: int = 8, decode_batch_size: int | None = None, blur=(3, 0.8)) -> torch.Tensor:
-    """d_i = || blur(I-_i) - blur(I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32.
-
-    The blur comes before the norm, as in the authors' notebook, which blurs both decoded images
-    and then takes the norm of their difference; the blur is linear, so here the difference is
-    blurred once. (Blurring the map after the norm would give other maps: the norm is not linear.)
-    All 2K runs go through the UNet, `batch_size` runs a call, then the VAE decoder, `decode_batch_size` images a call
-    (default: batch_size; whole +- pairs, or one image), the memory the runs freed handed back to the system between.
-    """
+    """d_i = || blur(I-_i) - blur(I+_i) ||_2 over RGB for each mask (K, h, w) -> (K, H, W) in fp32: all 2K runs
+    through the UNet, `batch_size` runs a call, then decoded_maps, `decode_batch_size` images a call (default:
+    batch_size; whole +- pairs, or one image)."""
     latents = modulated_latents(sd, inversion, modulation_offsets(masks, lam), injection=injection, batch_size=batch_size)
+    return decoded_maps(sd, latents, decode_batch_size or batch_size, blur)
+
+
+@torch.no_grad()
+def decoded_maps(sd, latents: torch.Tensor, per_call: int, blur=(3, 0.8)) -> torch.Tensor:
+    """The runs' latents (I-_1, I+_1, I-_2, ...) decoded, `per_call` images a call, into the maps d_i (K, H, W). The blur
+    comes before the norm, as in the authors' notebook (it blurs both images, then takes the norm of their difference);
+    the blur is linear, so the difference is blurred once. (After the norm, not linear, it would give other maps.)"""
     devices.hand_back_freed_memory()  # the decoder's blocks are of other sizes than the UNet's: docs/speed.md
-    per_call, maps = decode_batch_size or batch_size, []
-    _, dtype = devices.model_device_dtype(sd)
+    (_, dtype), maps = devices.model_device_dtype(sd), []
     for pairs in progress_bar(latents.split(2 * max(1, per_call // 2)), desc="decoding"):  # I-_i, I+_i, I-_j, ...
         images = torch.cat([sd.vae.decode(x.to(dtype)) for x in pairs.split(per_call)]).float()
         maps.append(gaussian_blur(images[0::2] - images[1::2], *blur).norm(dim=1))  # (m, H, W)
@@ -377,9 +381,10 @@ def segment(image, sd=None, *, progress: bool = False, **options) -> Segmentatio
                                record_attention=o["injection"], batch_size=layout.batch_size,
                                replay_cross_attention=layout.replay_cross_attention)
             watch.lap("inversion")
-            maps = difference_maps(sd, inversion, masks, lam=o["lam"], injection=o["injection"],
-                                   batch_size=layout.batch_size, decode_batch_size=layout.decode_batch_size,
-                                   blur=o["blur"])
+            latents = modulated_latents(sd, inversion, modulation_offsets(masks, o["lam"]), injection=o["injection"],
+                                        batch_size=layout.batch_size)
+            del inversion  # difference_maps' two steps apart: the attention record (2.1 GB at 512x512) freed first
+            maps = decoded_maps(sd, latents, layout.decode_batch_size, o["blur"])
             devices.check_finite(maps, "difference maps")
             watch.lap("modulation")
     return Segmentation(labels=at_input_size(assign_labels(maps), (width, height)),

@@ -195,23 +195,39 @@ def winograd_filters(weight: torch.Tensor) -> torch.Tensor:
     return (WINOGRAD_FILTER.to(weight) @ weight.reshape(c_out * c_in, 9).T).view(36, c_out, c_in)
 
 
+WINOGRAD_BLOCK = 2 ** 23  # values of the largest matrix of a block of tile rows (32 MB in float32): a memory bound
+
+
 def winograd_convolution(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """3x3 convolution with padding 1 by F(4x4, 3x3): x (B, C_in, H, W), filters G g G^T (36, C_out, C_in)
-    -> (B, C_out, H, W), contiguous. Three matrix products: B^T d B of every input tile, then one
-    batched product over the 36 tile positions does the multiplying, then A^T m A. Sides that are not
-    a multiple of 4 are padded up to one and cropped."""
+    -> (B, C_out, H, W), contiguous. Sides that are not a multiple of 4 are padded up to one and cropped.
+    The tiles are independent: a few rows of them at a time (winograd_rows), so that the matrices of the
+    transform, each 2.25 times the size of a map, stay within WINOGRAD_BLOCK values."""
     b, c, h, w = x.shape
     th, tw = -(-h // 4), -(-w // 4)  # output tiles
     padded = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h))
-    tiles = padded.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 1, 0, 2, 3)  # (6, 6, C_in, B, th, tw), a view
-    transformed = WINOGRAD_INPUT.to(x.device) @ tiles.reshape(36, -1)  # B^T d B: (36, C_in * B * th * tw)
-    products = torch.bmm(filters, transformed.view(36, c, -1))  # (36, C_out, B * th * tw)
-    del transformed  # freed before the next product: each is 2.25 times the size of a map
-    y = WINOGRAD_OUTPUT.to(x.device) @ products.view(36, -1)  # A^T m A: (16, C_out * B * th * tw)
+    out = x.new_empty(b, len(filters[0]), 4 * th, 4 * tw)
+    rows = max(1, WINOGRAD_BLOCK // (36 * max(c, len(filters[0])) * b * tw))  # tile rows per block
+    for top in range(0, th, rows):
+        block = out[:, :, 4 * top:4 * (top + rows)]  # (B, C_out, 4 n, 4 tw), a view
+        winograd_rows(padded[:, :, 4 * top:4 * (top + rows) + 2], filters, block)
+    return out[:, :, :h, :w].add_(bias[:, None, None]).contiguous()
+
+
+def winograd_rows(padded: torch.Tensor, filters: torch.Tensor, out: torch.Tensor) -> None:
+    """n rows of output tiles into `out` (B, C_out, 4 n, 4 tw) from their padded input rows (B, C_in, 4 n + 2,
+    4 tw + 2). Three matrix products: B^T d B of every input tile, then one batched product over the 36 tile
+    positions does the multiplying, then A^T m A."""
+    b, c = padded.shape[:2]
+    n, tw = out.shape[2] // 4, out.shape[3] // 4
+    tiles = padded.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 1, 0, 2, 3)  # (6, 6, C_in, B, n, tw), a view
+    transformed = WINOGRAD_INPUT.to(padded.device) @ tiles.reshape(36, -1)  # B^T d B: (36, C_in * B * n * tw)
+    products = torch.bmm(filters, transformed.view(36, c, -1))  # (36, C_out, B * n * tw)
+    del transformed  # freed before the next product
+    y = WINOGRAD_OUTPUT.to(padded.device) @ products.view(36, -1)  # A^T m A: (16, C_out * B * n * tw)
     del products
-    y = y.view(4, 4, -1, b, th, tw)  # (row in tile, column in tile, C_out, B, th, tw)
-    y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, -1, 4 * th, 4 * tw)  # a copy, (B, C_out, 4 th, 4 tw)
-    return y[:, :, :h, :w].add_(bias[:, None, None]).contiguous()
+    y = y.view(4, 4, -1, b, n, tw).permute(3, 2, 4, 0, 5, 1)  # (B, C_out, n, row in tile, tw, column in tile)
+    out.view(b, -1, n, 4, tw, 4).copy_(y)
 
 
 def is_winograd_shaped(conv: nn.Module) -> bool:

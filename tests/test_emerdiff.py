@@ -1,5 +1,7 @@
 """The method (emerdiff.py) against independent references: scipy, diffusers, plain loops."""
 import copy
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -413,3 +415,25 @@ def test_the_step_functions_called_alone_refuse_what_they_cannot_take_in_one_lin
     with pytest.raises(error) as raised:
         call()
     assert str(raised.value) == message
+
+
+def test_segment_frees_the_attention_record_before_the_decodes(sd, monkeypatch):
+    """The record of the inversion (2.1 GB at 512x512) serves the modulated runs alone: segment() lets it go
+    before decoded_maps, which then finds it freed (what the maps are, the tests above check)."""
+    inversions, freed = [], []
+    plain_invert, plain_decoded_maps = emerdiff.invert, emerdiff.decoded_maps
+
+    def invert(*args, **kwargs):
+        inversion = plain_invert(*args, **kwargs)
+        inversions.append(weakref.ref(inversion.record))
+        return inversion
+
+    def decoded_maps(*args, **kwargs):
+        gc.collect()
+        freed.append(inversions[0]() is None)
+        return plain_decoded_maps(*args, **kwargs)
+
+    monkeypatch.setattr(emerdiff, "invert", invert)
+    monkeypatch.setattr(emerdiff, "decoded_maps", decoded_maps)
+    emerdiff.segment(IMAGE, sd, **CHEAP)
+    assert freed == [True]

@@ -62,6 +62,21 @@ def test_winograd_convolution_is_the_convolution(in_channels, out_channels, side
         assert_close(out, expected, rel=1e-5)  # torch's own float32 convolution: up to 6e-6
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_winograd_convolution_by_blocks_of_tile_rows_is_the_convolution(monkeypatch, rows):
+    """A few rows of tiles at a time (WINOGRAD_BLOCK, a memory bound), the last block short: 3 rows of
+    tiles in blocks of 1 or of 2, against torch's convolution in float64."""
+    b, c_in, c_out, tiles_wide = 2, 16, 4, 2
+    monkeypatch.setattr(speed, "WINOGRAD_BLOCK", rows * 36 * c_in * b * tiles_wide)
+    g = torch.Generator().manual_seed(rows)
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+    x = torch.randn(b, c_in, 10, 4 * tiles_wide, generator=g)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        out = speed.winograd_convolution(x, speed.winograd_filters(conv.weight), conv.bias)
+    assert_close(out, expected, rel=1e-5)
+
+
 def test_fast_conv2d_follows_the_weights_and_runs_only_float32_on_the_cpu(monkeypatch):
     """Winograd's filters come from the weights of the moment (loaded anew after a first call). Other
     dtypes and gradients take torch's convolution."""

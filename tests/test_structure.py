@@ -56,7 +56,8 @@ def test_a_circle_would_be_found():
 
 
 def test_the_method_and_the_driver_stay_short():
-    """emerdiff.py the paper's steps; runner.py the command line around them (600: its option table grew by the
+    """emerdiff.py the paper's steps (405: Step 4's decodes a function of their own, so that segment frees the
+    attention record before them); runner.py the command line around them (600: its option table grew by the
     named segments' four, whose work lives in vocabulary.py)."""
     lines = {name: len(MODULES[name].read_text().splitlines()) for name in ("emerdiff", "runner")}
-    assert lines["emerdiff"] <= 400 and lines["runner"] <= 600, lines
+    assert lines["emerdiff"] <= 405 and lines["runner"] <= 600, lines
