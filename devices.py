@@ -33,6 +33,9 @@ SPEED = dict(batch_size="auto", compile=False, plain=False)
 # `python tools/bench.py profile`), decodes per call (one image: at 512x512 on the AVX2 CPU 10.7 s an image
 # against 14.8 s a pair, peak 11.2 GB against 13.8; on the AVX-512 CPU a pair was faster per image than 4 or 8)
 CPU_BATCH_SIZES = (16, 1)
+# ... and at most this many latent pixels in a UNet call off CUDA (8 images at 512x512): at 512x512 a modulated call
+# of 12 runs held 3.4 GB beside the models and the record, a peak of 9.74 GB against the notebook approach's 8.62 GB
+CPU_CALL_LATENT_PIXELS = 8 * 64 * 64
 MEMORY_HEADROOM = 0.8  # of the free CUDA memory, what "auto" may fill (H200, `python tools/bench.py cuda`)
 COMPILED_SHAPES = 256  # block shapes x batch sizes that torch.compile may specialise for
 COMPILE_BACKEND = "inductor"  # torch.compile's (the tests count compilations with "eager", traced alike in seconds)
@@ -210,7 +213,8 @@ def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     speed's batch_size an int (both), such a pair, or "auto".
 
     "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
-    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES. A compiled
+    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES, with at most
+    CPU_CALL_LATENT_PIXELS in a UNet call (a memory bound: 8 images at 512x512, 16 up to 360x360). A compiled
     model probes once per image size and keeps the answer: the free memory moves between images, and
     another batch size would be new static shapes, compiled again (minutes on a GPU). The probes run
     uncompiled: their calls of 1 and 2 images are not the run's shapes."""
@@ -219,7 +223,8 @@ def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
         return (size, size) if is_int(size) else tuple(size)
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
-        return CPU_BATCH_SIZES
+        latent_pixels = math.prod(latent_shape(sd, height, width)[-2:])
+        return min(CPU_BATCH_SIZES[0], max(1, CPU_CALL_LATENT_PIXELS // latent_pixels)), CPU_BATCH_SIZES[1]
     probe = latent_shape(sd, height, width), 2 * o["masks"], len(sampler.timesteps_until(o["t_m"], o["steps"]))
     kept = getattr(sd.unet, "compiled_batch_sizes", {})  # a compiled model keeps them (compiled); others probe anew
     if probe not in kept:

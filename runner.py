@@ -116,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
     p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["speed"]["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
-                   f"memory free at the start; elsewhere {CPU_BATCH_SIZES[0]} runs and {CPU_BATCH_SIZES[1]} decode a call); "
+                   f"memory free at the start; elsewhere {CPU_BATCH_SIZES[0]} runs, 8 at 512x512, and {CPU_BATCH_SIZES[1]} "
+                   "decode a call); "
                    "lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder (the plain path): minutes at the first image of "

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import devices
 import emerdiff
 import files
 import inputs
@@ -444,6 +445,14 @@ def test_a_pair_of_batch_sizes_sets_runs_and_decodes_per_call(sd, monkeypatch):
     assert decode_batches == [4]
     single = emerdiff.segment(EXAMPLE, sd, **OPTIONS, speed=dict(batch_size=1))  # one run per call, one pair per decode
     assert torch.allclose(paired.difference_maps, single.difference_maps, rtol=0, atol=1e-4 * single.difference_maps.max())
+
+
+@pytest.mark.parametrize("side, runs", [(128, 16), (256, 16), (360, 16), (368, 15), (512, 8), (1024, 2), (4096, 1)])
+def test_auto_on_the_cpu_bounds_the_latent_pixels_of_a_call(sd, side, runs):
+    """batch_size "auto" off CUDA: CPU_BATCH_SIZES, UNet calls of at most 8 images of 512x512's latent (64 x 64
+    pixels each: a memory bound) or as many smaller ones, at least one; one decode a call."""
+    o = emerdiff.DEFAULTS | dict(masks=4)
+    assert devices.batch_sizes(sd, side, side, o) == (runs, 1)
 
 
 BATCH_RANGE = "batch size must be between 1 and 2^31 - 1 (runs or decodes per call; a whole run has fewer)"
