@@ -608,22 +608,26 @@ class HalfArithmetic(TorchDispatchMode):
             return func(*args, **kwargs)
         (dtype,) = half
         if func is FLASH_ATTENTION:
-            if any(args[4:5]) or kwargs.get("attn_mask") is not None:
-                raise NotImplementedError("HalfArithmetic's attention has no causal mask or attention mask")
-            return flash_attention(*args[:3], dtype, scale=kwargs.get("scale"))
+            if kwargs.get("attn_mask") is not None:
+                raise NotImplementedError("HalfArithmetic's attention takes no attention mask")
+            return flash_attention(*args[:3], dtype, causal=any(args[4:5]), scale=kwargs.get("scale"))
         widened = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
         return func(*widened, **kwargs).to(dtype)
 
 
-def flash_attention(q, k, v, dtype, scale=None, block: int = 256):
+def flash_attention(q, k, v, dtype, causal=False, scale=None, block: int = 256):
     """softmax(q k^T * scale) v of half tensors (B, heads, N, d) as PyTorch's CPU flash kernel computes it,
-    `block` queries at a time -> (output in half, logsumexp in float32), the kernel's two results."""
+    `block` queries at a time, `causal`: query i sees keys 0..i (CLIP's text encoder) -> (output in half,
+    logsumexp in float32), the kernel's two results."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
     k, v = k.float(), v.float()
     for start in range(0, q.shape[-2], block):
         scores = q[..., start:start + block, :].float() @ k.transpose(-1, -2) * scale  # (B, heads, block, M)
+        if causal:
+            queries = torch.arange(start, start + scores.shape[-2], device=q.device)[:, None]
+            scores.masked_fill_(torch.arange(k.shape[-2], device=q.device) > queries, -math.inf)
         top = scores.amax(-1, keepdim=True)
         weights = torch.exp(scores - top)
         sums = weights.sum(-1, keepdim=True)
