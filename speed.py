@@ -206,8 +206,9 @@ def winograd_convolution(x: torch.Tensor, filters: torch.Tensor, bias: torch.Ten
     b, c, h, w = x.shape
     th, tw = -(-h // 4), -(-w // 4)  # output tiles
     padded = F.pad(x, (1, 1 + 4 * tw - w, 1, 1 + 4 * th - h))
-    out = x.new_empty(b, len(filters[0]), 4 * th, 4 * tw)
-    rows = max(1, WINOGRAD_BLOCK // (36 * max(c, len(filters[0])) * b * tw))  # tile rows per block
+    c_out = filters.shape[1]
+    out = x.new_empty(b, c_out, 4 * th, 4 * tw)
+    rows = max(1, WINOGRAD_BLOCK // (36 * max(c, c_out) * b * tw))  # tile rows per block
     for top in range(0, th, rows):
         block = out[:, :, 4 * top:4 * (top + rows)]  # (B, C_out, 4 n, 4 tw), a view
         winograd_rows(padded[:, :, 4 * top:4 * (top + rows) + 2], filters, block)
