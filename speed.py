@@ -13,10 +13,11 @@ Neither wins everywhere: what pays depends on the CPU (AVX2 or AVX-512), the sha
 runs per call. So each is chosen by measurement where it runs, in the spirit of cudnn.benchmark: the
 first time a layer shape comes on a machine, the fast path and the plain one are each timed
 (`fastest`), and the faster is remembered: in the process, and in a file of the user's cache (keyed by
-the CPU, its instruction set as PyTorch sees it, the PyTorch version and the thread count), so that
-later runs on the machine measure nothing. On CUDA the plain paths run (cuDNN and SDPA's fused kernels;
-docs/speed.md has the measurements behind every choice). The clock all of the project's timings read
-(`clock`) is here too: these measurements, the estimate and the stopwatch (devices.py).
+the CPU, its instruction set as PyTorch sees it, the PyTorch version, the thread count and the paths'
+revision), so that later runs on the machine measure nothing. On CUDA the plain paths run (cuDNN and
+SDPA's fused kernels; docs/speed.md has the measurements behind every choice). The clock all of the
+project's timings read (`clock`) is here too: these measurements, the estimate and the stopwatch
+(devices.py).
 """
 import functools
 import json
@@ -90,10 +91,16 @@ def cpu_name() -> str:
                 platform.processor() or platform.machine())
 
 
+# Raised when a fast path's code changes, so that the choices measured on the earlier code are measured again
+# (2: Winograd by blocks of tile rows).
+PATHS_REVISION = 2
+
+
 def machine() -> str:
-    """What a measurement holds for: the CPU, the vector instructions PyTorch uses on it, PyTorch, threads."""
+    """What a measurement holds for: the CPU, the vector instructions PyTorch uses on it, PyTorch, threads,
+    and the fast paths' code (PATHS_REVISION)."""
     return (f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads, paths {PATHS_REVISION}")
 
 
 CHOICES_LIMIT = 2 ** 20  # bytes: a choices file holds some hundred keys, tens of kB; a larger one is none
