@@ -208,13 +208,20 @@ def blank_context(sd) -> torch.Tensor:
     return torch.zeros(1, sd.tokenizer.max_length, sd.unet.config.cross_attention_dim, device=device, dtype=dtype)
 
 
+def cpu_runs_per_call(height: int, width: int) -> int:
+    """UNet images per call off CUDA for a height x width image: CPU_BATCH_SIZES' runs, at most
+    CPU_CALL_LATENT_PIXELS of latent in the call, at least one."""
+    latent_pixels = (height // LATENT_FACTOR) * (width // LATENT_FACTOR)
+    return min(CPU_BATCH_SIZES[0], max(1, CPU_CALL_LATENT_PIXELS // latent_pixels))
+
+
 def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
     """(UNet images per call, decodes per call) for a height x width image with options `o`: their
     speed's batch_size an int (both), such a pair, or "auto".
 
     "auto" on CUDA fills the memory free at the start (see auto_batch_sizes: probes at the image's
-    latent shape, for its 2K runs of the steps from t_m); elsewhere it is CPU_BATCH_SIZES, with at most
-    CPU_CALL_LATENT_PIXELS in a UNet call (a memory bound: 8 images at 512x512, 16 up to 360x360). A compiled
+    latent shape, for its 2K runs of the steps from t_m); elsewhere CPU_BATCH_SIZES, its runs bounded by
+    cpu_runs_per_call (a memory bound: 8 images at 512x512, 16 up to 360x360). A compiled
     model probes once per image size and keeps the answer: the free memory moves between images, and
     another batch size would be new static shapes, compiled again (minutes on a GPU). The probes run
     uncompiled: their calls of 1 and 2 images are not the run's shapes."""
@@ -223,8 +230,7 @@ def batch_sizes(sd, height: int, width: int, o: dict) -> tuple[int, int]:
         return (size, size) if is_int(size) else tuple(size)
     device, _ = model_device_dtype(sd)
     if device.type != "cuda":
-        latent_pixels = math.prod(latent_shape(sd, height, width)[-2:])
-        return min(CPU_BATCH_SIZES[0], max(1, CPU_CALL_LATENT_PIXELS // latent_pixels)), CPU_BATCH_SIZES[1]
+        return cpu_runs_per_call(height, width), CPU_BATCH_SIZES[1]
     probe = latent_shape(sd, height, width), 2 * o["masks"], len(sampler.timesteps_until(o["t_m"], o["steps"]))
     kept = getattr(sd.unet, "compiled_batch_sizes", {})  # a compiled model keeps them (compiled); others probe anew
     if probe not in kept:

@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from devices import CPU_BATCH_SIZES, CPU_CALL_LATENT_PIXELS, estimate, model_device_dtype, pick_device, pick_dtype, showing_progress
+from devices import (CPU_BATCH_SIZES, cpu_runs_per_call, estimate, model_device_dtype, pick_device, pick_dtype,
+                     showing_progress)
 from emerdiff import DEFAULTS, Segmentation, segment
 from datasets import DATASETS, EvaluationError, center_crop
 from files import (CLASSES_FILE, EMBEDDINGS_FILE, MASKCLIP_FILE, MAX_RECORD, PREDICTION_FILE, RUN_RECORD, SUMMARY,
@@ -116,10 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "up-sampled bilinearly (no inversion, no modulated runs: the feature pass only)")
     p.add_argument("--batch-size", type=batch_size, default=DEFAULTS["speed"]["batch_size"],
                    help="denoising runs (and decodes) per batch: N >= 1, or auto (on CUDA as many as fit in the "
-                   f"memory free at the start; elsewhere {CPU_BATCH_SIZES[0]} runs, {CPU_CALL_LATENT_PIXELS // 64 ** 2} at 512x512, "
-                   f"and {CPU_BATCH_SIZES[1]} "
-                   "decode a call); "
-                   "lower it when memory runs out")
+                   f"memory free at the start; elsewhere {CPU_BATCH_SIZES[0]} runs, {cpu_runs_per_call(512, 512)} at "
+                   f"512x512, and {CPU_BATCH_SIZES[1]} decode a call); lower it when memory runs out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder (the plain path): minutes at the first image of "
                    "each size; slower on the CPU and the GPU measured (docs/speed.md)")
